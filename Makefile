@@ -1,0 +1,40 @@
+# Every target creates (or reuses) .venv and installs the project with the CPU build of torch.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU wheel of this version lies on the project machines' disk; pinning it keeps pip from
+# ever pulling a multi-GB CUDA build of torch.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.snr-dist-installed
+
+.PHONY: demo test lint bench docs clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch, sys; sys.exit('a CUDA build of torch was installed; use the CPU wheel' if torch.version.cuda else 0)"
+	$(PIP) install -q -e ".[examples,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/snr-dist train --config configs/quickstart.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 --durations=15 -q
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_overhead.py
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs serve
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .ruff_cache

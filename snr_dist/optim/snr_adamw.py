@@ -1,0 +1,238 @@
+"""SNRAdamW: AdamW whose update is gated by a per-coordinate or per-eigendirection SNR.
+
+Same shape as ``torch.optim.AdamW``: hyper-parameters validated in ``__init__``, per-tensor and
+multi-tensor (foreach, the default) implementations of one algorithm, a state_dict that
+round-trips bit-exactly. The algorithm is :func:`snr_dist.snr.snr_adamw_reference_step` plus the
+subspace and cross-sample estimators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from snr_dist.optim.gating import MomentSource, SNRGating, collect_gradients
+from snr_dist.options import SNR_DEFAULTS, validate_adam, validate_options
+
+_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+class SNRAdamW(torch.optim.Optimizer):
+    """Decoupled-weight-decay Adam with an SNR gate on its update.
+
+    Args:
+        params: parameters or param groups; any SNR option below may be set per group.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``. Decay is not gated.
+        estimator: ``"temporal"`` (EMAs over steps, no extra communication) or
+            ``"cross_sample"`` (spread across micro-batches / data-parallel ranks of one step;
+            needs >= 2 backward passes per step).
+        mode: ``"diagonal"`` (per coordinate) or ``"subspace"`` (per eigen-direction of the
+            gradient covariance of each matrix, plus one complement direction). 1-D
+            parameters always use diagonal mode.
+        gate: ``"wiener"`` (default), ``"clamp"``, ``"hard"``, ``"paper"`` or ``"none"``.
+        tau: gate threshold (the paper gate's lambda). gate_a: the paper gate's ``a``.
+        snr_beta: EMA factor of the SNR statistics. When it equals ``betas[0]`` the temporal
+            estimator reuses Adam's first moment and costs no extra memory.
+        warmup_steps: gates are 1 for the first ``warmup_steps`` steps.
+        rank, refresh_every, sketch_beta, basis_side, seed: subspace tracker settings.
+        maximize: maximise the objective. foreach: multi-tensor path (default True).
+        skip_nonfinite: skip (and count) parameters whose gradient has NaN/Inf.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        estimator: str = SNR_DEFAULTS["estimator"],
+        mode: str = SNR_DEFAULTS["mode"],
+        gate: str = SNR_DEFAULTS["gate"],
+        tau: float = SNR_DEFAULTS["tau"],
+        gate_a: float = SNR_DEFAULTS["gate_a"],
+        snr_beta: float = SNR_DEFAULTS["snr_beta"],
+        warmup_steps: int = SNR_DEFAULTS["warmup_steps"],
+        rank: int = SNR_DEFAULTS["rank"],
+        refresh_every: int = SNR_DEFAULTS["refresh_every"],
+        sketch_beta: float = SNR_DEFAULTS["sketch_beta"],
+        basis_side: str = SNR_DEFAULTS["basis_side"],
+        seed: int = SNR_DEFAULTS["seed"],
+        maximize: bool = False,
+        foreach: bool | None = None,
+        skip_nonfinite: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            estimator=estimator,
+            mode=mode,
+            gate=gate,
+            tau=tau,
+            gate_a=gate_a,
+            snr_beta=snr_beta,
+            warmup_steps=warmup_steps,
+            rank=rank,
+            refresh_every=refresh_every,
+            sketch_beta=sketch_beta,
+            basis_side=basis_side,
+            seed=seed,
+            maximize=bool(maximize),
+            foreach=foreach,
+        )
+        self._validate_group(defaults)
+        self.skip_nonfinite = skip_nonfinite
+        super().__init__(params, defaults)
+        self._gating = SNRGating(self, self._moment_source)
+        self._gating.register_hooks()
+
+    # ------------------------------------------------------------------ groups and state
+    @staticmethod
+    def _validate_group(group: dict) -> None:
+        validate_adam(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        validate_options({k: group[k] for k in SNR_DEFAULTS if k in group and k != "snr_beta2"})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._validate_group(self.param_groups[-1])
+        if hasattr(self, "_gating"):
+            self._gating.register_hooks()
+
+    @staticmethod
+    def _moment_source(group: dict) -> MomentSource:
+        beta1, beta2 = group["betas"]
+        shared = group["snr_beta"] == beta1
+        return MomentSource(
+            mean_key="exp_avg" if shared else "snr_avg",
+            beta_s=group["snr_beta"],
+            owns_mean=not shared,
+            sq_key="exp_avg_sq",
+            beta_v=beta2,
+            owns_sq=False,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.skip_nonfinite = getattr(self, "skip_nonfinite", True)
+        self._gating = SNRGating(self, self._moment_source)
+        self._gating.register_hooks()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, st in saved.items():
+            cur = self.state[params[idx]]
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.is_floating_point() and cur[k].dtype != v.dtype:
+                    cur[k] = v.to(device=cur[k].device).clone()
+        self._gating.register_hooks()
+
+    # ------------------------------------------------------------------ public extras
+    def microbatch(self, weight: float = 1.0) -> contextlib.AbstractContextManager[None]:
+        """Declare the number of samples in the next backward pass(es) (cross-sample estimator).
+
+        Without it every backward pass is one micro-batch of weight 1, which is right when the
+        micro-batches have equal sizes. With unequal sizes, compute each micro-batch loss as a
+        *sum* over its samples (up to a common constant) and wrap its backward in
+        ``with opt.microbatch(len(batch)):``.
+        """
+        return self._gating.microbatch(weight)
+
+    def metrics(self, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
+        """Gate and SNR statistics per group and per parameter; see :mod:`snr_dist.metrics`."""
+        from snr_dist.metrics import collect_metrics
+
+        return collect_metrics(self, self._gating, names)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [
+            (group, *collect_gradients(group, self._gating, self.skip_nonfinite, "SNRAdamW")[:2])
+            for group in self.param_groups
+        ]
+        for group, params, _ in work:  # fail before any state changes
+            self._gating.check_ready(group, params)
+        for group, params, grads in work:
+            if params:
+                self._step_group(group, params, grads)
+        return loss
+
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            self._gating.init_state(p, group, state)
+        return state
+
+    def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        states = [self._init_state(p, group) for p in params]
+        grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
+        if group["maximize"]:
+            grads = [-g for g in grads]
+        steps = []
+        for st in states:
+            st["step"] += 1
+            steps.append(int(st["step"].item()))
+        foreach = group["foreach"] is None or group["foreach"]
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        exp_avgs = [st["exp_avg"] for st in states]
+        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+        bc1 = [1.0 - beta1**t for t in steps]
+        bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
+
+        # 1. Adam moments, 2. SNR statistics
+        if foreach:
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        else:
+            for m, v, g in zip(exp_avgs, exp_avg_sqs, grads):
+                m.lerp_(g, 1.0 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        self._gating.update_statistics(group, params, grads, steps)
+
+        # 3. Adam's direction m_hat / (sqrt(v_hat) + eps), then the gates
+        if foreach:
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, eps)
+            directions = torch._foreach_div(exp_avgs, denom)
+        else:
+            directions = [
+                m / (v.sqrt() / b + eps) for m, v, b in zip(exp_avgs, exp_avg_sqs, bc2_sqrt)
+            ]
+        self._gating.gate_(group, params, directions, steps, foreach)
+
+        # 4. decoupled weight decay (not gated), then the gated step
+        step_sizes = [-lr / b for b in bc1]
+        if foreach:
+            if wd != 0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_mul_(directions, step_sizes)
+            torch._foreach_add_(
+                params,
+                [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(directions, params)],
+            )
+        else:
+            for p, d, s in zip(params, directions, step_sizes):
+                if wd != 0:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(d.to(p.dtype), alpha=s)
