@@ -6,10 +6,10 @@ Each backward pass through a parameter hands its gradient contribution ``d_i`` t
 needs; in subspace mode only their projections onto the basis (``r x o`` and ``r x r``) and two
 scalars are kept, which is what makes a cross-rank all-reduce of them cheap.
 
-Units. The sums are in the units the hook saw. If ``p.grad`` is rescaled between the last
-backward and ``step()`` (loss-scale unscaling, gradient clipping), the per-step statistics are
-converted to ``p.grad``'s units with the factor ``||p.grad|| / ||sum_i d_i||`` so the EMAs stay
-consistent across steps.
+Units. Statistics describe the weighted mean gradient ``G = sum_i d_i / W``. If ``p.grad`` is
+rescaled between the last backward and ``step()`` (loss-scale unscaling, gradient clipping),
+they are rescaled by ``||p.grad|| / ||sum_i d_i||`` too, so the EMAs stay consistent across
+steps whatever the loss scale of each step was.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class SNRPreconditioner(torch.optim.Optimizer):
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not hasattr(self, "base"):  # called from Optimizer.__init__: groups already added
+        if not hasattr(self, "_gating"):  # called from Optimizer.__init__ for the base's groups
             super().add_param_group(param_group)
             return
         self.base.add_param_group(param_group)

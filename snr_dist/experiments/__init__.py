@@ -1,0 +1,1 @@
+"""Experiments: configs, data, models, the side-by-side trainer and its report."""

@@ -1,0 +1,125 @@
+"""Turn run results into ``report.md`` (a table per optimizer) and ``curves.png``."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from snr_dist.experiments.config import ExperimentConfig
+from snr_dist.experiments.trainer import RunResult
+
+COLUMNS = [
+    ("best_test_acc", "best test acc", "{:.3f}"),
+    ("final_test_acc", "final test acc", "{:.3f}"),
+    ("final_memorised", "noisy labels memorised (final)", "{:.1%}"),
+    ("wall_s", "train wall time (s)", "{:.1f}"),
+]
+
+
+def aggregate(results: list[RunResult]) -> dict[str, dict[str, tuple[float, float]]]:
+    """``{optimizer: {column: (mean, std)}}`` over seeds, in config order."""
+    by_opt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        by_opt[r.optimizer].append(r.summary())
+    out = {}
+    for name, rows in by_opt.items():
+        out[name] = {}
+        for key, _, _ in COLUMNS:
+            vals = [row[key] for row in rows]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            out[name][key] = (statistics.fmean(vals), sd)
+    return out
+
+
+def markdown_table(agg: dict[str, dict[str, tuple[float, float]]], n_seeds: int) -> str:
+    head = "| optimizer | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
+    sep = "|---|" + "---:|" * len(COLUMNS)
+    lines = [head, sep]
+    for name, vals in agg.items():
+        cells = []
+        for key, _, fmt in COLUMNS:
+            mean, sd = vals[key]
+            cell = fmt.format(mean)
+            if n_seeds > 1:
+                cell += " ± " + fmt.format(sd)
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return (
+        f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def plot_curves(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    by_opt: dict[str, list[RunResult]] = defaultdict(list)
+    for r in results:
+        by_opt[r.optimizer].append(r)
+    for name, runs in by_opt.items():
+        epochs = [h["epoch"] for h in runs[0].history]
+        for ax, key in zip(axes, ("test_acc", "memorised")):
+            series = [[h[key] for h in r.history] for r in runs]
+            mean = [statistics.fmean(v) for v in zip(*series)]
+            (line,) = ax.plot(epochs, mean, label=name)
+            if len(runs) > 1:
+                lo = [min(v) for v in zip(*series)]
+                hi = [max(v) for v in zip(*series)]
+                ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2)
+    axes[0].set(title="test accuracy", xlabel="epoch", ylabel="accuracy")
+    axes[1].set(title="flipped training labels memorised", xlabel="epoch", ylabel="fraction")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(
+    cfg: ExperimentConfig, results: list[RunResult], out_dir: Path, command: str
+) -> str:
+    """Write report.md and curves.png; return the markdown table."""
+    agg = aggregate(results)
+    table = markdown_table(agg, len(cfg.train.seeds))
+    plot_curves(results, out_dir / "curves.png")
+    total = sum(r.wall_s for r in results)
+    seeds = ", ".join(map(str, cfg.train.seeds))
+    optimizers = "\n".join(
+        f"- **{o.name}**: {o.type}, lr={o.lr}, weight_decay={o.weight_decay}"
+        + (f", {o.snr.model_dump()}" if o.snr else "")
+        for o in cfg.optimizers
+    )
+    text = f"""# {cfg.name}
+
+{cfg.data.dataset} with {cfg.data.label_noise:.0%} symmetric label noise on the training set,
+MLP {cfg.model.hidden} ({cfg.model.activation}), {cfg.train.epochs} epochs, batch
+{cfg.train.batch_size} ({cfg.train.microbatches} micro-batch(es) per step), seeds [{seeds}]
+(mean ± std over seeds where more than one). "Memorised" is the share of flipped training
+examples predicted with their flipped label.
+
+{table}
+
+![curves](curves.png)
+
+Optimizers:
+{optimizers}
+
+Command: `{command}`
+Machine: {machine()}. Total training time {total:.1f} s.
+"""
+    (out_dir / "report.md").write_text(text)
+    return table

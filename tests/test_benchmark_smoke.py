@@ -1,0 +1,72 @@
+"""Smoke test of benchmarks/step_overhead.py: it runs and reports well-formed results.
+
+Only the structure is checked; speed claims belong to the benchmark itself, not to unit tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_tiny_config(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--layers", "1", "--d-model", "32", "--heads", "2", "--seq", "16", "--batch", "2"]
+    argv += ["--vocab", "64", "--steps", "3", "--warmup", "1", "--json", str(out)]
+    # One thread: tiny ops on several OpenMP threads crawl when another process shares the CPUs.
+    argv += ["--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        res = bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+    names = [r["name"] for r in res["rows"]]
+    # Every optimizer has a row, except optional ones that could not be built (with a reason).
+    assert set(res["skipped"]) <= set(bench.OPTIONAL)
+    assert all(res["skipped"].values())
+    expected = [n for n in bench.optimizer_factories() if n not in res["skipped"]]
+    assert names == expected
+    assert names[:3] == [bench.BASELINE, *bench.TARGETS]
+    rows = {r["name"]: r for r in res["rows"]}
+    for r in rows.values():
+        for key in ("median_step_ms", "median_opt_step_ms", "mean_step_ms"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
+        for key in ("ratio_vs_adamw", "robust_ratio", "state_ratio"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
+        assert len(r["step_ms"]) == len(r["opt_step_ms"]) == 3
+        assert r["median_opt_step_ms"] <= r["median_step_ms"]
+
+    base = rows[bench.BASELINE]
+    assert base["ratio_vs_adamw"] == base["robust_ratio"] == base["state_ratio"] == 1.0
+    assert base["state_bytes"] > 0
+    assert rows["SNRAdamW diagonal"]["state_bytes"] > base["state_bytes"]
+    if "SNRPreconditioner(AdamW)" in rows:
+        assert rows["SNRPreconditioner(AdamW)"]["state_bytes"] > base["state_bytes"]
+
+    assert set(res["targets"]) == set(bench.TARGETS)
+    assert all(isinstance(t["met"], bool) for t in res["targets"].values())
+    assert res["env"]["params"] > 0
+
+    printed = capsys.readouterr().out
+    assert "| optimizer |" in printed and "Targets" in printed
+    for name in names:
+        assert f"| {name} |" in printed
+    for name in res["skipped"]:
+        assert f"Skipped {name}" in printed
+    assert json.loads(out.read_text())["rows"][0]["name"] == bench.BASELINE

@@ -1,0 +1,103 @@
+"""Cross-sample statistics from micro-batches: capture, weights, failure modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batches, run, tiny_mlp
+
+from snr_dist import SNRAdamW
+
+
+def _step_with(opt, p, contributions, weights=None):
+    p.grad = None
+    for i, c in enumerate(contributions):
+        if weights is None:
+            (p * c).sum().backward()
+        else:
+            with opt.microbatch(weights[i]):
+                (p * c).sum().backward()
+    opt.step()
+
+
+def test_hooks_capture_microbatch_contributions_exactly():
+    """EMAs after one step equal the closed form on the individual micro-batch gradients."""
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    beta = 0.9
+    opt = SNRAdamW([p], estimator="cross_sample", snr_beta=beta)
+    ds = [torch.randn(4, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    _step_with(opt, p, ds)
+    g = torch.stack(ds)
+    raw = g.mean(0).square()
+    var = g.var(0, unbiased=True) / 3
+    st = opt.state[p]
+    torch.testing.assert_close(st["raw_avg"], (1 - beta) * raw)
+    torch.testing.assert_close(st["var_avg"], (1 - beta) * var)
+
+
+def test_unequal_microbatch_weights():
+    """With sum-reduced micro-batch losses and opt.microbatch(n_i), the noise estimate is
+    the weighted-sample formula."""
+    p = torch.nn.Parameter(torch.zeros(5))
+    opt = SNRAdamW([p], estimator="cross_sample", snr_beta=0.0)
+    sizes = [2.0, 5.0, 3.0]
+    means = [torch.randn(5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    _step_with(opt, p, [m * n for m, n in zip(means, sizes)], sizes)
+    big = sum(sizes)
+    g_big = sum(m * n for m, n in zip(means, sizes)) / big
+    sigma2 = sum(n * (m - g_big).square() for m, n in zip(means, sizes)) / (len(sizes) - 1)
+    st = opt.state[p]
+    torch.testing.assert_close(st["raw_avg"], g_big.square())
+    torch.testing.assert_close(st["var_avg"], sigma2 / big)
+
+
+def test_gradient_clipping_between_backward_and_step_keeps_units_consistent():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.zeros(6, 4))
+    b = torch.nn.Parameter(torch.zeros(6, 4))
+    oa = SNRAdamW([a], estimator="cross_sample", mode="subspace", rank=2)
+    ob = SNRAdamW([b], estimator="cross_sample", mode="subspace", rank=2)
+    for t in range(5):
+        ds = [torch.randn(6, 4) + 1.0 for _ in range(2)]
+        a.grad = b.grad = None
+        for d in ds:
+            (a * d).sum().backward()
+            (b * d * 8.0).sum().backward()  # e.g. a loss scale of 8...
+        b.grad.div_(8.0)  # ...unscaled before step()
+        oa.step()
+        ob.step()
+    for k in ("raw_cov", "noise_cov", "raw_energy", "noise_energy"):
+        torch.testing.assert_close(oa.state[a][k], ob.state[b][k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a, b)
+
+
+def test_fewer_than_two_microbatches_fails_before_changing_anything():
+    model = tiny_mlp()
+    opt = SNRAdamW(model.parameters(), estimator="cross_sample")
+    run(model, opt, batches(2, micro=2))
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(torch.randn(3, 12)), torch.tensor([0, 1, 2])).backward()
+    with pytest.raises(RuntimeError, match=r"needs >= 2 gradient contributions.*saw 1"):
+        opt.step()
+    for p, before in zip(model.parameters(), params):
+        assert torch.equal(p, before)
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, state[id(p)][k])
+
+
+def test_microbatch_weight_must_be_positive():
+    opt = SNRAdamW([torch.nn.Parameter(torch.zeros(2))], estimator="cross_sample")
+    with pytest.raises(ValueError, match="Invalid microbatch weight"), opt.microbatch(0):
+        pass
+
+
+def test_hooks_follow_param_groups_replaced_by_load_state_dict():
+    model = tiny_mlp()
+    opt = SNRAdamW(model.parameters(), estimator="cross_sample")
+    run(model, opt, batches(2, micro=2))
+    opt.load_state_dict(opt.state_dict())
+    run(model, opt, batches(2, micro=3, seed=5))  # still captured (else: < 2 error)
+    assert int(opt.state[model[0].weight]["step"]) == 4
