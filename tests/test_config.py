@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,7 +11,7 @@ import yaml
 from snr_dist.cli import main
 from snr_dist.experiments.config import ConfigError, apply_overrides, load_config
 
-BASE = yaml.safe_load(open("configs/quickstart.yaml"))
+BASE = yaml.safe_load(Path("configs/quickstart.yaml").read_text())
 
 
 def _with(path: str, value):

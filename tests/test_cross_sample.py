@@ -57,7 +57,7 @@ def test_gradient_clipping_between_backward_and_step_keeps_units_consistent():
     b = torch.nn.Parameter(torch.zeros(6, 4))
     oa = SNRAdamW([a], estimator="cross_sample", mode="subspace", rank=2)
     ob = SNRAdamW([b], estimator="cross_sample", mode="subspace", rank=2)
-    for t in range(5):
+    for _ in range(5):
         ds = [torch.randn(6, 4) + 1.0 for _ in range(2)]
         a.grad = b.grad = None
         for d in ds:
