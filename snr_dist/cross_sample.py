@@ -2,7 +2,7 @@
 
 Each backward pass through a parameter hands its gradient contribution ``d_i`` to a tensor hook
 *before* it is accumulated into ``p.grad`` (and, under DDP, before the data-parallel reduction).
-:class:`MicrobatchStats` keeps the running sums that :func:`snr_dist.snr.cross_sample_moments`
+`MicrobatchStats` keeps the running sums that `snr_dist.snr.cross_sample_moments`
 needs; in subspace mode only their projections onto the basis (``r x o`` and ``r x r``) and two
 scalars are kept, which is what makes a cross-rank all-reduce of them cheap.
 

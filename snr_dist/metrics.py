@@ -2,7 +2,7 @@
 
 Gates are a deterministic function of the optimizer state, so metrics recompute them from the
 state after ``step()`` rather than storing them during it. For diagonal parameters larger than
-:data:`SAMPLE` coordinates a fixed strided sample is used (exact for smaller tensors), which
+`SAMPLE` coordinates a fixed strided sample is used (exact for smaller tensors), which
 bounds the cost per parameter; subspace parameters have ``rank + 1`` gates and are exact.
 """
 
@@ -17,8 +17,8 @@ from torch import Tensor
 from snr_dist import snr as rule
 from snr_dist import subspace
 
-#: Most coordinates read per diagonal parameter.
 SAMPLE = 16384
+"""Most coordinates read per diagonal parameter."""
 QUANTILES = (0.1, 0.5, 0.9)
 
 

@@ -1,7 +1,7 @@
 """Validated SNR hyper-parameters, shared by every optimizer and integration.
 
 They live in the optimizer's param groups (so they can differ per group and are saved in the
-state_dict); :func:`validate_options` checks one group's values and names the offending key.
+state_dict); `validate_options` checks one group's values and names the offending key.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ ESTIMATORS = ("temporal", "cross_sample")
 MODES = ("diagonal", "subspace")
 BASIS_SIDES = ("auto", "rows", "cols")
 
-#: The SNR options and their defaults. ``snr_beta2`` is used only where the base optimizer has
-#: no second moment of its own (SNRPreconditioner); SNRAdamW uses ``betas[1]``.
+# ``snr_beta2`` is used only where the base optimizer has no second moment of its own
+# (SNRPreconditioner); SNRAdamW uses ``betas[1]``.
 SNR_DEFAULTS: dict[str, Any] = {
     "estimator": "temporal",
     "mode": "diagonal",
@@ -33,6 +33,7 @@ SNR_DEFAULTS: dict[str, Any] = {
     "basis_side": "auto",
     "seed": 0,
 }
+"""The SNR options and their defaults."""
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -78,6 +79,9 @@ def validate_options(opts: Mapping[str, Any]) -> None:
     _int("rank", o["rank"], 1)
     _int("refresh_every", o["refresh_every"], 1)
     _int("seed", o["seed"], 0)
+    if o["estimator"] == "temporal" and o["snr_beta"] == 0:
+        # k_t = 1 at every step: one gradient carries no variance estimate.
+        raise ValueError("Invalid snr_beta: 0; allowed range with estimator='temporal': (0.0, 1.0)")
 
 
 def validate_adam(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:

@@ -10,16 +10,17 @@ multiplies the base optimizer's update by a gate ``gamma in [0, 1]`` that is a f
 
 Every estimator reduces to two statistics per coordinate/direction plus one known constant:
 
-``raw``  an estimate of ``mu^2`` that is biased *upwards* by ``k * sigma^2``,
-``var``  an unbiased estimate of ``sigma^2``,
-``k``    that bias factor, known in closed form.
+- ``raw``: an estimate of ``mu^2`` that is biased *upwards* by ``k * sigma^2``;
+- ``var``: an unbiased estimate of ``sigma^2``;
+- ``k``: that bias factor, known in closed form.
 
 The bias matters: a noise-only coordinate has ``E[raw] = k sigma^2 > 0``, and a gate fed with the
 biased ``raw / var`` never closes. So every gate sees the *debiased* signal
 ``sig = relu(raw - k var)``.
 
-Temporal estimator (one extra state vector). With ``s = EMA_{beta_s}(g)`` and the Adam second
-moment ``v = EMA_{beta_v}(g^2)``, both bias-corrected, and EMA weights ``w_i`` that sum to one:
+Temporal estimator (one extra state vector in SNRAdamW, none when ``snr_beta == beta1``).
+With ``s = EMA_{beta_s}(g)`` and the Adam second moment ``v = EMA_{beta_v}(g^2)``, both
+bias-corrected, and EMA weights ``w_i`` that sum to one:
 ``E[s^2] = mu^2 + k_t sigma^2`` with ``k_t = sum_i w_i^2 = (1-b)(1+b^t) / ((1+b)(1-b^t))`` and
 ``E[v - s^2] = (1 - k_t) sigma^2``. Hence ``raw = s^2``, ``var = (v - s^2) / (1 - k_t)``.
 ``k_1 = 1``: one gradient carries no variance estimate, so the gate is 1 at a parameter's first
@@ -34,16 +35,16 @@ smoothed by EMAs with the same ``beta`` (so bias corrections cancel in their rat
 
 Gate rules on ``sig``, ``var`` (``e`` is a tiny floor in squared-gradient units, ``tau > 0``):
 
-``wiener``  ``sig / (sig + tau var)`` - optimal linear shrinkage, ``SNR / (SNR + tau)``;
-``clamp``   ``min(1, sig / (tau var))``;
-``hard``    ``sig > tau var``;
-``paper``   Litman & Guo's Algorithm 1: ``p / (p + tau var)`` with ``p = relu(raw - a var)``,
-            ``a = 1`` online or ``b / (n - b)`` for a finite dataset of n examples, batch b;
-``none``    1 (the base optimizer, unchanged: for ablations and parity tests).
+- ``wiener``: ``sig / (sig + tau var)``, the optimal linear shrinkage ``SNR / (SNR + tau)``;
+- ``clamp``: ``min(1, sig / (tau var))``;
+- ``hard``: ``sig > tau var``;
+- ``paper``: Litman & Guo's Algorithm 1, ``p / (p + tau var)`` with ``p = relu(raw - a var)``,
+  ``a = 1`` online or ``b / (n - b)`` for a finite dataset of n examples and batch b;
+- ``none``: 1 (the base optimizer unchanged, for ablations and parity tests).
 
 In subspace mode the same formulas run on the energies of the gradient projected onto a tracked
 eigenbasis ``Q`` plus one "reservoir" direction for the orthogonal complement; see
-:mod:`snr_dist.subspace`.
+`snr_dist.subspace`.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ from torch import Tensor
 
 GATE_RULES = ("wiener", "clamp", "hard", "paper", "none")
 
-#: Floor added to gate denominators, in squared-gradient units (Adam's eps squared): coordinates
-#: whose gradients are this small barely move under Adam anyway.
 GATE_FLOOR = 1e-16
+"""Floor added to gate denominators, in squared-gradient units (Adam's eps squared):
+coordinates whose gradients are this small barely move under Adam anyway."""
 
 
 def ema_noise_factor(beta: float, step: int) -> float:
@@ -163,8 +164,8 @@ def snr_adamw_reference_step(
 ) -> Tensor:
     """One SNR-AdamW step for one tensor, diagonal temporal mode, written for reading.
 
-    The optimizer's single-tensor, foreach and fused paths are alternative implementations of
-    this function and are tested against it. Returns the gate that was applied.
+    The optimizer's per-tensor and foreach paths are alternative implementations of this
+    function and are tested against it. Returns the gate that was applied.
     """
     beta1, beta2 = betas
     if not state:

@@ -8,18 +8,21 @@ parameter space through the Jacobian. Directions with coherent drift (signal) do
 top eigenvalues early; label noise spreads over the rest.
 
 Per step (two thin matmuls, ``4 d o r`` flops, plus two for the gated update):
-  ``P = Q^T G``                                 projected gradient (``r x o``)
-  ``Y <- b Y + (1-b) G P^T``                    sketch of ``C Q`` (randomized subspace iteration)
-  statistics of ``P`` per direction, and of the complement ``G - Q P`` as one more direction
-  ``D' = g_perp D + Q ((g - g_perp) * Q^T D)``  the gated base update
+
+- ``P = Q^T G``: the projected gradient (``r x o``);
+- ``Y <- b Y + (1-b) G P^T``: the sketch of ``C Q`` (randomized subspace iteration);
+- statistics of ``P`` per direction, and of the complement ``G - Q P`` as one more direction;
+- ``D' = g_perp D + Q ((g - g_perp) * Q^T D)``: the gated base update.
+
 Every ``refresh_every`` steps (and at steps 1, 2, 4, ... before that) the basis is refreshed
 from the sketch by a Nystrom step: ``C ~ Y (Q^T Y)^+ Y^T`` is eigendecomposed inside
 ``span(Y)``, giving the new basis (sorted by eigenvalue) and eigenvalue estimates.
 
-Statistics survive a refresh. Mean vectors are kept in full parameter space (basis-free) and
-re-projected; second moments are ``r x r`` matrices rotated with ``R = Q_new^T Q_old``, the part
-of a new direction outside the old span filled in with the complement's average energy per
-dimension, so total energy is conserved.
+Statistics survive a refresh. In temporal mode the mean is kept in full parameter space
+(basis-free) and re-projected exactly, and the ``r x r`` covariance is rotated with
+``R = Q_new^T Q_old``, the part of a new direction outside the old span filled in with the
+complement's average variance per dimension. In cross-sample mode both ``r x r`` second-moment
+matrices are rotated that way.
 
 The captured-energy fraction ``tr(Q^T C Q) / tr(C)`` uses ``tr(C) = E ||G||_F^2`` exactly (a
 Hutchinson estimate of the same trace would only add variance).

@@ -101,3 +101,22 @@ def test_hooks_follow_param_groups_replaced_by_load_state_dict():
     opt.load_state_dict(opt.state_dict())
     run(model, opt, batches(2, micro=3, seed=5))  # still captured (else: < 2 error)
     assert int(opt.state[model[0].weight]["step"]) == 4
+
+
+def test_zero_grad_forgets_recorded_microbatches():
+    """A discarded backward pass (zero_grad afterwards) must not count towards the step."""
+    model = tiny_mlp()
+    opt = SNRAdamW(model.parameters(), estimator="cross_sample")
+    x, y = torch.randn(4, 12), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(model(x), y).backward()  # e.g. a probe, then discarded
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="saw 1"):
+        opt.step()
+
+
+def test_temporal_estimator_needs_positive_snr_beta():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="Invalid snr_beta: 0; allowed range with estimator"):
+        SNRAdamW([p], snr_beta=0.0)
+    SNRAdamW([p], snr_beta=0.0, estimator="cross_sample")  # per-step statistics are fine

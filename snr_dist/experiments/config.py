@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 
 
 class SNRConfig(_Strict):
-    """The SNR options of :class:`snr_dist.SNRAdamW` (see :mod:`snr_dist.options`)."""
+    """The SNR options of `snr_dist.SNRAdamW` (see `snr_dist.options`)."""
 
     estimator: Literal[ESTIMATORS] = SNR_DEFAULTS["estimator"]
     mode: Literal[MODES] = SNR_DEFAULTS["mode"]
@@ -205,7 +205,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None
 ) -> ExperimentConfig:
-    """Read, override and validate; raise :class:`ConfigError` listing every problem."""
+    """Read, override and validate; raise `ConfigError` listing every problem."""
     source = str(path) if path is not None else "<config>"
     if raw is None:
         p = Path(path)

@@ -1,9 +1,9 @@
-"""The SNR machinery shared by :class:`SNRAdamW` and :class:`SNRPreconditioner`.
+"""The SNR machinery shared by `SNRAdamW` and `SNRPreconditioner`.
 
-An optimizer owns the parameters and their state; :class:`SNRGating` adds, per parameter group,
+An optimizer owns the parameters and their state; `SNRGating` adds, per parameter group,
 the SNR statistics (temporal EMAs, cross-sample micro-batch sums, subspace trackers) and turns a
-list of base update directions into gated ones. The maths is in :mod:`snr_dist.snr` and
-:mod:`snr_dist.subspace`; this module is bookkeeping plus a multi-tensor (foreach) fast path for
+list of base update directions into gated ones. The maths is in `snr_dist.snr` and
+`snr_dist.subspace`; this module is bookkeeping plus a multi-tensor (foreach) fast path for
 the common diagonal temporal case, tested against the per-tensor path.
 """
 
@@ -53,7 +53,8 @@ def collect_gradients(
     group: dict, gating: SNRGating, skip_nonfinite: bool, who: str
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """``(params, grads, skipped)`` of a group: params with a gradient, minus non-finite ones
-    (counted, warned once, their micro-batch statistics dropped) when ``skip_nonfinite``."""
+    (counted and warned about once) when ``skip_nonfinite``. The caller drops the skipped
+    params' micro-batch statistics once the step is sure to proceed."""
     params, grads = [], []
     for p in group["params"]:
         if p.grad is None:
@@ -72,7 +73,6 @@ def collect_gradients(
             skipped = [p for p, f in zip(params, ok) if not f]
             for p in skipped:
                 gating.record_nonfinite(p)
-            gating.discard_microbatches(skipped)
             params = [p for p, f in zip(params, ok) if f]
             grads = [g for g, f in zip(grads, ok) if f]
     return params, grads, skipped
@@ -187,8 +187,11 @@ class SNRGating:
     def pending_microbatches(self) -> int:
         return max((s.count for s in self._micro.values()), default=0)
 
-    def discard_microbatches(self, params: list[Tensor]) -> None:
-        for p in params:
+    def discard_microbatches(self, params: list[Tensor] | None = None) -> None:
+        """Forget recorded micro-batch gradients (of ``params``, or all of them)."""
+        if params is None:
+            self._micro.clear()
+        for p in params or ():
             self._micro.pop(p, None)
 
     # ------------------------------------------------------------------ statistics

@@ -3,7 +3,7 @@
 The base optimizer computes its update as usual; the wrapper measures it (parameters after minus
 before) and scales it by the gates. The SNR statistics are the wrapper's own (it cannot assume
 the base keeps a second moment), so the temporal estimator costs two state vectors here,
-versus one in :class:`~snr_dist.optim.snr_adamw.SNRAdamW`.
+versus one in `snr_dist.optim.snr_adamw.SNRAdamW`.
 
 The wrapper gates the base's *whole* update, including any weight decay the base applies. For
 ungated decoupled decay, use SNRAdamW, or set the base's ``weight_decay=0`` and decay yourself.
@@ -24,7 +24,7 @@ from snr_dist.options import SNR_DEFAULTS, validate_options
 class SNRPreconditioner(torch.optim.Optimizer):
     """Gate the updates of ``base_optimizer`` by their signal-to-noise ratio.
 
-    The SNR options (see :class:`~snr_dist.optim.snr_adamw.SNRAdamW`; here also ``snr_beta2``,
+    The SNR options (see `snr_dist.optim.snr_adamw.SNRAdamW`; here also ``snr_beta2``,
     the EMA factor of the squared gradient) become defaults of every base param group; keys
     already present in a base group (e.g. ``SGD([{"params": w, "mode": "subspace"}])``) win.
     ``param_groups`` is the base optimizer's list, so LR schedulers act on the base directly.
@@ -89,6 +89,7 @@ class SNRPreconditioner(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """``{"base": base.state_dict(), "snr": {"state": {param index: SNR state}}}``."""
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         snr_state = {
             index[p]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
@@ -97,6 +98,7 @@ class SNRPreconditioner(torch.optim.Optimizer):
         return {"base": self.base.state_dict(), "snr": {"state": snr_state}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what `state_dict` wrote (the base's state and groups, then the SNR state)."""
         if set(state_dict) != {"base", "snr"}:
             raise ValueError(
                 "not an SNRPreconditioner state_dict: expected keys 'base' and 'snr', got "
@@ -125,20 +127,24 @@ class SNRPreconditioner(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ public extras
     def microbatch(self, weight: float = 1.0):
-        """See :meth:`snr_dist.optim.snr_adamw.SNRAdamW.microbatch`."""
+        """See `snr_dist.optim.snr_adamw.SNRAdamW.microbatch`."""
         return self._gating.microbatch(weight)
 
     def metrics(self, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
+        """See `snr_dist.optim.snr_adamw.SNRAdamW.metrics`."""
         from snr_dist.metrics import collect_metrics
 
         return collect_metrics(self, self._gating, names)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base's zero_grad; also forgets micro-batch gradients recorded since the last step."""
         self.base.zero_grad(set_to_none=set_to_none)
+        self._gating.discard_microbatches()
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
+        """Record statistics, let the base step, then gate what it changed."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -155,6 +161,7 @@ class SNRPreconditioner(torch.optim.Optimizer):
                     p.grad = None
                 self._gating.check_ready(group, params)
                 collected.append((group, params, grads))
+            self._gating.discard_microbatches([p for p, _ in hidden])
             work = []
             for group, params, grads in collected:
                 if not params:

@@ -2,7 +2,7 @@
 
 Same shape as ``torch.optim.AdamW``: hyper-parameters validated in ``__init__``, per-tensor and
 multi-tensor (foreach, the default) implementations of one algorithm, a state_dict that
-round-trips bit-exactly. The algorithm is :func:`snr_dist.snr.snr_adamw_reference_step` plus the
+round-trips bit-exactly. The algorithm is `snr_dist.snr.snr_adamw_reference_step` plus the
 subspace and cross-sample estimators.
 """
 
@@ -25,23 +25,34 @@ _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 class SNRAdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam with an SNR gate on its update.
 
+    Any SNR option may also be set per param group.
+
     Args:
-        params: parameters or param groups; any SNR option below may be set per group.
-        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``. Decay is not gated.
-        estimator: ``"temporal"`` (EMAs over steps, no extra communication) or
-            ``"cross_sample"`` (spread across micro-batches / data-parallel ranks of one step;
-            needs >= 2 backward passes per step).
-        mode: ``"diagonal"`` (per coordinate) or ``"subspace"`` (per eigen-direction of the
-            gradient covariance of each matrix, plus one complement direction). 1-D
-            parameters always use diagonal mode.
-        gate: ``"wiener"`` (default), ``"clamp"``, ``"hard"``, ``"paper"`` or ``"none"``.
-        tau: gate threshold (the paper gate's lambda). gate_a: the paper gate's ``a``.
-        snr_beta: EMA factor of the SNR statistics. When it equals ``betas[0]`` the temporal
-            estimator reuses Adam's first moment and costs no extra memory.
-        warmup_steps: gates are 1 for the first ``warmup_steps`` steps.
-        rank, refresh_every, sketch_beta, basis_side, seed: subspace tracker settings.
-        maximize: maximise the objective. foreach: multi-tensor path (default True).
-        skip_nonfinite: skip (and count) parameters whose gradient has NaN/Inf.
+        params: parameters or param groups.
+        lr: learning rate.
+        betas: Adam's EMA factors of the gradient and of its square.
+        eps: Adam's denominator floor.
+        weight_decay: decoupled weight decay (never gated).
+        estimator: "temporal" (EMAs over steps, no extra communication) or "cross_sample"
+            (spread across the micro-batches / data-parallel ranks of one step; needs >= 2
+            backward passes per step).
+        mode: "diagonal" (per coordinate) or "subspace" (per eigen-direction of each matrix's
+            gradient covariance, plus one complement direction). 1-D parameters always use
+            diagonal mode.
+        gate: "wiener" (default), "clamp", "hard", "paper" or "none".
+        tau: gate threshold; the paper gate's lambda.
+        gate_a: the paper gate's a (1 online, `finite_dataset_a(n, b)` for a finite dataset).
+        snr_beta: EMA factor of the SNR statistics. If it equals `betas[0]` the temporal
+            estimator reuses Adam's first moment and needs no extra memory.
+        warmup_steps: gates are 1 for the first `warmup_steps` steps.
+        rank: subspace rank per matrix.
+        refresh_every: steps between basis refreshes (plus refreshes at steps 1, 2, 4, ...).
+        sketch_beta: EMA factor of the subspace sketch.
+        basis_side: "auto" (the smaller side), "rows" or "cols".
+        seed: seed of the random initial bases (identical on every rank).
+        maximize: maximise the objective instead.
+        foreach: use the multi-tensor path (None or True) or the per-tensor path (False).
+        skip_nonfinite: skip, and count, parameters whose gradient holds NaN/Inf.
     """
 
     def __init__(
@@ -137,6 +148,11 @@ class SNRAdamW(torch.optim.Optimizer):
                     cur[k] = v.to(device=cur[k].device).clone()
         self._gating.register_hooks()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also forgets micro-batch gradients recorded since the last step."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._gating.discard_microbatches()
+
     # ------------------------------------------------------------------ public extras
     def microbatch(self, weight: float = 1.0) -> contextlib.AbstractContextManager[None]:
         """Declare the number of samples in the next backward pass(es) (cross-sample estimator).
@@ -149,7 +165,7 @@ class SNRAdamW(torch.optim.Optimizer):
         return self._gating.microbatch(weight)
 
     def metrics(self, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
-        """Gate and SNR statistics per group and per parameter; see :mod:`snr_dist.metrics`."""
+        """Gate and SNR statistics per group and per parameter; see `snr_dist.metrics`."""
         from snr_dist.metrics import collect_metrics
 
         return collect_metrics(self, self._gating, names)
@@ -157,17 +173,19 @@ class SNRAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
+        """One optimizer step; ``closure`` re-evaluates the loss (and backward) first."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         work = [
-            (group, *collect_gradients(group, self._gating, self.skip_nonfinite, "SNRAdamW")[:2])
+            (group, *collect_gradients(group, self._gating, self.skip_nonfinite, "SNRAdamW"))
             for group in self.param_groups
         ]
-        for group, params, _ in work:  # fail before any state changes
+        for group, params, _, _ in work:  # fail before any state changes
             self._gating.check_ready(group, params)
-        for group, params, grads in work:
+        for group, params, grads, skipped in work:
+            self._gating.discard_microbatches(skipped)
             if params:
                 self._step_group(group, params, grads)
         return loss
