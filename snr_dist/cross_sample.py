@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from snr_dist import snr as rule
-from snr_dist.subspace import matrix_view
+from snr_dist.subspace import matrix_view, squared_norm
 
 
 class MicrobatchStats:
@@ -52,7 +52,7 @@ class MicrobatchStats:
                 self.sum_sq.addcmul_(d, d, value=1.0 / w)
             return
         p = tracker["basis"].T @ matrix_view(d, bool(tracker["basis_rows"]))
-        d_sq = d.square().sum()
+        d_sq = squared_norm(d)
         cross = (
             2.0 * torch.dot(prev_grad.detach().float().reshape(-1), d.reshape(-1))
             if (prev_grad is not None and self.count > 1)

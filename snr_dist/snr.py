@@ -33,7 +33,7 @@ samples and their weighted mean ``G`` over ``W = sum w_i`` samples,
 noise of the applied gradient is ``var = sigma_e^2 / W`` and ``raw = G^2`` has ``k = 1``. Both are
 smoothed by EMAs with the same ``beta`` (so bias corrections cancel in their ratio).
 
-Gate rules on ``sig``, ``var`` (``e`` is a tiny floor in squared-gradient units, ``tau > 0``):
+Gate rules on ``sig`` and ``var`` (``var`` floored at a tiny ``GATE_FLOOR``, ``tau > 0``):
 
 - ``wiener``: ``sig / (sig + tau var)``, the optimal linear shrinkage ``SNR / (SNR + tau)``;
 - ``clamp``: ``min(1, sig / (tau var))``;
@@ -57,8 +57,8 @@ from torch import Tensor
 GATE_RULES = ("wiener", "clamp", "hard", "paper", "none")
 
 GATE_FLOOR = 1e-16
-"""Floor added to gate denominators, in squared-gradient units (Adam's eps squared):
-coordinates whose gradients are this small barely move under Adam anyway."""
+"""Floor of the noise variance, in squared-gradient units (Adam's eps squared): coordinates
+whose gradients are this small barely move under Adam anyway."""
 
 
 def ema_noise_factor(beta: float, step: int) -> float:
@@ -120,17 +120,20 @@ def gate(
     a: float = 1.0,
     floor: float = GATE_FLOOR,
 ) -> Tensor:
-    """The gate in ``[0, 1]`` for signal ``raw`` (biased up by ``k var``) and noise ``var``."""
+    """The gate in ``[0, 1]`` for signal ``raw`` (biased up by ``k var``) and noise ``var``.
+
+    ``var`` is floored at ``floor`` first, so no rule divides by zero."""
     if rule == "none":
         return torch.ones_like(raw)
+    var = var.clamp(min=floor)
     if rule == "paper":
         p = (raw - a * var).clamp_(min=0.0)
-        return p / (p + tau * var + floor)
+        return p / (p + tau * var)
     sig = (raw - k * var).clamp_(min=0.0)
     if rule == "wiener":
-        return sig / (sig + tau * var + floor)
+        return sig / (sig + tau * var)
     if rule == "clamp":
-        return (sig / (tau * var + floor)).clamp_(max=1.0)
+        return (sig / (tau * var)).clamp_(max=1.0)
     if rule == "hard":
         return (sig > tau * var).to(raw.dtype)
     raise ValueError(f"gate must be one of {GATE_RULES}, got {rule!r}")
@@ -138,7 +141,8 @@ def gate(
 
 def snr(raw: Tensor, var: Tensor, k: float, floor: float = GATE_FLOOR) -> Tensor:
     """The debiased signal-to-noise ratio ``relu(raw - k var) / var`` (for metrics and gates)."""
-    return (raw - k * var).clamp_(min=0.0) / (var + floor)
+    var = var.clamp(min=floor)
+    return (raw - k * var).clamp_(min=0.0) / var
 
 
 def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:

@@ -38,6 +38,12 @@ from torch import Tensor
 from snr_dist import snr as rule
 
 
+def squared_norm(t: Tensor) -> Tensor:
+    """``||t||^2`` as a BLAS dot product (faster than ``t.square().sum()``, no temporary)."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
+
+
 def basis_on_rows(shape: tuple[int, ...], side: str) -> bool:
     """Whether the basis lives on the first dimension of the matrix view of ``shape``."""
     m, n = shape[0], math.prod(shape[1:])
@@ -107,7 +113,7 @@ def observe(state: dict, grad: Tensor, beta_v: float, beta_s: float, sketch_beta
     if "proj_avg" in state:
         state["proj_avg"].lerp_(p, 1.0 - beta_s)
         state["proj_cov"].mul_(beta_v).addmm_(p, p.T, alpha=1.0 - beta_v)
-        state["energy"].mul_(beta_v).add_(grad.square().sum(), alpha=1.0 - beta_v)
+        state["energy"].mul_(beta_v).add_(squared_norm(grad), alpha=1.0 - beta_v)
     return p
 
 

@@ -266,3 +266,12 @@ def test_bf16_parameters_keep_fp32_state_through_save_and_load():
     for st in opt2.state.values():
         assert st["exp_avg"].dtype == torch.float32 and st["snr_avg"].dtype == torch.float32
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_huge_but_finite_gradient_is_not_skipped():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = SNRAdamW([p], lr=0.1)
+    p.grad = torch.full((4,), 1.5e19)  # its 2-norm overflows float32, its square does not
+    opt.step()
+    assert opt.metrics()["nonfinite_skips"] == 0
+    assert (p < 0).all()

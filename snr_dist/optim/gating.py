@@ -42,11 +42,17 @@ class MomentSource:
 
 
 def finite_flags(grads: list[Tensor]) -> list[bool]:
-    """One host sync for all tensors: which gradients are free of NaN/Inf."""
+    """One host sync for all tensors: which gradients are free of NaN/Inf.
+
+    The 2-norm is the cheapest multi-tensor reduction (the inf-norm is several times slower
+    on CPU) and propagates NaN/Inf; a norm that merely overflows (elements > ~1e19) is
+    re-checked elementwise, so finite gradients are never skipped.
+    """
     if not grads:
         return []
-    norms = torch._foreach_norm(grads, float("inf"))
-    return torch.isfinite(torch.stack([n.float().cpu() for n in norms])).tolist()
+    norms = torch._foreach_norm(grads, 2)
+    flags = torch.isfinite(torch.stack([n.float().cpu() for n in norms])).tolist()
+    return [f or bool(torch.isfinite(g).all()) for f, g in zip(flags, grads)]
 
 
 def collect_gradients(
@@ -265,7 +271,7 @@ class SNRGating:
             if cross:
                 raw, var = subspace.cross_direction_moments(state, step, group["snr_beta"])
                 return raw, var, 1.0
-            mean_energy = state[src.mean_key].float().square().sum()
+            mean_energy = subspace.squared_norm(state[src.mean_key])
             return subspace.temporal_direction_moments(
                 state, mean_energy, step, src.beta_s, src.beta_v
             )
@@ -287,30 +293,54 @@ class SNRGating:
             return torch.ones_like(raw)
         return rule.gate(raw, var, k, group["gate"], group["tau"], group["gate_a"])
 
+    def fast_buckets(
+        self, group: dict, params: list[Tensor], steps: list[int], foreach: bool
+    ) -> dict[tuple, list[int]]:
+        """Indices of the params whose gates the multi-tensor path computes, by (device, step):
+        diagonal, temporal, gate active, rule wiener/clamp/paper."""
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        if not (
+            foreach
+            and group["estimator"] == "temporal"
+            and group["gate"] in ("wiener", "clamp", "paper")
+        ):
+            return buckets
+        for i, (p, t) in enumerate(zip(params, steps)):
+            if self.kind(p, group) == "diagonal" and self.gate_active(group, t):
+                buckets[(p.device, t)].append(i)
+        return buckets
+
     @torch.no_grad()
     def gate_(
         self,
         group: dict,
         params: list[Tensor],
-        directions: list[Tensor],
+        directions: list[Tensor | None],
         steps: list[int],
         foreach: bool,
+        skip: set[int] | frozenset[int] = frozenset(),
     ) -> None:
-        """Multiply the base update ``directions`` by their gates, in place; refresh trackers."""
+        """Multiply the base update ``directions`` by their gates, in place, and refresh due
+        trackers. Indices in ``skip`` were gated by the caller (see `fast_buckets`); a
+        direction may be None where no gate is active."""
         src = self.moment_source(group)
-        fast = (
-            foreach
-            and group["estimator"] == "temporal"
-            and group["gate"] in ("wiener", "clamp", "paper")
-        )
-        diag_fast: dict[tuple, list[int]] = defaultdict(list)
+        buckets = self.fast_buckets(group, params, steps, foreach)
+        for idx in buckets.values():
+            idx = [i for i in idx if i not in skip]
+            if idx:
+                t = steps[idx[0]]
+                gates, scale = self.diagonal_gates_foreach(
+                    group, [self.opt.state[params[i]] for i in idx], t
+                )
+                dirs = [directions[i] for i in idx]
+                torch._foreach_mul_(dirs, gates)
+                torch._foreach_mul_(dirs, scale)
+            skip = skip | set(idx)
         for i, (p, d, t) in enumerate(zip(params, directions, steps)):
+            if i in skip:
+                continue
             state = self.opt.state[p]
             sub = self.kind(p, group) == "subspace"
-            if not sub and fast:
-                if self.gate_active(group, t):
-                    diag_fast[(d.device, t)].append(i)
-                continue
             if self.gate_active(group, t):
                 g = self.gates(p, group, state, t)
                 if sub:
@@ -320,38 +350,36 @@ class SNRGating:
             if sub and subspace.refresh_due(t, group["refresh_every"]):
                 mean = None if group["estimator"] == "cross_sample" else state[src.mean_key]
                 subspace.refresh(state, mean, t, src.beta_s, src.beta_v)
-        for (_, t), idx in diag_fast.items():
-            self._diagonal_temporal_foreach(
-                group,
-                src,
-                [self.opt.state[params[i]] for i in idx],
-                [directions[i] for i in idx],
-                t,
-            )
 
-    def _diagonal_temporal_foreach(self, group, src, states, directions, t) -> None:
-        """Multi-tensor version of ``temporal_moments`` + ``gate`` (wiener/clamp/paper)."""
+    def diagonal_gates_foreach(
+        self, group: dict, states: list[dict], t: int
+    ) -> tuple[list[Tensor], float]:
+        """Multi-tensor `temporal_moments` + `gate` (wiener/clamp/paper): ``(gates, scale)``
+        with the true gate ``scale * gates`` (the constant is left for the caller to fold).
+
+        Works in units scaled by ``bc_v = 1 - beta_v^t`` so the bias corrections become
+        constants: ``var' = v - c s^2`` (``c = bc_v / bc_s^2``) is ``(1-k) bc_v var``,
+        ``raw' = v - var'`` is ``bc_v raw``; 7 passes over the state instead of 13.
+        """
+        src = self.moment_source(group)
         k = rule.ema_noise_factor(src.beta_s, t)
-        bc_s = 1.0 - src.beta_s**t
+        one_k = max(1.0 - k, 1e-12)
         bc_v = 1.0 - src.beta_v**t
+        c = bc_v / (1.0 - src.beta_s**t) ** 2
+        tau_p = group["tau"] / one_k
+        shift = (group["gate_a"] if group["gate"] == "paper" else k) / one_k
         s = [st[src.mean_key] for st in states]
         v = [st[src.sq_key] for st in states]
-        raw = torch._foreach_mul(s, s)
-        torch._foreach_mul_(raw, 1.0 / (bc_s * bc_s))
-        var = torch._foreach_mul(v, 1.0 / bc_v)
-        torch._foreach_sub_(var, raw)
-        torch._foreach_mul_(var, 1.0 / max(1.0 - k, 1e-12))
-        torch._foreach_clamp_min_(var, 0.0)
-        shift = group["gate_a"] if group["gate"] == "paper" else k
-        torch._foreach_add_(raw, var, alpha=-shift)
-        torch._foreach_clamp_min_(raw, 0.0)  # raw now holds the signal (or the paper's p)
-        torch._foreach_mul_(var, group["tau"])
+        var = torch._foreach_addcmul(v, s, s, value=-c)  # (second - raw) in primed units
+        sig = torch._foreach_sub(v, var)  # raw'
+        torch._foreach_clamp_min_(var, rule.GATE_FLOOR * one_k * bc_v)
+        torch._foreach_add_(sig, var, alpha=-shift)
+        torch._foreach_clamp_min_(sig, 0.0)  # sig' (or the paper's p')
         if group["gate"] == "clamp":
-            torch._foreach_add_(var, rule.GATE_FLOOR)
-            torch._foreach_div_(raw, var)
-            torch._foreach_clamp_max_(raw, 1.0)
-        else:
-            torch._foreach_add_(var, raw)
-            torch._foreach_add_(var, rule.GATE_FLOOR)
-            torch._foreach_div_(raw, var)
-        torch._foreach_mul_(directions, raw)
+            torch._foreach_div_(sig, var)
+            torch._foreach_mul_(sig, 1.0 / tau_p)
+            torch._foreach_clamp_max_(sig, 1.0)
+            return sig, 1.0
+        torch._foreach_add_(var, sig, alpha=1.0 / tau_p)  # (sig' + tau' var') / tau'
+        torch._foreach_div_(sig, var)
+        return sig, 1.0 / tau_p

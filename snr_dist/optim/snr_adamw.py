@@ -227,30 +227,68 @@ class SNRAdamW(torch.optim.Optimizer):
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         self._gating.update_statistics(group, params, grads, steps)
 
-        # 3. Adam's direction m_hat / (sqrt(v_hat) + eps), then the gates
-        if foreach:
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, eps)
-            directions = torch._foreach_div(exp_avgs, denom)
-        else:
-            directions = [
-                m / (v.sqrt() / b + eps) for m, v, b in zip(exp_avgs, exp_avg_sqs, bc2_sqrt)
-            ]
-        self._gating.gate_(group, params, directions, steps, foreach)
-
-        # 4. decoupled weight decay (not gated), then the gated step
+        # 3. gates, 4. decoupled weight decay (not gated), then the gated Adam step
         step_sizes = [-lr / b for b in bc1]
-        if foreach:
-            if wd != 0:
+        if wd != 0:
+            if foreach:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
-            torch._foreach_mul_(directions, step_sizes)
-            torch._foreach_add_(
-                params,
-                [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(directions, params)],
-            )
-        else:
-            for p, d, s in zip(params, directions, step_sizes):
-                if wd != 0:
+            else:
+                for p in params:
                     p.mul_(1.0 - lr * wd)
-                p.add_(d.to(p.dtype), alpha=s)
+        if not foreach:
+            for i, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):
+                d = m / (v.sqrt() / bc2_sqrt[i] + eps)
+                self._gating.gate_(group, [p], [d], [steps[i]], foreach=False)
+                p.add_(d.to(p.dtype), alpha=step_sizes[i])
+            return
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        # Diagonal temporal gates are elementwise: fold them into the numerator, one
+        # addcdiv per parameter as in torch's AdamW (no materialised direction).
+        fast: set[int] = set()
+        for idx in self._gating.fast_buckets(group, params, steps, foreach).values():
+            gates, scale = self._gating.diagonal_gates_foreach(
+                group, [states[i] for i in idx], steps[idx[0]]
+            )
+            torch._foreach_mul_(gates, [exp_avgs[i] for i in idx])
+            self._addcdiv(
+                [params[i] for i in idx],
+                gates,
+                [denom[i] for i in idx],
+                [step_sizes[i] * scale for i in idx],
+            )
+            fast.update(idx)
+        rest = [i for i in range(len(params)) if i not in fast]
+        needs_direction = [
+            i
+            for i in rest
+            if self._gating.kind(params[i], group) == "subspace"
+            or self._gating.gate_active(group, steps[i])
+        ]
+        plain = [i for i in rest if i not in set(needs_direction)]
+        if plain:  # no gate: exactly torch's AdamW update
+            self._addcdiv(
+                [params[i] for i in plain],
+                [exp_avgs[i] for i in plain],
+                [denom[i] for i in plain],
+                [step_sizes[i] for i in plain],
+            )
+        if needs_direction:
+            ps = [params[i] for i in needs_direction]
+            dirs = torch._foreach_div(
+                [exp_avgs[i] for i in needs_direction], [denom[i] for i in needs_direction]
+            )
+            self._gating.gate_(group, ps, dirs, [steps[i] for i in needs_direction], True)
+            torch._foreach_mul_(dirs, [step_sizes[i] for i in needs_direction])
+            torch._foreach_add_(
+                ps, [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(dirs, ps)]
+            )
+
+    @staticmethod
+    def _addcdiv(params, numerators, denominators, scales) -> None:
+        if all(p.dtype == torch.float32 for p in params):
+            torch._foreach_addcdiv_(params, numerators, denominators, scales)
+            return
+        for p, n, d, s in zip(params, numerators, denominators, scales):
+            p.add_((n / d).to(p.dtype), alpha=s)
