@@ -152,15 +152,27 @@ def cross_direction_moments(state: dict, step: int, beta: float) -> tuple[Tensor
 
 
 @torch.no_grad()
-def apply_gates(state: dict, direction: Tensor, gates: Tensor) -> None:
-    """``D <- g_perp D + Q ((g - g_perp) * Q^T D)`` in place; ``gates`` = r values + complement."""
+def apply_gates(
+    state: dict, direction: Tensor, gates: Tensor, out: Tensor | None = None, alpha: float = 1.0
+) -> None:
+    """``D' = g_perp D + Q ((g - g_perp) * Q^T D)``; ``gates`` = r values + complement.
+
+    In place on ``direction``, or, with ``out``, ``out += alpha * D'`` (``D`` untouched): the
+    optimizer adds the gated step straight into the parameter, two passes instead of four.
+    """
     q = state["basis"]
-    d = matrix_view(direction, bool(state["basis_rows"]))
+    rows = bool(state["basis_rows"])
+    d = matrix_view(direction, rows)
     g_dir, g_perp = gates[:-1], gates[-1]
     coef = q.T @ d
     coef.mul_((g_dir - g_perp).unsqueeze(1))
-    d.mul_(g_perp)
-    d.addmm_(q, coef)
+    if out is None:
+        d.mul_(g_perp)
+        d.addmm_(q, coef)
+        return
+    o = matrix_view(out, rows)
+    o.addcmul_(d, g_perp, value=alpha)
+    o.addmm_(q, coef, alpha=alpha)
 
 
 def _psd_pinv(m: Tensor) -> Tensor:

@@ -51,7 +51,14 @@ def finite_flags(grads: list[Tensor]) -> list[bool]:
     if not grads:
         return []
     norms = torch._foreach_norm(grads, 2)
-    flags = torch.isfinite(torch.stack([n.float().cpu() for n in norms])).tolist()
+    by_device: dict = defaultdict(list)
+    for i, n in enumerate(norms):
+        by_device[n.device].append(i)
+    flags = [True] * len(grads)
+    for idx in by_device.values():  # one device-to-host copy per device
+        ok = torch.isfinite(torch.stack([norms[i].float() for i in idx])).tolist()
+        for i, f in zip(idx, ok):
+            flags[i] = f
     return [f or bool(torch.isfinite(g).all()) for f, g in zip(flags, grads)]
 
 
@@ -319,10 +326,14 @@ class SNRGating:
         steps: list[int],
         foreach: bool,
         skip: set[int] | frozenset[int] = frozenset(),
+        out: list[Tensor] | None = None,
+        alphas: list[float] | None = None,
     ) -> None:
         """Multiply the base update ``directions`` by their gates, in place, and refresh due
         trackers. Indices in ``skip`` were gated by the caller (see `fast_buckets`); a
-        direction may be None where no gate is active."""
+        direction may be None where no gate is active. With ``out`` (fp32 tensors) and
+        ``alphas``, add ``alpha * gated direction`` into ``out`` instead (directions are
+        left untouched)."""
         src = self.moment_source(group)
         buckets = self.fast_buckets(group, params, steps, foreach)
         for idx in buckets.values():
@@ -333,8 +344,13 @@ class SNRGating:
                     group, [self.opt.state[params[i]] for i in idx], t
                 )
                 dirs = [directions[i] for i in idx]
-                torch._foreach_mul_(dirs, gates)
-                torch._foreach_mul_(dirs, scale)
+                if out is None:
+                    torch._foreach_mul_(dirs, gates)
+                    torch._foreach_mul_(dirs, scale)
+                else:
+                    torch._foreach_mul_(gates, dirs)
+                    torch._foreach_mul_(gates, [alphas[i] * scale for i in idx])
+                    torch._foreach_add_([out[i] for i in idx], gates)
             skip = skip | set(idx)
         for i, (p, d, t) in enumerate(zip(params, directions, steps)):
             if i in skip:
@@ -344,9 +360,14 @@ class SNRGating:
             if self.gate_active(group, t):
                 g = self.gates(p, group, state, t)
                 if sub:
-                    subspace.apply_gates(state, d, g)
-                else:
+                    o = None if out is None else out[i]
+                    subspace.apply_gates(state, d, g, o, 1.0 if out is None else alphas[i])
+                elif out is None:
                     d.mul_(g)
+                else:
+                    out[i].addcmul_(d, g, value=alphas[i])
+            elif out is not None:
+                out[i].add_(d, alpha=alphas[i])
             if sub and subspace.refresh_due(t, group["refresh_every"]):
                 mean = None if group["estimator"] == "cross_sample" else state[src.mean_key]
                 subspace.refresh(state, mean, t, src.beta_s, src.beta_v)

@@ -279,11 +279,14 @@ class SNRAdamW(torch.optim.Optimizer):
             dirs = torch._foreach_div(
                 [exp_avgs[i] for i in needs_direction], [denom[i] for i in needs_direction]
             )
-            self._gating.gate_(group, ps, dirs, [steps[i] for i in needs_direction], True)
-            torch._foreach_mul_(dirs, [step_sizes[i] for i in needs_direction])
-            torch._foreach_add_(
-                ps, [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(dirs, ps)]
-            )
+            sub_steps = [steps[i] for i in needs_direction]
+            sizes = [step_sizes[i] for i in needs_direction]
+            if all(p.dtype == torch.float32 for p in ps):  # gated step straight into p
+                self._gating.gate_(group, ps, dirs, sub_steps, True, out=ps, alphas=sizes)
+                return
+            self._gating.gate_(group, ps, dirs, sub_steps, True)
+            torch._foreach_mul_(dirs, sizes)
+            torch._foreach_add_(ps, [d.to(p.dtype) for d, p in zip(dirs, ps)])
 
     @staticmethod
     def _addcdiv(params, numerators, denominators, scales) -> None:
