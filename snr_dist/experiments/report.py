@@ -108,8 +108,9 @@ def write_report(
 {cfg.data.dataset} with {cfg.data.label_noise:.0%} symmetric label noise on the training set,
 MLP {cfg.model.hidden} ({cfg.model.activation}), {cfg.train.epochs} epochs, batch
 {cfg.train.batch_size} ({cfg.train.microbatches} micro-batch(es) per step), seeds [{seeds}]
-(mean ± std over seeds where more than one). "Memorised" is the share of flipped training
-examples predicted with their flipped label.
+(mean ± std over seeds where more than one), evaluated every {cfg.train.eval_every} epoch(s)
+("best" is the best evaluation). "Memorised" is the share of flipped training examples
+predicted with their flipped label.
 
 {table}
 
