@@ -11,7 +11,8 @@ import yaml
 from snr_dist.cli import main
 from snr_dist.experiments.config import ConfigError, apply_overrides, load_config
 
-BASE = yaml.safe_load(Path("configs/quickstart.yaml").read_text())
+QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+BASE = yaml.safe_load(QUICKSTART.read_text())
 
 
 def _with(path: str, value):
@@ -21,7 +22,7 @@ def _with(path: str, value):
 
 
 def test_quickstart_config_is_valid():
-    cfg = load_config("configs/quickstart.yaml")
+    cfg = load_config(str(QUICKSTART))
     assert [o.name for o in cfg.optimizers] == ["AdamW", "SNRAdamW"]
     assert cfg.data.label_noise == 0.4
 
@@ -81,7 +82,7 @@ def test_all_problems_reported_at_once():
 
 def test_set_overrides_parse_values_and_reject_bad_paths():
     cfg = load_config(
-        "configs/quickstart.yaml",
+        str(QUICKSTART),
         ["train.epochs=7", "optimizers.1.snr.gate=paper", "train.seeds=[3, 4]"],
     )
     assert cfg.train.epochs == 7 and cfg.optimizers[1].snr.gate == "paper"
@@ -93,7 +94,7 @@ def test_set_overrides_parse_values_and_reject_bad_paths():
         (".a=1", "invalid key"),
     ]:
         with pytest.raises(ConfigError, match=words):
-            load_config("configs/quickstart.yaml", [bad])
+            load_config(str(QUICKSTART), [bad])
 
 
 def test_cli_reports_config_errors_before_work(tmp_path, capsys):
@@ -101,7 +102,7 @@ def test_cli_reports_config_errors_before_work(tmp_path, capsys):
         [
             "train",
             "--config",
-            "configs/quickstart.yaml",
+            str(QUICKSTART),
             "--set",
             "train.epochs=-1",
             "--output-dir",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,13 +11,15 @@ from snr_dist.cli import main
 from snr_dist.experiments.config import load_config
 from snr_dist.experiments.trainer import run_experiment
 
+QUICKSTART = str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml")
+
 
 def test_train_command_writes_metrics_report_and_curves(tmp_path, capsys):
     rc = main(
         [
             "train",
             "--config",
-            "configs/quickstart.yaml",
+            QUICKSTART,
             "--output-dir",
             str(tmp_path),
             "--set",
@@ -47,7 +50,7 @@ def test_train_command_writes_metrics_report_and_curves(tmp_path, capsys):
 
 def test_cross_sample_with_microbatches_runs(tmp_path):
     cfg = load_config(
-        "configs/quickstart.yaml",
+        QUICKSTART,
         [
             "train.epochs=2",
             "train.seeds=[0]",
@@ -69,7 +72,7 @@ def test_label_noise_snr_adamw_memorises_far_less_than_adamw():
     """Digits, 40% flipped labels, same model/init/batches/lr: AdamW memorises > 80% of the
     flipped labels; SNRAdamW (defaults) < 20%."""
     cfg = load_config(
-        "configs/quickstart.yaml",
+        QUICKSTART,
         [
             "train.epochs=120",
             "train.seeds=[0]",

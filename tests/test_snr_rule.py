@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from snr_dist import SNRAdamW
 from snr_dist import snr as rule
@@ -140,3 +142,21 @@ def test_finite_dataset_a():
     assert rule.finite_dataset_a(1000, 100) == pytest.approx(100 / 900)
     with pytest.raises(ValueError, match="batch_size"):
         rule.finite_dataset_a(100, 100)
+
+
+@given(
+    raw=st.floats(0, 1e6),
+    var=st.floats(0, 1e6),
+    k=st.floats(0, 1),
+    tau=st.floats(1e-3, 1e3),
+    a=st.floats(0, 10),
+    rule_name=st.sampled_from(["wiener", "clamp", "hard", "paper"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_gates_are_in_unit_interval_and_monotone_in_signal(raw, var, k, tau, a, rule_name):
+    g = rule.gate(
+        torch.tensor([raw, raw * 2 + 1.0]), torch.tensor([var, var]), k, rule_name, tau, a
+    )
+    assert torch.isfinite(g).all()
+    assert ((g >= 0) & (g <= 1)).all()
+    assert g[1] >= g[0]  # more signal never closes the gate
