@@ -2,14 +2,22 @@
 
 Each backward pass through a parameter hands its gradient contribution ``d_i`` to a tensor hook
 *before* it is accumulated into ``p.grad`` (and, under DDP, before the data-parallel reduction).
-`MicrobatchStats` keeps the running sums that `snr_dist.snr.cross_sample_moments`
-needs; in subspace mode only their projections onto the basis (``r x o`` and ``r x r``) and two
-scalars are kept, which is what makes a cross-rank all-reduce of them cheap.
+`MicrobatchStats` keeps the sums the noise estimate needs; the signal comes from the applied
+gradient ``g = p.grad`` itself. In subspace mode only ``r + 1`` numbers per matrix are kept (the
+energy of each micro-batch gradient along each basis direction, and in total), which is what
+makes their all-reduce across data-parallel ranks cheap.
 
-Units. Statistics describe the weighted mean gradient ``G = sum_i d_i / W``. If ``p.grad`` is
-rescaled between the last backward and ``step()`` (loss-scale unscaling, gradient clipping),
-they are rescaled by ``||p.grad|| / ||sum_i d_i||`` too, so the EMAs stay consistent across
-steps whatever the loss scale of each step was.
+Estimator. With micro-batch gradients ``G_i`` of ``w_i`` samples, ``d_i = c' w_i G_i`` (the
+micro-batch loss is a sum over its samples, up to a common factor) and ``S = sum_i d_i = c g``,
+``sigma_e^2 = sum_i w_i (G_i - G)^2 / (M - 1)`` is unbiased for the per-sample variance. In the
+units of the applied gradient ``g`` this gives, per coordinate or direction,
+
+``raw = g^2`` (so ``k = 1``) and ``var = (W * sum_i (d_i^2 / w_i) / c^2 - g^2) / (M - 1)``,
+
+the variance of ``g`` around its expectation. ``c`` is measured in one process
+(``||S||^2`` is tracked through the hooks, so gradient clipping or loss-scale unscaling between
+backward and ``step()`` is accounted for) and is the world size under data parallelism, whose
+reduction averages the ranks' sums.
 """
 
 from __future__ import annotations
@@ -17,7 +25,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from snr_dist import snr as rule
 from snr_dist.subspace import matrix_view, squared_norm
 
 
@@ -27,71 +34,68 @@ class MicrobatchStats:
     def __init__(self) -> None:
         self.count = 0
         self.weight = 0.0
-        self.total: Tensor | None = None  # diagonal: sum d_i
-        self.sum_sq: Tensor | None = None  # diagonal: sum d_i^2 / w_i; subspace: scalar
-        self.proj_sum: Tensor | None = None  # subspace: sum Q^T d_i
-        self.proj_sq: Tensor | None = None  # subspace: sum (Q^T d_i)(Q^T d_i)^T / w_i
-        self.total_sq: Tensor | None = None  # subspace: ||sum d_i||^2
+        self.sum_sq: Tensor | None = None  # diagonal: sum d_i^2 / w_i; subspace: its total
+        self.dir_sq: Tensor | None = None  # subspace: sum_i ||row_k(Q^T d_i)||^2 / w_i
+        self.total_sq: Tensor | None = None  # ||sum_i d_i||^2 (this process's sum)
 
     @torch.no_grad()
     def observe(self, d: Tensor, w: float, prev_grad: Tensor | None, tracker: dict | None) -> None:
         """Add one micro-batch contribution ``d`` of weight ``w``.
 
         ``prev_grad`` is ``p.grad`` before ``d`` is accumulated into it (the running sum, in the
-        same units), used in subspace mode to track ``||sum d_i||^2`` without a full buffer.
+        same units), used to track ``||sum d_i||^2`` without a buffer of its own.
         """
         d = d.detach().float()
         self.count += 1
         self.weight += w
-        if tracker is None:
-            if self.total is None:
-                self.total = d.clone()
-                self.sum_sq = d.square().div_(w)
-            else:
-                self.total.add_(d)
-                self.sum_sq.addcmul_(d, d, value=1.0 / w)
-            return
-        p = tracker["basis"].T @ matrix_view(d, bool(tracker["basis_rows"]))
         d_sq = squared_norm(d)
-        cross = (
-            2.0 * torch.dot(prev_grad.detach().float().reshape(-1), d.reshape(-1))
-            if (prev_grad is not None and self.count > 1)
-            else torch.zeros((), device=d.device)
-        )
-        if self.proj_sum is None:
-            self.proj_sum = p
-            self.proj_sq = (p @ p.T).div_(w)
-            self.sum_sq = d_sq / w
-            self.total_sq = d_sq + cross
-        else:
-            self.proj_sum.add_(p)
-            self.proj_sq.addmm_(p, p.T, alpha=1.0 / w)
-            self.sum_sq.add_(d_sq / w)
-            self.total_sq.add_(d_sq + cross)
-
-    def _unit_scale(self, grad: Tensor, total_sq: Tensor) -> Tensor:
-        """``c^2`` such that (hook units) / c^2 = ``p.grad`` units."""
-        g_sq = grad.float().square().sum()
-        ok = (g_sq > 0) & (total_sq > 0)
-        return torch.where(ok, total_sq / torch.where(ok, g_sq, 1.0), torch.ones_like(g_sq))
-
-    def diagonal_moments(self, grad: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-coordinate ``(raw, var)`` of this step's applied gradient."""
-        raw, var = rule.cross_sample_moments(self.total, self.sum_sq, self.weight, self.count)
-        scale = self._unit_scale(grad, self.total.square().sum())
-        return raw.div_(scale), var.div_(scale)
-
-    def subspace_moments(self, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(raw_cov, noise_cov, raw_energy, noise_energy)`` of this step in the basis."""
-        if self.count < 2:
-            raise ValueError(
-                f"the cross-sample estimator needs >= 2 micro-batches, got {self.count}"
+        if prev_grad is not None and self.count > 1:
+            d_sq_total = d_sq + 2.0 * torch.dot(
+                prev_grad.detach().float().reshape(-1), d.reshape(-1)
             )
-        w, m = self.weight, self.count
-        outer = self.proj_sum @ self.proj_sum.T
-        raw_cov = outer / (w * w)
-        noise_cov = (self.proj_sq - outer / w) / ((m - 1) * w)
-        raw_energy = self.total_sq / (w * w)
-        noise_energy = ((self.sum_sq - self.total_sq / w) / ((m - 1) * w)).clamp(min=0.0)
-        scale = self._unit_scale(grad, self.total_sq)
-        return raw_cov / scale, noise_cov / scale, raw_energy / scale, noise_energy / scale
+        else:
+            d_sq_total = d_sq
+        if tracker is None:
+            sq = d.square().div_(w)
+        else:
+            p = tracker["basis"].T @ matrix_view(d, bool(tracker["basis_rows"]))
+            dir_sq = p.square().sum(dim=1).div_(w)
+            sq = d_sq / w
+            self.dir_sq = dir_sq if self.dir_sq is None else self.dir_sq.add_(dir_sq)
+        self.sum_sq = sq if self.sum_sq is None else self.sum_sq.add_(sq)
+        self.total_sq = d_sq_total if self.total_sq is None else self.total_sq.add_(d_sq_total)
+
+    def unit_scale_sq(self, grad: Tensor) -> float:
+        """``c^2`` with ``sum_i d_i = c * p.grad`` (one process; 1 if either is zero)."""
+        g_sq = float(squared_norm(grad.float()))
+        t_sq = float(self.total_sq)
+        return t_sq / g_sq if g_sq > 0 and t_sq > 0 else 1.0
+
+
+def diagonal_moments(stats: MicrobatchStats, grad: Tensor, c_sq: float) -> tuple[Tensor, Tensor]:
+    """Per-coordinate ``(raw, var)`` of the applied gradient ``grad``."""
+    _check(stats)
+    raw = grad.float().square()
+    var = (stats.sum_sq * (stats.weight / c_sq) - raw).div_(stats.count - 1).clamp_(min=0.0)
+    return raw, var
+
+
+def subspace_moments(
+    stats: MicrobatchStats, grad: Tensor, c_sq: float, tracker: dict
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(raw_dir, var_dir, raw_energy, var_energy)``: per basis direction, and in total."""
+    _check(stats)
+    g = grad.float()
+    p = tracker["basis"].T @ matrix_view(g, bool(tracker["basis_rows"]))
+    raw_dir = p.square().sum(dim=1)
+    raw_e = squared_norm(g)
+    scale = stats.weight / c_sq
+    m1 = stats.count - 1
+    var_dir = (stats.dir_sq * scale - raw_dir).div_(m1).clamp_(min=0.0)
+    var_e = ((stats.sum_sq * scale - raw_e) / m1).clamp(min=0.0)
+    return raw_dir, var_dir, raw_e, var_e
+
+
+def _check(stats: MicrobatchStats) -> None:
+    if stats.count < 2:
+        raise ValueError(f"the cross-sample estimator needs >= 2 micro-batches, got {stats.count}")

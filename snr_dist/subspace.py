@@ -21,8 +21,8 @@ from the sketch by a Nystrom step: ``C ~ Y (Q^T Y)^+ Y^T`` is eigendecomposed in
 Statistics survive a refresh. In temporal mode the mean is kept in full parameter space
 (basis-free) and re-projected exactly, and the ``r x r`` covariance is rotated with
 ``R = Q_new^T Q_old``, the part of a new direction outside the old span filled in with the
-complement's average variance per dimension. In cross-sample mode both ``r x r`` second-moment
-matrices are rotated that way.
+complement's average variance per dimension. In cross-sample mode only per-direction energies
+are kept (``r + 1`` numbers, cheap to all-reduce) and are rotated as a diagonal second moment.
 
 The captured-energy fraction ``tr(Q^T C Q) / tr(C)`` uses ``tr(C) = E ||G||_F^2`` exactly (a
 Hutchinson estimate of the same trace would only add variance).
@@ -82,8 +82,8 @@ def init_tracker(
     state["sketch_weight"] = torch.zeros((), **f32)
     state["eigvals"] = torch.zeros(r, **f32)
     if cross:
-        state["raw_cov"] = torch.zeros(r, r, **f32)
-        state["noise_cov"] = torch.zeros(r, r, **f32)
+        state["raw_dir"] = torch.zeros(r, **f32)
+        state["noise_dir"] = torch.zeros(r, **f32)
         state["raw_energy"] = torch.zeros((), **f32)
         state["noise_energy"] = torch.zeros((), **f32)
     else:
@@ -141,11 +141,9 @@ def temporal_direction_moments(
 def cross_direction_moments(state: dict, step: int, beta: float) -> tuple[Tensor, Tensor]:
     """``(raw, var)`` (``k = 1``) for the ``r`` directions followed by the complement."""
     bc = 1.0 - beta**step
-    raw_cov, noise_cov = state["raw_cov"], state["noise_cov"]
-    raw_dir = torch.diagonal(raw_cov)
-    var_dir = torch.diagonal(noise_cov)
-    raw_perp = (state["raw_energy"] - torch.trace(raw_cov)).clamp(min=0.0)
-    var_perp = (state["noise_energy"] - torch.trace(noise_cov)).clamp(min=0.0)
+    raw_dir, var_dir = state["raw_dir"], state["noise_dir"]
+    raw_perp = (state["raw_energy"] - raw_dir.sum()).clamp(min=0.0)
+    var_perp = (state["noise_energy"] - var_dir.sum()).clamp(min=0.0)
     raw = torch.cat([raw_dir, raw_perp.reshape(1)]) / bc
     var = torch.cat([var_dir, var_perp.reshape(1)]).clamp(min=0.0) / bc
     return raw, var
@@ -203,7 +201,7 @@ def refresh(state: dict, mean_full: Tensor | None, step: int, beta_s: float, bet
     exactly; only the *covariance* (second moment minus squared mean) is rotated, with the part
     of a new direction outside the old span filled by the complement's variance per dimension.
     A coherent (low-noise) gradient therefore keeps its statistics exactly. Cross-sample mode:
-    both second-moment matrices are rotated the same way.
+    the per-direction energies are rotated as a diagonal matrix, with the same fill.
     """
     q_old = state["basis"]
     weight = float(state["sketch_weight"])
@@ -236,10 +234,13 @@ def refresh(state: dict, mean_full: Tensor | None, step: int, beta_s: float, bet
             sp.copy_(rot @ sp)
         state["proj_cov"].copy_((cov + (sp @ sp.T) / bc_s2) * bc_v)
     else:
-        for cov_key, tot_key in (("raw_cov", "raw_energy"), ("noise_cov", "noise_energy")):
-            cov = state[cov_key]
-            fill = _complement_per_dim(state[tot_key], cov, d, r)
-            state[cov_key].copy_(_rotate_cov(cov, rot, fill))
+        # Only per-direction energies are kept (their all-reduce stays O(r) per matrix), so
+        # they are rotated as a diagonal second moment.
+        weights = rot.square()
+        for key, tot_key in (("raw_dir", "raw_energy"), ("noise_dir", "noise_energy")):
+            old = state[key]
+            fill = (state[tot_key] - old.sum()).clamp(min=0.0) / (d - r) if d > r else 0.0
+            state[key].copy_(weights @ old + fill * (1.0 - weights.sum(dim=1)).clamp(min=0.0))
     state["basis"].copy_(q_new)
     state["sketch"].copy_(q_new * evals)
     state["sketch_weight"].fill_(1.0)
@@ -251,7 +252,7 @@ def captured_energy(state: dict) -> float:
     if "proj_cov" in state:
         num, den = torch.trace(state["proj_cov"]), state["energy"]
     else:
-        num, den = torch.trace(state["raw_cov"]), state["raw_energy"]
+        num, den = state["raw_dir"].sum(), state["raw_energy"]
     den = float(den)
     return float(num) / den if den > 0 else float("nan")
 

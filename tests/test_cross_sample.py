@@ -28,8 +28,8 @@ def test_hooks_capture_microbatch_contributions_exactly():
     ds = [torch.randn(4, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     _step_with(opt, p, ds)
     g = torch.stack(ds)
-    raw = g.mean(0).square()
-    var = g.var(0, unbiased=True) / 3
+    raw = g.sum(0).square()  # the applied gradient p.grad = sum of the contributions
+    var = 3 * g.var(0, unbiased=True)  # Var(sum of 3) from the spread of the 3 parts
     st = opt.state[p]
     torch.testing.assert_close(st["raw_avg"], (1 - beta) * raw)
     torch.testing.assert_close(st["var_avg"], (1 - beta) * var)
@@ -37,7 +37,7 @@ def test_hooks_capture_microbatch_contributions_exactly():
 
 def test_unequal_microbatch_weights():
     """With sum-reduced micro-batch losses and opt.microbatch(n_i), the noise estimate is
-    the weighted-sample formula."""
+    the weighted-sample formula: Var(g) = W^2 sigma_e^2 / W."""
     p = torch.nn.Parameter(torch.zeros(5))
     opt = SNRAdamW([p], estimator="cross_sample", snr_beta=0.0)
     sizes = [2.0, 5.0, 3.0]
@@ -47,8 +47,9 @@ def test_unequal_microbatch_weights():
     g_big = sum(m * n for m, n in zip(means, sizes)) / big
     sigma2 = sum(n * (m - g_big).square() for m, n in zip(means, sizes)) / (len(sizes) - 1)
     st = opt.state[p]
-    torch.testing.assert_close(st["raw_avg"], g_big.square())
-    torch.testing.assert_close(st["var_avg"], sigma2 / big)
+    # in the units of the applied gradient p.grad = big * g_big
+    torch.testing.assert_close(st["raw_avg"], (big * g_big).square())
+    torch.testing.assert_close(st["var_avg"], big * sigma2)
 
 
 def test_gradient_clipping_between_backward_and_step_keeps_units_consistent():
@@ -66,7 +67,7 @@ def test_gradient_clipping_between_backward_and_step_keeps_units_consistent():
         b.grad.div_(8.0)  # ...unscaled before step()
         oa.step()
         ob.step()
-    for k in ("raw_cov", "noise_cov", "raw_energy", "noise_energy"):
+    for k in ("raw_dir", "noise_dir", "raw_energy", "noise_energy"):
         torch.testing.assert_close(oa.state[a][k], ob.state[b][k], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a, b)
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from snr_dist import SNRAdamW
 from snr_dist import snr as rule
-from snr_dist.cross_sample import MicrobatchStats
+from snr_dist.cross_sample import MicrobatchStats, diagonal_moments
 
 
 def test_ema_noise_factor_matches_sum_of_squared_weights():
@@ -74,15 +74,17 @@ def test_microbatch_stats_equal_direct_formula_and_scale_invariant():
     torch.manual_seed(2)
     ds = [torch.randn(7, 3) for _ in range(4)]
     st = MicrobatchStats()
+    running = None  # what p.grad holds before each contribution is accumulated
     for d in ds:
-        st.observe(d, 1.0, None, None)
+        st.observe(d, 1.0, running, None)
+        running = d.clone() if running is None else running + d
     total = sum(ds)
-    raw, var = st.diagonal_moments(total)
-    g = torch.stack(ds)  # equal weights: G_i = d_i
-    torch.testing.assert_close(raw, g.mean(0).square())
-    torch.testing.assert_close(var, g.var(0, unbiased=True) / 4)
+    raw, var = diagonal_moments(st, total, st.unit_scale_sq(total))
+    g = torch.stack(ds)  # equal weights: the applied gradient is their sum
+    torch.testing.assert_close(raw, total.square())
+    torch.testing.assert_close(var, 4 * g.var(0, unbiased=True))
     # p.grad rescaled (clipping / loss-scale unscaling): statistics follow p.grad's units
-    raw2, var2 = st.diagonal_moments(total * 0.25)
+    raw2, var2 = diagonal_moments(st, total * 0.25, st.unit_scale_sq(total * 0.25))
     torch.testing.assert_close(raw2, raw * 0.0625)
     torch.testing.assert_close(var2, var * 0.0625)
 

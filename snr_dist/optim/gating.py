@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from snr_dist import cross_sample, subspace
 from snr_dist import snr as rule
-from snr_dist import subspace
 from snr_dist.cross_sample import MicrobatchStats
 from snr_dist.options import param_mode
 
@@ -251,14 +251,15 @@ class SNRGating:
         beta = group["snr_beta"]
         for p, g, st in zip(params, grads, states):
             stats = self._micro.pop(p)
+            c_sq = stats.unit_scale_sq(g)
             if self.kind(p, group) == "subspace":
-                raw_cov, noise_cov, raw_e, noise_e = stats.subspace_moments(g)
-                st["raw_cov"].lerp_(raw_cov, 1.0 - beta)
-                st["noise_cov"].lerp_(noise_cov, 1.0 - beta)
+                raw_d, var_d, raw_e, var_e = cross_sample.subspace_moments(stats, g, c_sq, st)
+                st["raw_dir"].lerp_(raw_d, 1.0 - beta)
+                st["noise_dir"].lerp_(var_d, 1.0 - beta)
                 st["raw_energy"].lerp_(raw_e, 1.0 - beta)
-                st["noise_energy"].lerp_(noise_e, 1.0 - beta)
+                st["noise_energy"].lerp_(var_e, 1.0 - beta)
             else:
-                raw, var = stats.diagonal_moments(g)
+                raw, var = cross_sample.diagonal_moments(stats, g, c_sq)
                 st["raw_avg"].lerp_(raw, 1.0 - beta)
                 st["var_avg"].lerp_(var, 1.0 - beta)
 
