@@ -65,8 +65,31 @@ class MicrobatchStats:
         self.sum_sq = sq if self.sum_sq is None else self.sum_sq.add_(sq)
         self.total_sq = d_sq_total if self.total_sq is None else self.total_sq.add_(d_sq_total)
 
+    def to_vector(self, subspace: bool) -> Tensor:
+        """``[M, W, sums...]`` as one fp32 vector: what data-parallel ranks all-reduce."""
+        head = torch.tensor([float(self.count), self.weight], device=self.sum_sq.device)
+        parts = [head, self.sum_sq.reshape(-1)]
+        if subspace:
+            parts.append(self.dir_sq)
+        return torch.cat(parts)
+
+    @classmethod
+    def from_vector(cls, vec: Tensor, subspace: bool, shape) -> MicrobatchStats:
+        """The inverse of `to_vector` (after a sum over ranks: global counts and sums)."""
+        out = cls()
+        out.count = int(round(float(vec[0])))
+        out.weight = float(vec[1])
+        if subspace:
+            out.sum_sq, out.dir_sq = vec[2], vec[3:]
+        else:
+            out.sum_sq = vec[2:].reshape(shape)
+        out.total_sq = None
+        return out
+
     def unit_scale_sq(self, grad: Tensor) -> float:
         """``c^2`` with ``sum_i d_i = c * p.grad`` (one process; 1 if either is zero)."""
+        if self.total_sq is None:
+            return 1.0
         g_sq = float(squared_norm(grad.float()))
         t_sq = float(self.total_sq)
         return t_sq / g_sq if g_sq > 0 and t_sq > 0 else 1.0

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from snr_dist import snr as rule
-from snr_dist import subspace
+from snr_dist.distributed.context import local
 
 SAMPLE = 16384
 """Most coordinates read per diagonal parameter."""
@@ -31,43 +31,52 @@ def _sample_index(numel: int, device) -> Tensor | None:
 
 @torch.no_grad()
 def param_metrics(opt, gating, p: Tensor, group: dict) -> dict[str, Any] | None:
-    """Metrics of one parameter, or None before its first step."""
+    """Metrics of one parameter, or None before its first step.
+
+    Diagonal parameters: recomputed from this rank's state (its shard under FSDP2). Subspace
+    parameters: the gates and statistics of the last step (on DDP ranks that do not own the
+    tracker, only the gates).
+    """
     state = opt.state.get(p, {})
     if "step" not in state:
         return None
     t = int(state["step"].item())
     kind = gating.kind(p, group)
-    index = None if kind == "subspace" else _sample_index(p.numel(), p.device)
-    raw, var, k = gating.moments(p, group, state, t, index)
-    g = gating.gates(p, group, state, t, index)
-    s = rule.snr(raw, var, k).float()
-    out: dict[str, Any] = {
-        "kind": kind,
-        "shape": tuple(p.shape),
-        "step": t,
-        "gate_mean": float(g.mean()),
-        "frac_gate_below_0.1": float((g < 0.1).float().mean()),
-        **{
-            f"snr_q{int(q * 100)}": float(v)
-            for q, v in zip(
-                QUANTILES,
-                torch.quantile(s, torch.tensor(QUANTILES, dtype=s.dtype, device=s.device)),
-            )
-        },
-        "nonfinite_skips": gating.nonfinite_skips.get(p, 0),
-    }
+    out: dict[str, Any] = {"kind": kind, "shape": tuple(p.shape), "step": t}
     if kind == "subspace":
+        info = gating.last.get(p)
+        if info is None:
+            return None
+        g = info["gates"]
         out["rank"] = int(state["basis"].shape[1])
+        out["owner"] = gating.ctx.owner(p)
         out["reservoir_gate"] = float(g[-1])
-        out["captured_energy"] = subspace.captured_energy(state)
-        out["top_eigvals"] = [float(x) for x in state["eigvals"][:4]]
+        if "raw" in info:
+            s = rule.snr(info["raw"], info["var"], info["k"]).float()
+            out["captured_energy"] = info["captured"]
+        else:
+            s = None
+        if "eigvals" in state:
+            out["top_eigvals"] = [float(x) for x in state["eigvals"][:4]]
+    else:
+        index = _sample_index(local(p).numel(), local(p).device)
+        raw, var, k = gating.moments(p, group, state, t, index)
+        g = gating.gates(p, group, state, t, index)
+        s = rule.snr(raw, var, k).float()
+    out["gate_mean"] = float(g.mean())
+    out["frac_gate_below_0.1"] = float((g < 0.1).float().mean())
+    if s is not None and s.numel():
+        qs = torch.quantile(s, torch.tensor(QUANTILES, dtype=s.dtype, device=s.device))
+        out.update({f"snr_q{int(q * 100)}": float(v) for q, v in zip(QUANTILES, qs)})
+    out["nonfinite_skips"] = gating.nonfinite_skips.get(p, 0)
     return out
 
 
 def collect_metrics(opt, gating, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
-    """``{"groups": [...], "params": {name: {...}}, "nonfinite_skips": int}``.
+    """``{"groups": [...], "params": {name: {...}}, "nonfinite_skips": int, "parallel": {...}}``.
 
-    Group values are averages over the group's parameters weighted by their sizes.
+    Group values are averages over the group's parameters weighted by their sizes. No
+    collective is run: under data parallelism every rank reports what it holds.
     """
     params_out: dict[str, Any] = {}
     groups_out = []
@@ -103,4 +112,26 @@ def collect_metrics(opt, gating, names: dict[Tensor, str] | None = None) -> dict
         "groups": groups_out,
         "params": params_out,
         "nonfinite_skips": int(sum(gating.nonfinite_skips.values())),
+        "parallel": parallel_metrics(opt, gating),
+    }
+
+
+def state_bytes(state: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+
+
+def parallel_metrics(opt, gating) -> dict[str, Any]:
+    """What this rank holds: its trackers, their cost, and the bytes of optimizer state."""
+    ctx = gating.ctx
+    mine = [p for p, o in ctx.owners.items() if o == ctx.rank]
+    return {
+        "mode": ctx.mode,
+        "rank": ctx.rank,
+        "world": ctx.world,
+        "trackers_owned": len(mine),
+        "trackers_total": len(ctx.owners),
+        "tracker_cost_owned": float(sum(gating.costs[p] for p in mine)),
+        "tracker_cost_total": float(sum(gating.costs.values())),
+        "state_bytes": int(sum(state_bytes(st) for st in opt.state.values())),
+        "comm_bytes": dict(ctx.comm.bytes),
     }

@@ -18,6 +18,12 @@ Every ``refresh_every`` steps (and at steps 1, 2, 4, ... before that) the basis 
 from the sketch by a Nystrom step: ``C ~ Y (Q^T Y)^+ Y^T`` is eigendecomposed inside
 ``span(Y)``, giving the new basis (sorted by eigenvalue) and eigenvalue estimates.
 
+Data parallelism. Everything a tracker accumulates is a sum over the columns ``o`` of its
+matrix view, so a rank holding a slice of those columns (an FSDP2 row shard, with the basis on
+the unsharded column side) keeps *partial* sums, and one all-reduce of ``2r + 2`` numbers per
+matrix gives every rank the statistics the gates need; sketches and ``r x r`` matrices are only
+summed (to the tracker's owner) at a refresh. One process is the case of a single shard.
+
 Statistics survive a refresh. In temporal mode the mean is kept in full parameter space
 (basis-free) and re-projected exactly, and the ``r x r`` covariance is rotated with
 ``R = Q_new^T Q_old``, the part of a new direction outside the old span filled in with the
@@ -44,9 +50,19 @@ def squared_norm(t: Tensor) -> Tensor:
     return torch.dot(flat, flat)
 
 
-def basis_on_rows(shape: tuple[int, ...], side: str) -> bool:
-    """Whether the basis lives on the first dimension of the matrix view of ``shape``."""
+def basis_on_rows(shape: tuple[int, ...], side: str, sharded_rows: bool = False) -> bool:
+    """Whether the basis lives on the first dimension of the matrix view of ``shape``.
+
+    With ``sharded_rows`` (FSDP2's ``Shard(0)``) the basis must live on the unsharded column
+    side, so that every projection is local to a rank's rows."""
     m, n = shape[0], math.prod(shape[1:])
+    if sharded_rows:
+        if side == "rows":
+            raise ValueError(
+                "Invalid basis_side: 'rows' for a parameter sharded along its rows (FSDP2 "
+                "Shard(0)); allowed: 'auto' or 'cols'"
+            )
+        return False
     if side == "rows":
         return True
     if side == "cols":
@@ -66,27 +82,41 @@ def effective_rank(shape: tuple[int, ...], rows: bool, rank: int) -> int:
 
 
 def init_tracker(
-    state: dict, shape: tuple[int, ...], opts: dict, device, key: int, cross: bool
+    state: dict,
+    global_shape: tuple[int, ...],
+    local_shape: tuple[int, ...],
+    opts: dict,
+    device,
+    key: int,
+    cross: bool,
+    participant: bool = True,
+    sharded_rows: bool = False,
 ) -> None:
-    """Random orthonormal basis (seeded per parameter, identical on every rank) and zero stats."""
-    rows = basis_on_rows(shape, opts["basis_side"])
-    d = shape[0] if rows else math.prod(shape[1:])
-    o = math.prod(shape) // d
-    r = effective_rank(shape, rows, opts["rank"])
+    """Random orthonormal basis (seeded per parameter, identical on every rank) and zero stats.
+
+    Non-participants (DDP ranks that do not own the tracker) keep only what applying the gates
+    needs: the basis, and in cross-sample mode the small replicated statistics.
+    """
+    rows = basis_on_rows(global_shape, opts["basis_side"], sharded_rows)
+    d = global_shape[0] if rows else math.prod(global_shape[1:])
+    o = math.prod(local_shape) // d if d else 0
+    r = effective_rank(global_shape, rows, opts["rank"])
     gen = torch.Generator(device="cpu").manual_seed(int(opts["seed"]) * 1_000_003 + key)
     q = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64)).Q
     f32 = dict(device=device, dtype=torch.float32)
     state["basis_rows"] = torch.tensor(rows)
     state["basis"] = q.to(**f32)
-    state["sketch"] = torch.zeros(d, r, **f32)
-    state["sketch_weight"] = torch.zeros((), **f32)
-    state["eigvals"] = torch.zeros(r, **f32)
     if cross:
         state["raw_dir"] = torch.zeros(r, **f32)
         state["noise_dir"] = torch.zeros(r, **f32)
         state["raw_energy"] = torch.zeros((), **f32)
         state["noise_energy"] = torch.zeros((), **f32)
-    else:
+    if not participant:
+        return
+    state["sketch"] = torch.zeros(d, r, **f32)
+    state["sketch_weight"] = torch.zeros((), **f32)
+    state["eigvals"] = torch.zeros(r, **f32)
+    if not cross:
         state["proj_avg"] = torch.zeros(r, o, **f32)
         state["proj_cov"] = torch.zeros(r, r, **f32)
         state["energy"] = torch.zeros((), **f32)
@@ -103,7 +133,8 @@ def refresh_due(step: int, refresh_every: int) -> bool:
 def observe(state: dict, grad: Tensor, beta_v: float, beta_s: float, sketch_beta: float) -> Tensor:
     """Update the sketch (and, in temporal mode, the projected moments) from the step gradient.
 
-    ``grad`` is the full gradient (fp32, parameter shape). Returns ``P = Q^T G``.
+    ``grad`` is this rank's part of the gradient (fp32); all updates are partial sums over its
+    columns. Returns ``P = Q^T G``.
     """
     q = state["basis"]
     g = matrix_view(grad, bool(state["basis_rows"]))
@@ -117,23 +148,34 @@ def observe(state: dict, grad: Tensor, beta_v: float, beta_s: float, sketch_beta
     return p
 
 
-def temporal_direction_moments(
-    state: dict, mean_energy: Tensor, step: int, beta_s: float, beta_v: float
-) -> tuple[Tensor, Tensor, float]:
-    """``(raw, var, k)`` for the ``r`` tracked directions followed by the complement.
+def temporal_vector(state: dict, mean: Tensor) -> Tensor:
+    """The ``2r + 2`` partial sums the temporal gates need: ``diag(proj_cov)``, the squared
+    norm of each row of ``proj_avg``, the energy and ``||s||^2`` of the full-space mean."""
+    return torch.cat(
+        [
+            torch.diagonal(state["proj_cov"]),
+            state["proj_avg"].square().sum(dim=1),
+            state["energy"].reshape(1),
+            squared_norm(mean.float()).reshape(1),
+        ]
+    )
 
-    ``mean_energy`` is ``||s||^2`` of the full-space EMA mean (raw, not bias-corrected).
-    """
-    bc_s = 1.0 - beta_s**step
+
+def temporal_direction_moments(
+    vec: Tensor, step: int, beta_s: float, beta_v: float
+) -> tuple[Tensor, Tensor, float]:
+    """``(raw, var, k)`` for the ``r`` tracked directions followed by the complement, from the
+    (all-reduced) `temporal_vector`."""
+    r = (vec.numel() - 2) // 2
+    diag_cov, mean_dir, energy, mean_energy = vec[:r], vec[r : 2 * r], vec[2 * r], vec[2 * r + 1]
+    bc_s2 = (1.0 - beta_s**step) ** 2
     bc_v = 1.0 - beta_v**step
     k = rule.ema_noise_factor(beta_s, step)
-    raw_dir = state["proj_avg"].square().sum(dim=1) / (bc_s * bc_s)
-    cov = state["proj_cov"]
-    second_dir = torch.diagonal(cov) / bc_v
-    raw_perp = (mean_energy / (bc_s * bc_s) - raw_dir.sum()).clamp(min=0.0)
-    second_perp = ((state["energy"] - torch.trace(cov)) / bc_v).clamp(min=0.0)
+    raw_dir = mean_dir / bc_s2
+    raw_perp = (mean_energy / bc_s2 - raw_dir.sum()).clamp(min=0.0)
+    second_perp = ((energy - diag_cov.sum()) / bc_v).clamp(min=0.0)
     raw = torch.cat([raw_dir, raw_perp.reshape(1)])
-    var = torch.cat([second_dir, second_perp.reshape(1)])
+    var = torch.cat([diag_cov / bc_v, second_perp.reshape(1)])
     var = (var - raw).div_(max(1.0 - k, 1e-12)).clamp_(min=0.0)
     return raw, var, k
 
@@ -187,28 +229,38 @@ def _rotate_cov(cov: Tensor, rot: Tensor, complement_per_dim: Tensor) -> Tensor:
     return 0.5 * (out + out.T)
 
 
-def _complement_per_dim(total: Tensor, cov: Tensor, d: int, r: int) -> Tensor:
+def _complement_per_dim(total: Tensor, cov_trace: Tensor, d: int, r: int) -> Tensor:
     if d <= r:
-        return torch.zeros((), dtype=cov.dtype, device=cov.device)
-    return (total - torch.trace(cov)).clamp(min=0.0) / (d - r)
+        return torch.zeros((), dtype=total.dtype, device=total.device)
+    return (total - cov_trace).clamp(min=0.0) / (d - r)
+
+
+def refresh_partials(state: dict) -> list[Tensor]:
+    """What a refresh sums over the ranks sharing a tracker: the sketch and, in temporal
+    mode, ``proj_cov`` and ``proj_avg proj_avg^T`` (copies: reductions may clobber)."""
+    out = [state["sketch"].clone()]
+    if "proj_avg" in state:
+        sp = state["proj_avg"]
+        out += [state["proj_cov"].clone(), sp @ sp.T]
+    return out
 
 
 @torch.no_grad()
-def refresh(state: dict, mean_full: Tensor | None, step: int, beta_s: float, beta_v: float) -> None:
-    """Nystrom refresh of the basis from the sketch; re-express the statistics in the new basis.
+def refresh_solve(
+    q_old: Tensor,
+    partials: list[Tensor],
+    sketch_weight: float,
+    temporal: tuple[Tensor, int, float, float] | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The owner's part of a refresh: ``(q_new, eigvals, rotated covariance or None)``.
 
-    Temporal mode: the mean is kept in full space (``mean_full``, raw EMA) and re-projected
-    exactly; only the *covariance* (second moment minus squared mean) is rotated, with the part
-    of a new direction outside the old span filled by the complement's variance per dimension.
-    A coherent (low-noise) gradient therefore keeps its statistics exactly. Cross-sample mode:
-    the per-direction energies are rotated as a diagonal matrix, with the same fill.
+    The Nystrom approximation ``C ~ Y (Q^T Y)^+ Y^T`` is eigendecomposed inside ``span(Y)``.
+    ``temporal`` = (the all-reduced `temporal_vector`, step, beta_s, beta_v).
     """
-    q_old = state["basis"]
-    weight = float(state["sketch_weight"])
-    if weight <= 0.0:
-        return
-    y = state["sketch"] / weight  # ~ C Q_old, bias-corrected
     d, r = q_old.shape
+    if sketch_weight <= 0.0:  # nothing observed yet
+        return q_old.clone(), torch.zeros(r, device=q_old.device), None
+    y = partials[0] / sketch_weight  # ~ C Q_old, bias-corrected
     core = q_old.T @ y  # ~ Q^T C Q, symmetric PSD up to noise
     q1 = torch.linalg.qr(y).Q
     t = q1.T @ y
@@ -216,45 +268,75 @@ def refresh(state: dict, mean_full: Tensor | None, step: int, beta_s: float, bet
     evals, evecs = torch.linalg.eigh(0.5 * (small + small.T))
     evals, evecs = evals.flip(0).clamp(min=0.0), evecs.flip(1)
     q_new = q1 @ evecs  # orthonormal: q1 is, and eigh's evecs are orthogonal
-    rot = q_new.T @ q_old
-    if "proj_avg" in state:
+    cov_rot = None
+    if temporal is not None:
+        vec, step, beta_s, beta_v = temporal
         bc_s2 = (1.0 - beta_s**step) ** 2
         bc_v = 1.0 - beta_v**step
-        sp = state["proj_avg"]
-        cov = state["proj_cov"] / bc_v - (sp @ sp.T) / bc_s2
-        total = state["energy"] / bc_v
-        if mean_full is not None:
-            total = total - mean_full.float().square().sum() / bc_s2
-        fill = _complement_per_dim(total, cov, d, r)
-        cov = _rotate_cov(cov, rot, fill)
-        if mean_full is not None:
-            rows = bool(state["basis_rows"])
-            sp.copy_(q_new.T @ matrix_view(mean_full.float(), rows))
-        else:
-            sp.copy_(rot @ sp)
-        state["proj_cov"].copy_((cov + (sp @ sp.T) / bc_s2) * bc_v)
-    else:
+        cov = partials[1] / bc_v - partials[2] / bc_s2
+        total = vec[2 * r] / bc_v - vec[2 * r + 1] / bc_s2
+        fill = _complement_per_dim(total, torch.trace(cov), d, r)
+        cov_rot = _rotate_cov(cov, q_new.T @ q_old, fill)
+    return q_new, evals, cov_rot
+
+
+@torch.no_grad()
+def refresh_apply(
+    state: dict,
+    q_new: Tensor,
+    evals: Tensor,
+    cov_rot: Tensor | None,
+    mean: Tensor | None,
+    share: bool,
+    step: int,
+    beta_s: float,
+    beta_v: float,
+) -> None:
+    """Every rank's part of a refresh: re-express what it holds in the new basis.
+
+    ``share``: this rank carries the tracker's shared (non-partial) parts, the rotated
+    covariance and the new sketch, so that the partial sums over ranks stay right (the owner).
+    """
+    q_old = state["basis"]
+    rot = q_new.T @ q_old
+    if "raw_dir" in state:
         # Only per-direction energies are kept (their all-reduce stays O(r) per matrix), so
         # they are rotated as a diagonal second moment.
+        d, r = q_old.shape
         weights = rot.square()
         for key, tot_key in (("raw_dir", "raw_energy"), ("noise_dir", "noise_energy")):
             old = state[key]
-            fill = (state[tot_key] - old.sum()).clamp(min=0.0) / (d - r) if d > r else 0.0
+            fill = _complement_per_dim(state[tot_key], old.sum(), d, r)
             state[key].copy_(weights @ old + fill * (1.0 - weights.sum(dim=1)).clamp(min=0.0))
+    if "sketch" in state:  # a participant
+        if "proj_avg" in state:
+            bc_s2 = (1.0 - beta_s**step) ** 2
+            bc_v = 1.0 - beta_v**step
+            sp = state["proj_avg"]
+            sp.copy_(q_new.T @ matrix_view(mean.float(), bool(state["basis_rows"])))
+            own = cov_rot if share else torch.zeros_like(cov_rot)
+            state["proj_cov"].copy_((own + (sp @ sp.T) / bc_s2) * bc_v)
+        state["sketch"].copy_(q_new * evals if share else torch.zeros_like(q_new))
+        state["sketch_weight"].fill_(1.0)
+        state["eigvals"].copy_(evals)
     state["basis"].copy_(q_new)
-    state["sketch"].copy_(q_new * evals)
-    state["sketch_weight"].fill_(1.0)
-    state["eigvals"].copy_(evals)
 
 
-def captured_energy(state: dict) -> float:
-    """Fraction of the gradient's second moment ``tr(Q^T C Q) / tr(C)`` inside the basis."""
-    if "proj_cov" in state:
-        num, den = torch.trace(state["proj_cov"]), state["energy"]
-    else:
-        num, den = state["raw_dir"].sum(), state["raw_energy"]
-    den = float(den)
-    return float(num) / den if den > 0 else float("nan")
+def refresh(state: dict, mean: Tensor | None, step: int, beta_s: float, beta_v: float) -> None:
+    """A whole refresh in one process (one shard that owns the tracker)."""
+    temporal = None
+    if "proj_avg" in state:
+        temporal = (temporal_vector(state, mean), step, beta_s, beta_v)
+    q_new, evals, cov_rot = refresh_solve(
+        state["basis"], refresh_partials(state), float(state["sketch_weight"]), temporal
+    )
+    refresh_apply(state, q_new, evals, cov_rot, mean, True, step, beta_s, beta_v)
+
+
+def captured_fraction(inside: Tensor, total: Tensor) -> float:
+    """``tr(Q^T C Q) / tr(C)`` from the energy inside the basis and in total."""
+    den = float(total)
+    return float(inside) / den if den > 0 else float("nan")
 
 
 def principal_angles(a: Tensor, b: Tensor) -> Tensor:

@@ -2,7 +2,11 @@
 
 An optimizer owns the parameters and their state; `SNRGating` adds, per parameter group,
 the SNR statistics (temporal EMAs, cross-sample micro-batch sums, subspace trackers) and turns a
-list of base update directions into gated ones. The maths is in `snr_dist.snr` and
+list of base update directions into gated ones. A step runs in phases, the same in one process
+and under data parallelism (`snr_dist.distributed`): statistics (`update_statistics`), one
+bucketed all-reduce of ``O(rank)`` numbers per tracked matrix (`exchange`), gates (`gate_`),
+and, every so often, basis refreshes by the trackers' owners (`refresh`). The maths is in
+`snr_dist.snr` and
 `snr_dist.subspace`; this module is bookkeeping plus a multi-tensor (foreach) fast path for
 the common diagonal temporal case, tested against the per-tensor path.
 """
@@ -21,6 +25,8 @@ from torch import Tensor
 from snr_dist import cross_sample, subspace
 from snr_dist import snr as rule
 from snr_dist.cross_sample import MicrobatchStats
+from snr_dist.distributed.assignment import assign_owners
+from snr_dist.distributed.context import detect_context, is_row_sharded, local
 from snr_dist.options import param_mode
 
 
@@ -39,6 +45,39 @@ class MomentSource:
     sq_key: str
     beta_v: float
     owns_sq: bool
+
+
+SNR_KEYS = frozenset(
+    (
+        "estimator",
+        "mode",
+        "gate",
+        "tau",
+        "gate_a",
+        "snr_beta",
+        "snr_beta2",
+        "warmup_steps",
+        "rank",
+        "refresh_every",
+        "sketch_beta",
+        "basis_side",
+        "seed",
+        "betas",
+    )
+)
+
+
+def _first_difference(a, b) -> str:
+    """A short description of where two rank signatures differ."""
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} param groups"
+    for (i, oa, sa), (_, ob, sb) in zip(a, b):
+        for k in sorted(set(oa) | set(ob)):
+            if oa.get(k) != ob.get(k):
+                return f"param group {i} option {k!r}: {oa.get(k)} vs {ob.get(k)}"
+        if sa != sb:
+            return f"param group {i} parameter shapes differ"
+    return "unknown"
 
 
 def finite_flags(grads: list[Tensor]) -> list[bool]:
@@ -65,9 +104,10 @@ def finite_flags(grads: list[Tensor]) -> list[bool]:
 def collect_gradients(
     group: dict, gating: SNRGating, skip_nonfinite: bool, who: str
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """``(params, grads, skipped)`` of a group: params with a gradient, minus non-finite ones
-    (counted and warned about once) when ``skip_nonfinite``. The caller drops the skipped
-    params' micro-batch statistics once the step is sure to proceed."""
+    """``(params, grads, skipped)`` of a group: params with a gradient (grads as this rank's
+    local tensors), minus non-finite ones (counted and warned about once) when
+    ``skip_nonfinite``. The caller drops the skipped params' micro-batch statistics once the
+    step is sure to proceed."""
     params, grads = [], []
     for p in group["params"]:
         if p.grad is None:
@@ -78,10 +118,14 @@ def collect_gradients(
                 f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)"
             )
         params.append(p)
-        grads.append(p.grad)
+        grads.append(local(p.grad))
     skipped: list[Tensor] = []
     if skip_nonfinite and params:
         ok = finite_flags(grads)
+        if gating.ctx.sharded:  # a NaN in one shard must skip the parameter on every rank
+            flags = torch.tensor([0.0 if f else 1.0 for f in ok], device=grads[0].device)
+            gating.ctx.comm.all_reduce_([flags])
+            ok = [bool(f == 0) for f in flags.tolist()]
         if not all(ok):
             skipped = [p for p, f in zip(params, ok) if not f]
             for p in skipped:
@@ -94,10 +138,13 @@ def collect_gradients(
 class SNRGating:
     """Per-parameter SNR statistics and gates, stored in ``optimizer.state``."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, moment_source) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, moment_source, process_group="auto"
+    ) -> None:
         # ``moment_source(group) -> MomentSource``
         self.opt = optimizer
         self.moment_source = moment_source
+        self.ctx = detect_context(optimizer.param_groups, process_group)
         self._micro: dict[Tensor, MicrobatchStats] = {}
         self._hooked: dict[Tensor, torch.utils.hooks.RemovableHandle] = {}
         self._weight = 1.0
@@ -105,8 +152,45 @@ class SNRGating:
         self._warned_nonfinite = False
         self._keys: dict[Tensor, int] = {}
         self._group_of: dict[Tensor, dict] = {}
+        self._gates: dict[Tensor, Tensor] = {}  # subspace gates of the current step
+        self._vec: dict[Tensor, Tensor] = {}  # all-reduced temporal vectors of this step
+        self._pending_stats: dict[Tensor, MicrobatchStats] = {}
+        self.last: dict[Tensor, dict] = {}  # per subspace param: raw, var, k, gates, captured
+        self.refresh_groups()
 
     # ------------------------------------------------------------------ bookkeeping
+    def refresh_groups(self) -> None:
+        """Re-derive everything that depends on ``param_groups`` (after add/load)."""
+        self._keys = {}
+        self._group_of = {p: g for g in self.opt.param_groups for p in g["params"]}
+        for group in self.opt.param_groups:
+            if self.ctx.sharded and group["estimator"] == "cross_sample":
+                raise ValueError(
+                    "estimator='cross_sample' is not supported with FSDP2 (DTensor) "
+                    "parameters: fully_shard reduce-scatters gradients inside backward, before "
+                    "snr-dist can observe a rank's own gradient. Use estimator='temporal' "
+                    "(it needs no communication), or DistributedDataParallel."
+                )
+            for p in group["params"]:
+                if self.kind(p, group) == "subspace":  # fail early on an impossible side
+                    subspace.basis_on_rows(tuple(p.shape), group["basis_side"], is_row_sharded(p))
+        self.assign()
+        self.register_hooks()
+
+    def assign(self) -> None:
+        """Owners of the subspace trackers: longest job (m * n * r) first, least loaded rank."""
+        tracked, costs = [], []
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if self.kind(p, group) == "subspace":
+                    shape = tuple(p.shape)
+                    rows = subspace.basis_on_rows(shape, group["basis_side"], is_row_sharded(p))
+                    tracked.append(p)
+                    costs.append(p.numel() * subspace.effective_rank(shape, rows, group["rank"]))
+        owners = assign_owners(costs, self.ctx.world)
+        self.ctx.owners = dict(zip(tracked, owners))
+        self.costs = dict(zip(tracked, costs))
+
     def key(self, p: Tensor) -> int:
         """A stable per-parameter integer (its position in the optimizer), for seeding."""
         if p not in self._keys:
@@ -118,21 +202,36 @@ class SNRGating:
     def kind(self, p: Tensor, group: dict) -> str:
         return param_mode(tuple(p.shape), group["mode"])
 
+    def _init_tracker(self, p: Tensor, group: dict, state: dict) -> None:
+        subspace.init_tracker(
+            state,
+            tuple(p.shape),
+            tuple(local(p).shape),
+            group,
+            local(p).device,
+            self.key(p),
+            cross=group["estimator"] == "cross_sample",
+            participant=self.ctx.participates(p),
+            sharded_rows=is_row_sharded(p),
+        )
+
     def init_state(self, p: Tensor, group: dict, state: dict) -> None:
         """Allocate the SNR buffers of ``p`` (the base optimizer's own are not touched)."""
         src = self.moment_source(group)
-        f32 = dict(device=p.device, dtype=torch.float32)
+        lp = local(p)
+        f32 = dict(device=lp.device, dtype=torch.float32)
         cross = group["estimator"] == "cross_sample"
-        if self.kind(p, group) == "subspace":
-            subspace.init_tracker(state, tuple(p.shape), group, p.device, self.key(p), cross)
-        elif cross:
-            state["raw_avg"] = torch.zeros(p.shape, **f32)
-            state["var_avg"] = torch.zeros(p.shape, **f32)
+        sub = self.kind(p, group) == "subspace"
+        if sub and "basis" not in state:
+            self._init_tracker(p, group, state)
+        elif not sub and cross:
+            state["raw_avg"] = torch.zeros(lp.shape, **f32)
+            state["var_avg"] = torch.zeros(lp.shape, **f32)
         if not cross:
-            if src.owns_mean:
-                state[src.mean_key] = torch.zeros(p.shape, **f32)
-            if src.owns_sq and self.kind(p, group) == "diagonal":
-                state[src.sq_key] = torch.zeros(p.shape, **f32)
+            if src.owns_mean and (not sub or self.ctx.participates(p)):
+                state[src.mean_key] = torch.zeros(lp.shape, **f32)
+            if src.owns_sq and not sub:
+                state[src.sq_key] = torch.zeros(lp.shape, **f32)
 
     def record_nonfinite(self, p: Tensor) -> None:
         self.nonfinite_skips[p] += 1
@@ -146,12 +245,32 @@ class SNRGating:
                 stacklevel=3,
             )
 
+    def check_consistent(self) -> None:
+        """Every rank must run the same SNR configuration on the same parameter shapes."""
+        if self.ctx.world == 1:
+            return
+        mine = [
+            (
+                i,
+                {k: repr(g[k]) for k in sorted(g) if k in SNR_KEYS},
+                [tuple(p.shape) for p in g["params"]],
+            )
+            for i, g in enumerate(self.opt.param_groups)
+        ]
+        everyone = self.ctx.comm.all_gather_object(mine)
+        for rank, theirs in enumerate(everyone):
+            if theirs != everyone[0]:
+                diff = _first_difference(everyone[0], theirs)
+                raise ValueError(
+                    f"snr-dist: the SNR configuration differs across data-parallel ranks "
+                    f"(rank 0 vs rank {rank}: {diff}); every rank must build the optimizer "
+                    "with the same options and parameters"
+                )
+
     # ------------------------------------------------------------------ cross-sample capture
     def register_hooks(self) -> None:
-        """Capture each micro-batch's gradient of cross-sample params before accumulation.
-
-        Call again whenever ``param_groups`` are replaced (add_param_group, load_state_dict)."""
-        self._group_of = {p: g for g in self.opt.param_groups for p in g["params"]}
+        """Capture each micro-batch's gradient of cross-sample params before accumulation
+        (and before DDP's all-reduce)."""
         for group in self.opt.param_groups:
             if group["estimator"] != "cross_sample":
                 continue
@@ -181,11 +300,11 @@ class SNRGating:
         tracker = None
         if self.kind(p, group) == "subspace":
             if "basis" not in state:
-                cross = group["estimator"] == "cross_sample"
-                subspace.init_tracker(state, tuple(p.shape), group, p.device, self.key(p), cross)
+                self._init_tracker(p, group, state)
             tracker = state
         stats = self._micro.setdefault(p, MicrobatchStats())
-        stats.observe(grad, self._weight if weight is None else weight, p.grad, tracker)
+        prev = None if p.grad is None else local(p.grad)
+        stats.observe(local(grad), self._weight if weight is None else weight, prev, tracker)
 
     @contextlib.contextmanager
     def microbatch(self, weight: float) -> Iterator[None]:
@@ -197,9 +316,6 @@ class SNRGating:
         finally:
             self._weight = old
 
-    def pending_microbatches(self) -> int:
-        return max((s.count for s in self._micro.values()), default=0)
-
     def discard_microbatches(self, params: list[Tensor] | None = None) -> None:
         """Forget recorded micro-batch gradients (of ``params``, or all of them)."""
         if params is None:
@@ -207,20 +323,45 @@ class SNRGating:
         for p in params or ():
             self._micro.pop(p, None)
 
-    # ------------------------------------------------------------------ statistics
+    def check_ready(self, group: dict, params: list[Tensor]) -> None:
+        """Fail before any state changes if a cross-sample step lacks micro-batches."""
+        if group["estimator"] != "cross_sample":
+            return
+        need = 2 if self.ctx.world == 1 else 1  # under data parallelism the ranks add up
+        for p in params:
+            stats = self._micro.get(p)
+            count = 0 if stats is None else stats.count
+            if count < need:
+                raise RuntimeError(
+                    "snr-dist: estimator='cross_sample' needs >= 2 gradient contributions per "
+                    "step (micro-batches of gradient accumulation or data-parallel ranks); a "
+                    f"parameter of shape {tuple(p.shape)} saw {count} since the last step"
+                    + (f" on rank {self.ctx.rank}" if self.ctx.world > 1 else "")
+                    + ". Run several backward passes before step(), or use "
+                    "estimator='temporal'."
+                )
+
+    # ------------------------------------------------------------------ phase 1: statistics
     @torch.no_grad()
     def update_statistics(
         self, group: dict, params: list[Tensor], grads: list[Tensor], steps: list[int]
     ) -> None:
-        """Fold this step's gradients (fp32, already sign-flipped for ``maximize``) into the
-        SNR statistics. Called after the optimizer advanced ``state['step']``."""
+        """Fold this step's gradients (local fp32 tensors, sign-flipped for ``maximize``) into
+        the local statistics. Called after the optimizer advanced ``state['step']``."""
         src = self.moment_source(group)
         states = [self.opt.state[p] for p in params]
-        if group["estimator"] == "cross_sample":
-            self._finalize_cross_sample(group, params, grads, states)
-        else:
-            if src.owns_mean and params:
-                torch._foreach_lerp_([s[src.mean_key] for s in states], grads, 1.0 - src.beta_s)
+        if group["estimator"] == "temporal":
+            mine = [
+                i
+                for i, p in enumerate(params)
+                if self.kind(p, group) == "diagonal" or self.ctx.participates(p)
+            ]
+            if src.owns_mean and mine:
+                torch._foreach_lerp_(
+                    [states[i][src.mean_key] for i in mine],
+                    [grads[i] for i in mine],
+                    1.0 - src.beta_s,
+                )
             if src.owns_sq:
                 diag = [i for i, p in enumerate(params) if self.kind(p, group) == "diagonal"]
                 if diag:
@@ -229,41 +370,172 @@ class SNRGating:
                     torch._foreach_mul_(sq, src.beta_v)
                     torch._foreach_addcmul_(sq, gs, gs, value=1.0 - src.beta_v)
         for p, g, st in zip(params, grads, states):
-            if self.kind(p, group) == "subspace":
+            if self.kind(p, group) == "subspace" and self.ctx.participates(p):
                 subspace.observe(st, g, src.beta_v, src.beta_s, group["sketch_beta"])
 
-    def check_ready(self, group: dict, params: list[Tensor]) -> None:
-        """Fail before any state changes if a cross-sample step lacks micro-batches."""
-        if group["estimator"] != "cross_sample":
+    # ------------------------------------------------------------------ phase 2: exchange
+    @torch.no_grad()
+    def exchange(self, work: list[tuple[dict, list[Tensor], list[Tensor], list[int]]]) -> None:
+        """One bucketed all-reduce for the whole step, then the subspace gates and the
+        cross-sample statistics. ``work``: (group, params, local fp32 grads, steps)."""
+        items = []  # (kind, group, p, g, t, vector)
+        for group, params, grads, steps in work:
+            cross = group["estimator"] == "cross_sample"
+            src = self.moment_source(group)
+            for p, g, t in zip(params, grads, steps):
+                state = self.opt.state[p]
+                sub = self.kind(p, group) == "subspace"
+                if cross:
+                    stats = self._micro.pop(p)
+                    self._pending_stats[p] = stats
+                    vec = stats.to_vector(sub)
+                    items.append(("cross_sub" if sub else "cross_diag", group, p, g, t, vec))
+                elif sub and self.ctx.mode == "replicated":
+                    if self.ctx.owns(p):  # the owner has the whole statistics: gates locally
+                        vec = subspace.temporal_vector(state, state[src.mean_key])
+                        gates = self._temporal_gates(p, group, vec, t, src)
+                    else:
+                        gates = torch.zeros(state["basis"].shape[1] + 1, device=g.device)
+                    items.append(("gates", group, p, g, t, gates))
+                elif sub:
+                    vec = subspace.temporal_vector(state, state[src.mean_key])
+                    items.append(("temporal", group, p, g, t, vec))
+        if not items:
             return
-        for p in params:
-            stats = self._micro.get(p)
-            count = 0 if stats is None else stats.count
-            if count < 2:
-                raise RuntimeError(
-                    "snr-dist: estimator='cross_sample' needs >= 2 gradient contributions per "
-                    "step (micro-batches of gradient accumulation or data-parallel ranks); a "
-                    f"parameter of shape {tuple(p.shape)} saw {count} since the last step. Run "
-                    "several backward passes before step(), or use estimator='temporal'."
-                )
-
-    def _finalize_cross_sample(self, group, params, grads, states) -> None:
-        beta = group["snr_beta"]
-        for p, g, st in zip(params, grads, states):
-            stats = self._micro.pop(p)
-            c_sq = stats.unit_scale_sq(g)
-            if self.kind(p, group) == "subspace":
-                raw_d, var_d, raw_e, var_e = cross_sample.subspace_moments(stats, g, c_sq, st)
-                st["raw_dir"].lerp_(raw_d, 1.0 - beta)
-                st["noise_dir"].lerp_(var_d, 1.0 - beta)
-                st["raw_energy"].lerp_(raw_e, 1.0 - beta)
-                st["noise_energy"].lerp_(var_e, 1.0 - beta)
+        self.ctx.comm.all_reduce_([it[5] for it in items])
+        c_sq = None if self.ctx.world == 1 else float(self.ctx.world) ** 2
+        for kind, group, p, g, t, vec in items:
+            state = self.opt.state[p]
+            src = self.moment_source(group)
+            if kind == "gates":
+                self._gates[p] = vec
+                if not self.ctx.owns(p):
+                    self.last[p] = {"gates": vec}
+            elif kind == "temporal":
+                self._vec[p] = vec
+                self._gates[p] = self._temporal_gates(p, group, vec, t, src)
             else:
-                raw, var = cross_sample.diagonal_moments(stats, g, c_sq)
-                st["raw_avg"].lerp_(raw, 1.0 - beta)
-                st["var_avg"].lerp_(var, 1.0 - beta)
+                stats = self._pending_stats.pop(p)
+                if c_sq is None:  # one process: the sums are already global; c is measured
+                    scale = stats.unit_scale_sq(g)
+                else:  # data parallel: global sums, and the reduction averaged the ranks' sums
+                    stats = MicrobatchStats.from_vector(vec, kind == "cross_sub", g.shape)
+                    scale = c_sq
+                beta = group["snr_beta"]
+                if kind == "cross_sub":
+                    raw_d, var_d, raw_e, var_e = cross_sample.subspace_moments(
+                        stats, g, scale, state
+                    )
+                    state["raw_dir"].lerp_(raw_d, 1.0 - beta)
+                    state["noise_dir"].lerp_(var_d, 1.0 - beta)
+                    state["raw_energy"].lerp_(raw_e, 1.0 - beta)
+                    state["noise_energy"].lerp_(var_e, 1.0 - beta)
+                    raw, var = subspace.cross_direction_moments(state, t, beta)
+                    gates = self._gate_values(group, raw, var, 1.0, t)
+                    self._gates[p] = gates
+                    self.last[p] = {
+                        "raw": raw,
+                        "var": var,
+                        "k": 1.0,
+                        "gates": gates,
+                        "captured": subspace.captured_fraction(
+                            state["raw_dir"].sum(), state["raw_energy"]
+                        ),
+                    }
+                else:
+                    raw, var = cross_sample.diagonal_moments(stats, g, scale)
+                    state["raw_avg"].lerp_(raw, 1.0 - beta)
+                    state["var_avg"].lerp_(var, 1.0 - beta)
 
-    # ------------------------------------------------------------------ gates
+    def _gate_values(self, group: dict, raw: Tensor, var: Tensor, k: float, t: int) -> Tensor:
+        if not self.gate_active(group, t):
+            return torch.ones_like(raw)
+        return rule.gate(raw, var, k, group["gate"], group["tau"], group["gate_a"])
+
+    def _temporal_gates(self, p, group, vec: Tensor, t: int, src: MomentSource) -> Tensor:
+        raw, var, k = subspace.temporal_direction_moments(vec, t, src.beta_s, src.beta_v)
+        gates = self._gate_values(group, raw, var, k, t)
+        r = raw.numel() - 1
+        self.last[p] = {
+            "raw": raw,
+            "var": var,
+            "k": k,
+            "gates": gates,
+            "captured": subspace.captured_fraction(vec[:r].sum(), vec[2 * r]),
+        }
+        return gates
+
+    # ------------------------------------------------------------------ phase 4: refresh
+    @torch.no_grad()
+    def refresh(self, work: list[tuple[dict, list[Tensor], list[Tensor], list[int]]]) -> None:
+        """Refresh the due trackers: partial sketches summed to each owner, the owner solves,
+        bases (and what the other shards need) broadcast from it, bucketed per owner."""
+        due = []
+        for group, params, _, steps in work:
+            for p, t in zip(params, steps):
+                if self.kind(p, group) == "subspace" and subspace.refresh_due(
+                    t, group["refresh_every"]
+                ):
+                    due.append((group, p, t))
+        if not due:
+            return
+        ctx, comm = self.ctx, self.ctx.comm
+        solved: dict[Tensor, tuple] = {}
+        if ctx.mode == "sharded":
+            partials = {p: subspace.refresh_partials(self.opt.state[p]) for _, p, _ in due}
+            for owner in range(ctx.world):
+                mine = [t for _, p, _ in due if ctx.owner(p) == owner for t in partials[p]]
+                comm.reduce_(mine, owner)
+        for group, p, t in due:
+            state = self.opt.state[p]
+            src = self.moment_source(group)
+            if ctx.mode != "sharded" and ctx.owns(p):
+                subspace.refresh(state, self._mean(state, group), t, src.beta_s, src.beta_v)
+                solved[p] = (state["basis"], state["eigvals"], None)
+            elif ctx.mode == "sharded" and ctx.owns(p):
+                temporal = (self._vec[p], t, src.beta_s, src.beta_v)
+                solved[p] = subspace.refresh_solve(
+                    state["basis"], partials[p], float(state["sketch_weight"]), temporal
+                )
+            else:
+                q = state["basis"]
+                r = q.shape[1]
+                cov = torch.zeros(r, r, device=q.device) if ctx.mode == "sharded" else None
+                solved[p] = (torch.zeros_like(q), torch.zeros(r, device=q.device), cov)
+        if ctx.world > 1:
+            for owner in range(ctx.world):
+                mine = [
+                    t
+                    for _, p, _ in due
+                    if ctx.owner(p) == owner
+                    for t in solved[p]
+                    if t is not None
+                ]
+                comm.broadcast_(mine, owner)
+        for group, p, t in due:
+            if ctx.mode != "sharded" and ctx.owns(p):
+                continue  # refreshed in place above
+            src = self.moment_source(group)
+            state = self.opt.state[p]
+            q_new, evals, cov_rot = solved[p]
+            subspace.refresh_apply(
+                state,
+                q_new.clone(),
+                evals.clone(),
+                cov_rot,
+                self._mean(state, group),
+                ctx.owns(p),
+                t,
+                src.beta_s,
+                src.beta_v,
+            )
+
+    def _mean(self, state: dict, group: dict) -> Tensor | None:
+        if group["estimator"] == "cross_sample":
+            return None
+        return state.get(self.moment_source(group).mean_key)
+
+    # ------------------------------------------------------------------ phase 3: gates
     def gate_active(self, group: dict, step: int) -> bool:
         if group["gate"] == "none" or step <= group["warmup_steps"]:
             return False
@@ -271,20 +543,11 @@ class SNRGating:
         return group["estimator"] == "cross_sample" or step >= 2
 
     def moments(self, p: Tensor, group: dict, state: dict, step: int, index=None):
-        """``(raw, var, k)`` of ``p`` at ``step``: per coordinate (diagonal; optionally only at
-        the flat ``index``) or per direction + complement (subspace)."""
+        """``(raw, var, k)`` of a diagonal parameter at ``step`` (optionally only at the flat
+        ``index``); subspace parameters: see ``last``."""
         src = self.moment_source(group)
-        cross = group["estimator"] == "cross_sample"
-        if self.kind(p, group) == "subspace":
-            if cross:
-                raw, var = subspace.cross_direction_moments(state, step, group["snr_beta"])
-                return raw, var, 1.0
-            mean_energy = subspace.squared_norm(state[src.mean_key])
-            return subspace.temporal_direction_moments(
-                state, mean_energy, step, src.beta_s, src.beta_v
-            )
         pick = (lambda t: t.reshape(-1)[index]) if index is not None else (lambda t: t)
-        if cross:
+        if group["estimator"] == "cross_sample":
             bc = 1.0 - group["snr_beta"] ** step
             return pick(state["raw_avg"]) / bc, pick(state["var_avg"]) / bc, 1.0
         return rule.temporal_moments(
@@ -296,10 +559,11 @@ class SNRGating:
         )
 
     def gates(self, p: Tensor, group: dict, state: dict, step: int, index=None) -> Tensor:
+        """Gates of ``p``: recomputed for diagonal parameters, this step's for subspace ones."""
+        if self.kind(p, group) == "subspace":
+            return self._gates[p]
         raw, var, k = self.moments(p, group, state, step, index)
-        if not self.gate_active(group, step):
-            return torch.ones_like(raw)
-        return rule.gate(raw, var, k, group["gate"], group["tau"], group["gate_a"])
+        return self._gate_values(group, raw, var, k, step)
 
     def fast_buckets(
         self, group: dict, params: list[Tensor], steps: list[int], foreach: bool
@@ -330,12 +594,10 @@ class SNRGating:
         out: list[Tensor] | None = None,
         alphas: list[float] | None = None,
     ) -> None:
-        """Multiply the base update ``directions`` by their gates, in place, and refresh due
-        trackers. Indices in ``skip`` were gated by the caller (see `fast_buckets`); a
-        direction may be None where no gate is active. With ``out`` (fp32 tensors) and
-        ``alphas``, add ``alpha * gated direction`` into ``out`` instead (directions are
-        left untouched)."""
-        src = self.moment_source(group)
+        """Multiply the base update ``directions`` (local tensors) by their gates, in place.
+        Indices in ``skip`` were gated by the caller (see `fast_buckets`); a direction may be
+        None where no gate is active. With ``out`` (fp32 tensors) and ``alphas``, add
+        ``alpha * gated direction`` into ``out`` instead (directions are left untouched)."""
         buckets = self.fast_buckets(group, params, steps, foreach)
         for idx in buckets.values():
             idx = [i for i in idx if i not in skip]
@@ -369,9 +631,6 @@ class SNRGating:
                     out[i].addcmul_(d, g, value=alphas[i])
             elif out is not None:
                 out[i].add_(d, alpha=alphas[i])
-            if sub and subspace.refresh_due(t, group["refresh_every"]):
-                mean = None if group["estimator"] == "cross_sample" else state[src.mean_key]
-                subspace.refresh(state, mean, t, src.beta_s, src.beta_v)
 
     def diagonal_gates_foreach(
         self, group: dict, states: list[dict], t: int

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from snr_dist.distributed.context import local
 from snr_dist.optim.gating import MomentSource, SNRGating, collect_gradients
 from snr_dist.options import SNR_DEFAULTS, validate_options
 
@@ -37,6 +38,7 @@ class SNRPreconditioner(torch.optim.Optimizer):
         *,
         foreach: bool = True,
         skip_nonfinite: bool = True,
+        process_group="auto",
         **snr_options: Any,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
@@ -57,8 +59,9 @@ class SNRPreconditioner(torch.optim.Optimizer):
             self._apply_defaults(group)
         super().__init__(base_optimizer.param_groups, {**base_optimizer.defaults, **snr_options})
         self.param_groups = base_optimizer.param_groups  # one list, shared with the base
-        self._gating = SNRGating(self, self._moment_source)
-        self._gating.register_hooks()
+        self.process_group = process_group
+        self._gating = SNRGating(self, self._moment_source, process_group)
+        self._gating.check_consistent()
 
     def _apply_defaults(self, group: dict) -> None:
         for k, v in self._snr_defaults.items():
@@ -82,7 +85,7 @@ class SNRPreconditioner(torch.optim.Optimizer):
             return
         self.base.add_param_group(param_group)
         self._apply_defaults(self.base.param_groups[-1])
-        self._gating.register_hooks()
+        self._gating.refresh_groups()
 
     def __repr__(self) -> str:
         return f"SNRPreconditioner({self.base!r})"
@@ -118,12 +121,11 @@ class SNRPreconditioner(torch.optim.Optimizer):
                 k: (v.to(p.device).clone() if torch.is_tensor(v) and k != "step" else v)
                 for k, v in st.items()
             }
-        self._gating.register_hooks()
+        self._gating.refresh_groups()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._gating = SNRGating(self, self._moment_source)
-        self._gating.register_hooks()
+        self._gating = SNRGating(self, self._moment_source, getattr(self, "process_group", None))
 
     # ------------------------------------------------------------------ public extras
     def microbatch(self, weight: float = 1.0):
@@ -176,20 +178,24 @@ class SNRPreconditioner(torch.optim.Optimizer):
                     steps.append(int(st["step"].item()))
                 grads32 = [g if g.dtype == torch.float32 else g.float() for g in grads]
                 self._gating.update_statistics(group, params, grads32, steps)
+                work.append((group, params, grads32, steps))
+            self._gating.exchange(work)
+            snapshots = []
+            for group, params, _, steps in work:
                 active = any(self._gating.gate_active(group, t) for t in steps)
-                before = torch._foreach_mul(params, 1.0) if active else None
-                work.append((group, params, steps, before))
+                before = torch._foreach_mul([local(p) for p in params], 1.0) if active else None
+                snapshots.append(before)
             self.base.step()
         finally:
             for p, g in hidden:
                 p.grad = g
-        for group, params, steps, before in work:
+        for (group, params, _, steps), before in zip(work, snapshots):
             if before is None:
-                self._gating.gate_(group, params, [None] * len(params), steps, self.foreach)
                 continue
-            delta = torch._foreach_sub(params, before)
-            delta = [d.float() for d in delta]
+            now = [local(p) for p in params]
+            delta = [d.float() for d in torch._foreach_sub(now, before)]
             self._gating.gate_(group, params, delta, steps, self.foreach)
             torch._foreach_add_(before, [d.to(b.dtype) for d, b in zip(delta, before)])
-            torch._foreach_copy_(params, before)
+            torch._foreach_copy_(now, before)
+        self._gating.refresh(work)
         return loss

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from snr_dist.distributed.context import local
 from snr_dist.optim.gating import MomentSource, SNRGating, collect_gradients
 from snr_dist.options import SNR_DEFAULTS, validate_adam, validate_options
 
@@ -53,6 +54,9 @@ class SNRAdamW(torch.optim.Optimizer):
         maximize: maximise the objective instead.
         foreach: use the multi-tensor path (None or True) or the per-tensor path (False).
         skip_nonfinite: skip, and count, parameters whose gradient holds NaN/Inf.
+        process_group: the data-parallel group. "auto" (default): the DTensor parameters'
+            mesh (FSDP2), else the default group when torch.distributed is initialised with
+            more than one rank (DDP), else none. None: behave as a single process.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class SNRAdamW(torch.optim.Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         skip_nonfinite: bool = True,
+        process_group="auto",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -101,9 +106,10 @@ class SNRAdamW(torch.optim.Optimizer):
         )
         self._validate_group(defaults)
         self.skip_nonfinite = skip_nonfinite
+        self.process_group = process_group
         super().__init__(params, defaults)
-        self._gating = SNRGating(self, self._moment_source)
-        self._gating.register_hooks()
+        self._gating = SNRGating(self, self._moment_source, process_group)
+        self._gating.check_consistent()
 
     # ------------------------------------------------------------------ groups and state
     @staticmethod
@@ -115,7 +121,7 @@ class SNRAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._validate_group(self.param_groups[-1])
         if hasattr(self, "_gating"):
-            self._gating.register_hooks()
+            self._gating.refresh_groups()
 
     @staticmethod
     def _moment_source(group: dict) -> MomentSource:
@@ -133,8 +139,7 @@ class SNRAdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.skip_nonfinite = getattr(self, "skip_nonfinite", True)
-        self._gating = SNRGating(self, self._moment_source)
-        self._gating.register_hooks()
+        self._gating = SNRGating(self, self._moment_source, getattr(self, "process_group", None))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters."""
@@ -146,7 +151,7 @@ class SNRAdamW(torch.optim.Optimizer):
             for k, v in st.items():
                 if torch.is_tensor(v) and v.is_floating_point() and cur[k].dtype != v.dtype:
                     cur[k] = v.to(device=cur[k].device).clone()
-        self._gating.register_hooks()
+        self._gating.refresh_groups()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Also forgets micro-batch gradients recorded since the last step."""
@@ -184,22 +189,30 @@ class SNRAdamW(torch.optim.Optimizer):
         ]
         for group, params, _, _ in work:  # fail before any state changes
             self._gating.check_ready(group, params)
+        prepared = []
         for group, params, grads, skipped in work:
             self._gating.discard_microbatches(skipped)
             if params:
-                self._step_group(group, params, grads)
+                prepared.append(self._update_moments(group, params, grads))
+        # One all-reduce of SNR statistics for the whole step (nothing in one process).
+        self._gating.exchange([(g, ps, gs, ts) for g, ps, gs, ts in prepared])
+        for group, params, _, steps in prepared:
+            self._apply_update(group, params, steps)
+        self._gating.refresh([(g, ps, gs, ts) for g, ps, gs, ts in prepared])
         return loss
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
         if "step" not in state:
+            lp = local(p)
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros(lp.shape, dtype=torch.float32, device=lp.device)
+            state["exp_avg_sq"] = torch.zeros(lp.shape, dtype=torch.float32, device=lp.device)
             self._gating.init_state(p, group, state)
         return state
 
-    def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _update_moments(self, group: dict, params: list[Tensor], grads: list[Tensor]):
+        """Steps 1-2: Adam's moments and the local SNR statistics. Returns the work item."""
         states = [self._init_state(p, group) for p in params]
         grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
         if group["maximize"]:
@@ -208,16 +221,10 @@ class SNRAdamW(torch.optim.Optimizer):
         for st in states:
             st["step"] += 1
             steps.append(int(st["step"].item()))
-        foreach = group["foreach"] is None or group["foreach"]
         beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         exp_avgs = [st["exp_avg"] for st in states]
         exp_avg_sqs = [st["exp_avg_sq"] for st in states]
-        bc1 = [1.0 - beta1**t for t in steps]
-        bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
-
-        # 1. Adam moments, 2. SNR statistics
-        if foreach:
+        if group["foreach"] is None or group["foreach"]:
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
@@ -226,8 +233,19 @@ class SNRAdamW(torch.optim.Optimizer):
                 m.lerp_(g, 1.0 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         self._gating.update_statistics(group, params, grads, steps)
+        return group, params, grads, steps
 
-        # 3. gates, 4. decoupled weight decay (not gated), then the gated Adam step
+    def _apply_update(self, group: dict, params: list[Tensor], steps: list[int]) -> None:
+        """Steps 3-4: gates, decoupled weight decay (not gated), the gated Adam step."""
+        foreach = group["foreach"] is None or group["foreach"]
+        states = [self.state[p] for p in params]
+        orig, params = params, [local(p) for p in params]  # keys for state; tensors for maths
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        exp_avgs = [st["exp_avg"] for st in states]
+        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+        bc1 = [1.0 - beta1**t for t in steps]
+        bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
         step_sizes = [-lr / b for b in bc1]
         if wd != 0:
             if foreach:
@@ -238,7 +256,7 @@ class SNRAdamW(torch.optim.Optimizer):
         if not foreach:
             for i, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):
                 d = m / (v.sqrt() / bc2_sqrt[i] + eps)
-                self._gating.gate_(group, [p], [d], [steps[i]], foreach=False)
+                self._gating.gate_(group, [orig[i]], [d], [steps[i]], foreach=False)
                 p.add_(d.to(p.dtype), alpha=step_sizes[i])
             return
         denom = torch._foreach_sqrt(exp_avg_sqs)
@@ -247,7 +265,7 @@ class SNRAdamW(torch.optim.Optimizer):
         # Diagonal temporal gates are elementwise: fold them into the numerator, one
         # addcdiv per parameter as in torch's AdamW (no materialised direction).
         fast: set[int] = set()
-        for idx in self._gating.fast_buckets(group, params, steps, foreach).values():
+        for idx in self._gating.fast_buckets(group, orig, steps, foreach).values():
             gates, scale = self._gating.diagonal_gates_foreach(
                 group, [states[i] for i in idx], steps[idx[0]]
             )
@@ -263,7 +281,7 @@ class SNRAdamW(torch.optim.Optimizer):
         needs_direction = [
             i
             for i in rest
-            if self._gating.kind(params[i], group) == "subspace"
+            if self._gating.kind(orig[i], group) == "subspace"
             or self._gating.gate_active(group, steps[i])
         ]
         plain = [i for i in rest if i not in set(needs_direction)]
@@ -281,10 +299,11 @@ class SNRAdamW(torch.optim.Optimizer):
             )
             sub_steps = [steps[i] for i in needs_direction]
             sizes = [step_sizes[i] for i in needs_direction]
+            keys = [orig[i] for i in needs_direction]
             if all(p.dtype == torch.float32 for p in ps):  # gated step straight into p
-                self._gating.gate_(group, ps, dirs, sub_steps, True, out=ps, alphas=sizes)
+                self._gating.gate_(group, keys, dirs, sub_steps, True, out=ps, alphas=sizes)
                 return
-            self._gating.gate_(group, ps, dirs, sub_steps, True)
+            self._gating.gate_(group, keys, dirs, sub_steps, True)
             torch._foreach_mul_(dirs, sizes)
             torch._foreach_add_(ps, [d.to(p.dtype) for d, p in zip(dirs, ps)])
 
