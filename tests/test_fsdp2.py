@@ -1,0 +1,148 @@
+"""FSDP2 (fully_shard, DTensor Shard(0)) with real gloo processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_mlp
+from distributed_utils import run_distributed
+from test_ddp import STEPS, _data
+
+from snr_dist import SNRAdamW, fsdp
+
+MODES = [
+    dict(estimator="temporal", mode="diagonal"),
+    dict(estimator="temporal", mode="subspace", rank=3, refresh_every=4, basis_side="cols"),
+]
+
+
+def _single_process(kw: dict) -> list[torch.Tensor]:
+    model = tiny_mlp()
+    opt = SNRAdamW(model.parameters(), lr=1e-2, **kw)
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        for half in (slice(0, 8), slice(8, 16)):
+            (torch.nn.functional.cross_entropy(model(x[half]), y[half]) / 2).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _fsdp_worker(rank: int, world: int, kw: dict, per_block: bool):
+    from torch.distributed.tensor import DTensor
+
+    model = tiny_mlp()
+    modules = None if per_block else []  # [] = root only
+    model, opt = fsdp.wrap(model, modules=modules, lr=1e-2, **kw)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    half = slice(rank * 8, (rank + 1) * 8)
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[half]), y[half]).backward()
+        opt.step()
+    return {
+        "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+        "comm": dict(opt._gating.ctx.comm.bytes),
+        "calls": dict(opt._gating.ctx.comm.calls),
+        "mode": opt._gating.ctx.mode,
+        "dtypes": sorted(
+            {
+                str(v.dtype)
+                for st in opt.state.values()
+                for v in st.values()
+                if torch.is_tensor(v) and v.is_floating_point()
+            }
+        ),
+    }
+
+
+@pytest.mark.parametrize("per_block", [True, False], ids=["per-block", "root-only"])
+@pytest.mark.parametrize("kw", MODES, ids=lambda kw: kw["mode"])
+def test_fsdp2_two_ranks_equal_one_process(kw, per_block):
+    ranks = run_distributed(_fsdp_worker, 2, kw, per_block)
+    ref = _single_process(kw)
+    for out in ranks:
+        assert out["mode"] == "sharded"
+        for p, q in zip(out["params"], ref):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+    if kw["mode"] == "subspace":
+        # one all-reduce of 2r + 2 partial sums per tracked matrix per step, plus the
+        # agreement on non-finite gradients (one float per parameter)
+        per_step = (2 * 3 + 2) * 2 * 4 + 4 * 4
+        assert ranks[0]["comm"]["all_reduce"] == STEPS * per_step
+        assert ranks[0]["calls"]["all_reduce"] == 2 * STEPS
+
+
+def _bf16_worker(rank: int, world: int):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model = tiny_mlp()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model, opt = fsdp.wrap(model, mp_policy=policy, lr=1e-2, mode="subspace", rank=3)
+    losses = []
+    x, y = _data(0)
+    for _ in range(15):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[rank::2]), y[rank::2])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    dtypes = {
+        v.dtype
+        for st in opt.state.values()
+        for v in st.values()
+        if torch.is_tensor(v) and v.is_floating_point()
+    }
+    return losses, dtypes, {p.dtype for p in model.parameters()}
+
+
+def test_fsdp2_bf16_mixed_precision_keeps_fp32_statistics():
+    for losses, dtypes, param_dtypes in run_distributed(_bf16_worker, 2):
+        assert dtypes == {torch.float32} and param_dtypes == {torch.float32}
+        assert all(torch.isfinite(torch.tensor(losses)))
+        assert losses[-1] < losses[0]
+
+
+def _refusals(rank: int, world: int):
+    out = {}
+    model, _ = fsdp.wrap(tiny_mlp())
+    for name, kw in {
+        "cross": dict(estimator="cross_sample"),
+        "rows": dict(mode="subspace", basis_side="rows"),
+    }.items():
+        try:
+            SNRAdamW(model.parameters(), **kw)
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def test_fsdp2_refuses_what_it_cannot_do_with_a_clear_message():
+    for out in run_distributed(_refusals, 2):
+        assert "not supported with FSDP2" in out["cross"]
+        assert "Invalid basis_side: 'rows'" in out["rows"]
+
+
+def test_fsdp1_parameters_are_refused_not_silently_degraded():
+    """FSDP1 marks every parameter it flattens (use_orig_params or not) with torch's own
+    `_set_fsdp_flattened`; FSDP1 itself needs an accelerator, so on CPU we mark them with it."""
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    model = tiny_mlp()
+    _set_fsdp_flattened(model[0].weight)
+    with pytest.raises(ValueError, match="does not support FSDP1"):
+        SNRAdamW(model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 needs a CUDA device")
+def test_real_fsdp1_is_refused_on_gpu():
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29731", rank=0, world_size=1)
+    for use_orig in (False, True):
+        model = FSDP1(tiny_mlp().cuda(), use_orig_params=use_orig)
+        with pytest.raises(ValueError, match="does not support FSDP1"):
+            SNRAdamW(model.parameters())
