@@ -20,15 +20,26 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     # Only now (config valid) import the heavy parts and start work.
     from snr_dist.experiments.report import write_report
-    from snr_dist.experiments.trainer import run_experiment
+    from snr_dist.experiments.trainer import init_world, run_experiment
 
+    world = init_world(cfg)  # under torchrun: join the job
     out_dir = Path(args.output_dir or cfg.output_dir) / cfg.name
-    print(f"snr-dist {__version__}: {cfg.name} -> {out_dir}/", flush=True)
-    results = run_experiment(cfg, out_dir, progress=False if args.no_progress else None)
-    command = "snr-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    table = write_report(cfg, results, out_dir, command)
-    print(table)
-    print(f"wrote {out_dir}/metrics.jsonl, {out_dir}/report.md, {out_dir}/curves.png")
+    if world.main:
+        where = f" on {world.size} ranks ({world.strategy})" if world.size > 1 else ""
+        print(f"snr-dist {__version__}: {cfg.name}{where} -> {out_dir}/", flush=True)
+    try:
+        results = run_experiment(cfg, out_dir, False if args.no_progress else None, world)
+        if world.main:
+            command = "snr-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            table = write_report(cfg, results, out_dir, command, world)
+            print(table)
+            print(f"wrote {out_dir}/metrics.jsonl, {out_dir}/report.md, {out_dir}/curves.png")
+        world.barrier()
+    finally:
+        if world.size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
 
 

@@ -46,6 +46,29 @@ def _blocks(model: nn.Module, modules) -> list[nn.Module]:
     return out
 
 
+def shard(
+    model: nn.Module,
+    mesh=None,
+    modules: Iterable[nn.Module] | type | tuple[type, ...] | None = None,
+    *,
+    mp_policy=None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """``fully_shard`` each of ``modules`` (see `wrap`), then the root; returns ``model``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = default_mesh() if mesh is None else mesh
+    kwargs = dict(
+        mesh=mesh,
+        reshard_after_forward=reshard_after_forward,
+        mp_policy=mp_policy or MixedPrecisionPolicy(),
+    )
+    for block in _blocks(model, modules):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
 def wrap(
     model: nn.Module,
     mesh=None,

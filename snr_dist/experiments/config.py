@@ -90,6 +90,15 @@ class TrainConfig(_Strict):
     eval_every: int = Field(default=1, ge=1)
     threads: int | None = Field(default=None, ge=1)
     progress: bool = True
+    checkpoint_every: int = Field(default=0, ge=0)  # epochs; 0: no checkpoints
+    resume: bool = True  # continue from the run's checkpoints when they exist
+
+
+class DistributedConfig(_Strict):
+    """Used when launched by torchrun with more than one process (WORLD_SIZE > 1)."""
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
 class ExperimentConfig(_Strict):
@@ -98,6 +107,7 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
     optimizers: list[OptimizerConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -90,7 +90,7 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
 
 
 def write_report(
-    cfg: ExperimentConfig, results: list[RunResult], out_dir: Path, command: str
+    cfg: ExperimentConfig, results: list[RunResult], out_dir: Path, command: str, world=None
 ) -> str:
     """Write report.md and curves.png; return the markdown table."""
     agg = aggregate(results)
@@ -103,6 +103,9 @@ def write_report(
         + (f", {o.snr.model_dump()}" if o.snr else "")
         for o in cfg.optimizers
     )
+    parallel = ""
+    if world is not None and world.size > 1:
+        parallel = f"; {world.size} processes ({world.strategy}, times are rank 0's)"
     text = f"""# {cfg.name}
 
 {cfg.data.dataset} with {cfg.data.label_noise:.0%} symmetric label noise on the training set,
@@ -120,7 +123,7 @@ Optimizers:
 {optimizers}
 
 Command: `{command}`
-Machine: {machine()}. Total training time {total:.1f} s.
+Machine: {machine()}{parallel}. Total training time {total:.1f} s.
 """
     (out_dir / "report.md").write_text(text)
     return table

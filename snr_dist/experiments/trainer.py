@@ -1,24 +1,37 @@
 """Train every configured optimizer on the same data, model init and batch order, side by side.
 
-Each (optimizer, seed) run appends its evaluations to ``metrics.jsonl`` as it goes, so an
-interrupted job keeps everything it measured. Wall time counts training only (evaluation is the
-same work for every optimizer).
+One process, or many under ``torchrun`` (the world is read from the environment): each global
+batch is split evenly across ranks (and each rank's share into ``train.microbatches``), the
+model is wrapped in DDP or sharded with FSDP2, and the loss is scaled so that the averaged
+gradient is exactly the one-process gradient of the whole batch. Only rank 0 writes files.
+
+Each (optimizer, seed) run appends its evaluations to ``metrics.jsonl`` as it goes. With
+``train.checkpoint_every`` the run checkpoints (DCP, `snr_dist.checkpoint`) every that many
+epochs and at its end, and a restarted job (e.g. ``torchrun --max-restarts``) resumes every run
+from its last checkpoint. Wall time counts training only.
+
+Testing hook: ``SNR_DIST_FAIL_AT_EPOCH=k`` (with ``SNR_DIST_FAIL_RANK``, default 1) kills that
+rank with ``os._exit`` at the start of epoch ``k`` of the first run, in the first attempt of a
+torchrun job only, to exercise elastic restarts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from snr_dist import SNRAdamW
+from snr_dist import checkpoint as ckpt
 from snr_dist.experiments.config import ExperimentConfig, OptimizerConfig, SNRConfig
 from snr_dist.experiments.data import NoisyDataset, load_digits_noisy
 from snr_dist.experiments.models import mlp
@@ -30,6 +43,47 @@ def build_optimizer(ocfg: OptimizerConfig, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, foreach=True, **common)
     snr = (ocfg.snr or SNRConfig()).model_dump()
     return SNRAdamW(params, **common, **snr)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    strategy: str = "none"  # none | ddp | fsdp2
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(model)
+        if self.strategy == "fsdp2":
+            from snr_dist.fsdp import shard
+
+            return shard(model)
+        return model
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+def init_world(cfg: ExperimentConfig) -> World:
+    """Join the torchrun job described by the environment, if any."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_initialized():
+        backend = cfg.distributed.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return World(dist.get_rank(), dist.get_world_size(), cfg.distributed.strategy)
 
 
 @torch.no_grad()
@@ -76,6 +130,18 @@ class RunResult:
         }
 
 
+def _maybe_fail(epoch: int, world: World, first_run: bool) -> None:
+    fail_at = os.environ.get("SNR_DIST_FAIL_AT_EPOCH")
+    if (
+        fail_at is not None
+        and first_run
+        and epoch == int(fail_at)
+        and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        and world.rank == int(os.environ.get("SNR_DIST_FAIL_RANK", "1"))
+    ):
+        os._exit(17)
+
+
 def train_run(
     cfg: ExperimentConfig,
     ocfg: OptimizerConfig,
@@ -83,38 +149,59 @@ def train_run(
     data: NoisyDataset,
     sink=None,
     progress: bool = True,
+    world: World | None = None,
+    ckpt_dir: Path | None = None,
+    first_run: bool = False,
 ) -> RunResult:
     """One optimizer, one seed. ``sink(record)`` receives every evaluation record."""
+    world = world or World()
     tc = cfg.train
-    model = mlp(data.num_features, cfg.model.hidden, data.num_classes, cfg.model.activation, seed)
+    net = mlp(data.num_features, cfg.model.hidden, data.num_classes, cfg.model.activation, seed)
+    model = world.parallelize(net)
     opt = build_optimizer(ocfg, model.parameters())
     order = torch.Generator().manual_seed(10_000 + seed)  # same batches for every optimizer
     n = len(data.x_train)
     result = RunResult(ocfg.name, seed)
-    steps = 0
+    steps, start = 0, 1
+    if ckpt_dir is not None and tc.resume and (ckpt_dir / ckpt.META).is_file():
+        steps = ckpt.load(ckpt_dir, model, opt)
+        extra = ckpt.read_meta(ckpt_dir)["extra"]
+        start = extra["epoch"] + 1
+        result.history, result.wall_s = extra["history"], extra["wall_s"]
+        order.set_state(torch.tensor(extra["order_rng"], dtype=torch.uint8))
+        if sink is not None:
+            for rec in result.history:
+                sink(rec)
     bar = tqdm(
-        range(1, tc.epochs + 1),
+        range(start, tc.epochs + 1),
         desc=f"{ocfg.name} seed={seed}",
-        disable=not progress,
+        disable=not (progress and world.main),
         leave=False,
         dynamic_ncols=True,
     )
     for epoch in bar:
+        _maybe_fail(epoch, world, first_run)
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order)
-        for start in range(0, n, tc.batch_size):
-            idx = perm[start : start + tc.batch_size]
-            if len(idx) < tc.microbatches:
+        for begin in range(0, n, tc.batch_size):
+            idx = perm[begin : begin + tc.batch_size]
+            if len(idx) < tc.microbatches * world.size:
                 continue  # too small to split; its samples come back next epoch
+            mine = idx.chunk(world.size)[world.rank]
+            chunks = mine.chunk(tc.microbatches)
             opt.zero_grad(set_to_none=True)
-            for chunk in idx.chunk(tc.microbatches):
-                weighted = isinstance(opt, SNRAdamW) and tc.microbatches > 1
+            for i, chunk in enumerate(chunks):
+                weighted = isinstance(opt, SNRAdamW) and tc.microbatches * world.size > 1
                 ctx = opt.microbatch(len(chunk)) if weighted else contextlib.nullcontext()
-                with ctx:
-                    # sum over the micro-batch / whole-batch size: the usual mean-loss gradient
+                sync = contextlib.nullcontext()
+                if world.strategy == "ddp" and i < len(chunks) - 1:
+                    sync = model.no_sync()  # reduce once, after the last micro-batch
+                with ctx, sync:
+                    # sum over the micro-batch / whole-batch size, times the world size that
+                    # the data-parallel average divides by: the one-process mean-loss gradient
                     loss = F.cross_entropy(
                         model(data.x_train[chunk]), data.y_train[chunk], reduction="sum"
-                    ) / len(idx)
+                    ) * (world.size / len(idx))
                     loss.backward()
             opt.step()
             steps += 1
@@ -136,20 +223,36 @@ def train_run(
             bar.set_postfix(test=f"{rec['test_acc']:.3f}", mem=f"{rec['memorised']:.3f}")
             if sink is not None:
                 sink(rec)
+        if (
+            ckpt_dir is not None
+            and tc.checkpoint_every
+            and (epoch % tc.checkpoint_every == 0 or epoch == tc.epochs)
+        ):
+            extra = {
+                "epoch": epoch,
+                "history": result.history,
+                "wall_s": result.wall_s,
+                "order_rng": order.get_state().tolist(),
+            }
+            ckpt.save(ckpt_dir, model, opt, steps, extra=extra)
     bar.close()
     return result
 
 
 def run_experiment(
-    cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: bool | None = None
+    cfg: ExperimentConfig,
+    out_dir: str | Path | None = None,
+    progress: bool | None = None,
+    world: World | None = None,
 ) -> list[RunResult]:
-    """Every optimizer x seed; writes ``metrics.jsonl`` under ``out_dir`` when given."""
+    """Every optimizer x seed; rank 0 writes ``metrics.jsonl`` under ``out_dir`` when given."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    world = world or World()
     progress = cfg.train.progress if progress is None else progress
     results = []
     handle = None
-    if out_dir is not None:
+    if out_dir is not None and world.main:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         handle = open(Path(out_dir) / "metrics.jsonl", "w")  # noqa: SIM115 - closed below
     try:
@@ -159,10 +262,17 @@ def run_experiment(
                 handle.write(json.dumps(rec) + "\n")
                 handle.flush()
 
+        first = True
         for seed in cfg.train.seeds:
             data = load_digits_noisy(cfg.data.label_noise, cfg.data.test_fraction, seed)
             for ocfg in cfg.optimizers:
-                results.append(train_run(cfg, ocfg, seed, data, sink, progress))
+                ckpt_dir = None
+                if out_dir is not None and cfg.train.checkpoint_every:
+                    ckpt_dir = Path(out_dir) / "checkpoints" / f"{ocfg.name}-seed{seed}"
+                results.append(
+                    train_run(cfg, ocfg, seed, data, sink, progress, world, ckpt_dir, first)
+                )
+                first = False
     finally:
         if handle is not None:
             handle.close()

@@ -1,0 +1,128 @@
+"""`snr-dist train` under torchrun, through the launch scripts: one node x 2 processes equals
+one process, two nodes x 1 process equal one node x 2, and a killed rank resumes from its
+checkpoint under --max-restarts to the same parameters as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from distributed_utils import free_port
+
+from snr_dist.cli import main
+from snr_dist.experiments.models import mlp
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = [
+    "--config",
+    str(ROOT / "configs" / "quickstart.yaml"),
+    "--no-progress",
+    "--set",
+    "train.epochs=4",
+    "--set",
+    "train.seeds=[0]",
+    "--set",
+    "model.hidden=[32]",
+    "--set",
+    "train.eval_every=1",
+    "--set",
+    "train.checkpoint_every=1",
+]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _check(proc: subprocess.CompletedProcess | subprocess.Popen, out: str) -> None:
+    if proc.returncode != 0:
+        pytest.fail(f"exit code {proc.returncode}\n{out[-4000:]}", pytrace=False)
+
+
+def _torchrun(out_dir: Path, timeout=240, **env) -> str:
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "torchrun.sh"), *ARGS, "--output-dir", str(out_dir)],
+        env=_env(NPROC_PER_NODE=2, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    _check(proc, proc.stdout + proc.stderr)
+    return proc.stdout + proc.stderr
+
+
+def _final_params(run_dir: Path, optimizer: str) -> dict[str, torch.Tensor]:
+    model = mlp(64, [32], 10)
+    sd = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+    dcp.load(sd, checkpoint_id=str(run_dir / "checkpoints" / f"{optimizer}-seed0"))
+    return sd["model"]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_node_two_procs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    log = _torchrun(out)
+    assert "on 2 ranks (ddp)" in log
+    return out / "quickstart"
+
+
+def test_one_node_two_processes_equal_one_process(one_node_two_procs, tmp_path):
+    assert main(["train", *ARGS, "--output-dir", str(tmp_path)]) == 0
+    single = tmp_path / "quickstart"
+    for opt in ("AdamW", "SNRAdamW"):
+        a, b = _final_params(single, opt), _final_params(one_node_two_procs, opt)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    assert len(_records(one_node_two_procs)) == 2 * 4
+    assert "| SNRAdamW |" in (one_node_two_procs / "report.md").read_text()
+
+
+def test_two_nodes_equal_one_node_with_two_processes(one_node_two_procs, tmp_path):
+    env = _env(
+        NNODES=2,
+        NPROC_PER_NODE=1,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=free_port(),
+        RDZV_ID="snr-dist-test",
+    )
+    cmd = ["bash", str(ROOT / "launch" / "multinode.sh"), *ARGS, "--output-dir", str(tmp_path)]
+    agents = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    for agent in agents:
+        out, _ = agent.communicate(timeout=240)
+        _check(agent, out)
+    two_nodes = tmp_path / "quickstart"
+    for opt in ("AdamW", "SNRAdamW"):
+        a, b = _final_params(two_nodes, opt), _final_params(one_node_two_procs, opt)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert [r["test_acc"] for r in _records(two_nodes)] == [
+        r["test_acc"] for r in _records(one_node_two_procs)
+    ]
+
+
+def test_killed_rank_resumes_from_checkpoint_to_the_same_parameters(one_node_two_procs, tmp_path):
+    log = _torchrun(tmp_path, MAX_RESTARTS=1, SNR_DIST_FAIL_AT_EPOCH=3, SNR_DIST_FAIL_RANK=1)
+    assert "exitcode  : 17" in log or "exitcode: 17" in log.replace("  ", " ")  # it did fail
+    resumed = tmp_path / "quickstart"
+    for opt in ("AdamW", "SNRAdamW"):
+        a, b = _final_params(resumed, opt), _final_params(one_node_two_procs, opt)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    epochs = [(r["optimizer"], r["epoch"]) for r in _records(resumed)]
+    assert epochs == [(o, e) for o in ("AdamW", "SNRAdamW") for e in (1, 2, 3, 4)]
