@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,44 @@ def test_benchmark_tiny_config(bench, tmp_path, capsys):
     for name in res["skipped"]:
         assert f"Skipped {name}" in printed
     assert json.loads(out.read_text())["rows"][0]["name"] == bench.BASELINE
+
+
+def test_comm_benchmark_measures_what_the_design_says():
+    """Two real ranks: diagonal temporal adds no bytes; subspace temporal adds exactly r + 1
+    gates per tracked matrix per step; cross-sample stays O(r) per matrix."""
+    sys.path.insert(0, str(SCRIPT.parent))  # importable by name: spawned ranks pickle _worker
+    try:
+        import comm_bytes as comm
+
+        res = comm.main(
+            [
+                "--layers",
+                "1",
+                "--d-model",
+                "32",
+                "--heads",
+                "2",
+                "--seq",
+                "8",
+                "--vocab",
+                "40",
+                "--batch",
+                "2",
+                "--rank",
+                "4",
+                "--steps",
+                "3",
+            ]
+        )
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    rows = res["rows"]
+    diag, temporal, cross = rows.values()
+    assert diag["allreduce_bytes_per_step"] == 0
+    n = temporal["trackers"]
+    assert n == 7  # 2 embeddings, 4 block matrices, the head
+    assert temporal["allreduce_bytes_per_step"] == n * (4 + 1) * 4
+    assert temporal["allreduce_calls_per_step"] == 1
+    assert cross["allreduce_calls_per_step"] == 1
+    assert temporal["ddp_bytes_per_step"] > 0
+    assert set(res["balance"]) == {2, 4, 8}

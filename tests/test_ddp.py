@@ -120,3 +120,32 @@ def _single_microbatch_per_rank_is_enough(rank: int, world: int):
 
 def test_cross_sample_counts_microbatches_across_ranks():
     assert run_distributed(_single_microbatch_per_rank_is_enough, 2) == [1, 1]
+
+
+def _wrapper_worker(rank: int, world: int, single: bool):
+    from snr_dist import SNRPreconditioner
+
+    model = tiny_mlp()
+    shell = model if single else DDP(model)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = SNRPreconditioner(
+        base, mode="subspace", rank=3, refresh_every=4, process_group=None if single else "auto"
+    )
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        if single:
+            for half in (slice(0, 8), slice(8, 16)):
+                (torch.nn.functional.cross_entropy(shell(x[half]), y[half]) / 2).backward()
+        else:
+            half = slice(rank * 8, (rank + 1) * 8)
+            torch.nn.functional.cross_entropy(shell(x[half]), y[half]).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_snr_preconditioner_under_ddp_equals_one_process():
+    ref = _wrapper_worker(0, 1, True)
+    for out in run_distributed(_wrapper_worker, 2, False):
+        for p, q in zip(out, ref):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5)

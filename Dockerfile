@@ -1,0 +1,35 @@
+# snr-dist on the official PyTorch CUDA runtime image, with the DeepSpeed and Triton extras.
+# torchrun is the entrypoint; the default command trains the quickstart on every local GPU.
+#
+#   docker build -t snr-dist .
+#   docker run --gpus all --ipc=host snr-dist                      # one node, all GPUs
+#
+# Multi-node: run one container per node on the host network, same arguments everywhere;
+# torchrun's c10d rendezvous on MASTER_ADDR gathers them (see docs/distributed.md):
+#
+#   docker run --gpus all --ipc=host --network=host snr-dist \
+#     --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \
+#     --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id=my-job --max-restarts=2 \
+#     -m snr_dist.cli train --config configs/quickstart.yaml --set train.checkpoint_every=5
+#
+# Mount a shared directory at /opt/snr-dist/runs so checkpoints survive restarts.
+FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
+WORKDIR /opt/snr-dist
+COPY pyproject.toml README.md LICENSE ./
+COPY snr_dist ./snr_dist
+COPY configs ./configs
+COPY launch ./launch
+
+# Keep the image's CUDA build of torch: pin it so the extras cannot replace it.
+RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-pin.txt \
+ && python -m pip install --constraint /tmp/torch-pin.txt ".[deepspeed,triton,examples]" \
+ && python -c "import snr_dist, torch; print('snr-dist', snr_dist.__version__, 'torch', torch.__version__)"
+
+ENTRYPOINT ["torchrun"]
+CMD ["--standalone", "--nproc_per_node=gpu", "-m", "snr_dist.cli", "train", "--config", "configs/quickstart.yaml"]
