@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from snr_dist import snr as rule
+from snr_dist import subspace
 from snr_dist.distributed.context import local
 
 SAMPLE = 16384
@@ -53,7 +54,7 @@ def param_metrics(opt, gating, p: Tensor, group: dict) -> dict[str, Any] | None:
         out["reservoir_gate"] = float(g[-1])
         if "raw" in info:
             s = rule.snr(info["raw"], info["var"], info["k"]).float()
-            out["captured_energy"] = info["captured"]
+            out["captured_energy"] = subspace.captured_fraction(*info["captured"])
         else:
             s = None
         if "eigvals" in state:

@@ -165,17 +165,18 @@ def temporal_direction_moments(
     vec: Tensor, step: int, beta_s: float, beta_v: float
 ) -> tuple[Tensor, Tensor, float]:
     """``(raw, var, k)`` for the ``r`` tracked directions followed by the complement, from the
-    (all-reduced) `temporal_vector`."""
-    r = (vec.numel() - 2) // 2
-    diag_cov, mean_dir, energy, mean_energy = vec[:r], vec[r : 2 * r], vec[2 * r], vec[2 * r + 1]
+    (all-reduced) `temporal_vector` (or a stack of them: leading dimensions are batch)."""
+    r = (vec.shape[-1] - 2) // 2
+    diag_cov, mean_dir = vec[..., :r], vec[..., r : 2 * r]
+    energy, mean_energy = vec[..., 2 * r : 2 * r + 1], vec[..., 2 * r + 1 :]
     bc_s2 = (1.0 - beta_s**step) ** 2
     bc_v = 1.0 - beta_v**step
     k = rule.ema_noise_factor(beta_s, step)
     raw_dir = mean_dir / bc_s2
-    raw_perp = (mean_energy / bc_s2 - raw_dir.sum()).clamp(min=0.0)
-    second_perp = ((energy - diag_cov.sum()) / bc_v).clamp(min=0.0)
-    raw = torch.cat([raw_dir, raw_perp.reshape(1)])
-    var = torch.cat([diag_cov / bc_v, second_perp.reshape(1)])
+    raw_perp = (mean_energy / bc_s2 - raw_dir.sum(-1, keepdim=True)).clamp(min=0.0)
+    second_perp = ((energy - diag_cov.sum(-1, keepdim=True)) / bc_v).clamp(min=0.0)
+    raw = torch.cat([raw_dir, raw_perp], dim=-1)
+    var = torch.cat([diag_cov / bc_v, second_perp], dim=-1)
     var = (var - raw).div_(max(1.0 - k, 1e-12)).clamp_(min=0.0)
     return raw, var, k
 

@@ -199,9 +199,13 @@ def train_run(
                 with ctx, sync:
                     # sum over the micro-batch / whole-batch size, times the world size that
                     # the data-parallel average divides by: the one-process mean-loss gradient
-                    loss = F.cross_entropy(
-                        model(data.x_train[chunk]), data.y_train[chunk], reduction="sum"
-                    ) * (world.size / len(idx))
+                    loss = (
+                        F.cross_entropy(
+                            model(data.x_train[chunk]), data.y_train[chunk], reduction="sum"
+                        )
+                        / len(idx)
+                        * world.size
+                    )
                     loss.backward()
             opt.step()
             steps += 1

@@ -379,6 +379,7 @@ class SNRGating:
         """One bucketed all-reduce for the whole step, then the subspace gates and the
         cross-sample statistics. ``work``: (group, params, local fp32 grads, steps)."""
         items = []  # (kind, group, p, g, t, vector)
+        owned = []  # DDP owners' trackers: gates computed locally, before the all-reduce
         for group, params, grads, steps in work:
             cross = group["estimator"] == "cross_sample"
             src = self.moment_source(group)
@@ -392,28 +393,36 @@ class SNRGating:
                     items.append(("cross_sub" if sub else "cross_diag", group, p, g, t, vec))
                 elif sub and self.ctx.mode == "replicated":
                     if self.ctx.owns(p):  # the owner has the whole statistics: gates locally
-                        vec = subspace.temporal_vector(state, state[src.mean_key])
-                        gates = self._temporal_gates(p, group, vec, t, src)
-                    else:
-                        gates = torch.zeros(state["basis"].shape[1] + 1, device=g.device)
+                        owned.append(
+                            (p, group, subspace.temporal_vector(state, state[src.mean_key]), t)
+                        )
+                    gates = torch.zeros(state["basis"].shape[1] + 1, device=g.device)
                     items.append(("gates", group, p, g, t, gates))
                 elif sub:
                     vec = subspace.temporal_vector(state, state[src.mean_key])
                     items.append(("temporal", group, p, g, t, vec))
         if not items:
             return
+        if owned:
+            gates_of = self._temporal_gates(owned)
+            for it in items:
+                if it[0] == "gates" and it[2] in gates_of:
+                    it[5].copy_(gates_of[it[2]])
         self.ctx.comm.all_reduce_([it[5] for it in items])
         c_sq = None if self.ctx.world == 1 else float(self.ctx.world) ** 2
+        temporal = [(p, group, vec, t) for kind, group, p, _, t, vec in items if kind == "temporal"]
+        if temporal:
+            for p, _, vec, _ in temporal:
+                self._vec[p] = vec
+            self._gates.update(self._temporal_gates(temporal))
         for kind, group, p, g, t, vec in items:
             state = self.opt.state[p]
-            src = self.moment_source(group)
             if kind == "gates":
                 self._gates[p] = vec
                 if not self.ctx.owns(p):
                     self.last[p] = {"gates": vec}
             elif kind == "temporal":
-                self._vec[p] = vec
-                self._gates[p] = self._temporal_gates(p, group, vec, t, src)
+                continue
             else:
                 stats = self._pending_stats.pop(p)
                 if c_sq is None:  # one process: the sums are already global; c is measured
@@ -438,9 +447,7 @@ class SNRGating:
                         "var": var,
                         "k": 1.0,
                         "gates": gates,
-                        "captured": subspace.captured_fraction(
-                            state["raw_dir"].sum(), state["raw_energy"]
-                        ),
+                        "captured": (state["raw_dir"].sum(), state["raw_energy"]),
                     }
                 else:
                     raw, var = cross_sample.diagonal_moments(stats, g, scale)
@@ -452,18 +459,31 @@ class SNRGating:
             return torch.ones_like(raw)
         return rule.gate(raw, var, k, group["gate"], group["tau"], group["gate_a"])
 
-    def _temporal_gates(self, p, group, vec: Tensor, t: int, src: MomentSource) -> Tensor:
-        raw, var, k = subspace.temporal_direction_moments(vec, t, src.beta_s, src.beta_v)
-        gates = self._gate_values(group, raw, var, k, t)
-        r = raw.numel() - 1
-        self.last[p] = {
-            "raw": raw,
-            "var": var,
-            "k": k,
-            "gates": gates,
-            "captured": subspace.captured_fraction(vec[:r].sum(), vec[2 * r]),
-        }
-        return gates
+    def _temporal_gates(self, entries: list[tuple]) -> dict[Tensor, Tensor]:
+        """Gates of temporal subspace trackers from their (all-reduced) vectors, computed for
+        all trackers of a group with the same rank and step at once (one batch of small ops
+        instead of one per matrix). ``entries``: (param, group, vector, step)."""
+        batches: dict[tuple, list] = defaultdict(list)
+        for p, group, vec, t in entries:
+            batches[(id(group), vec.numel(), t)].append((p, group, vec))
+        out: dict[Tensor, Tensor] = {}
+        for (_, n, t), batch in batches.items():
+            group = batch[0][1]
+            src = self.moment_source(group)
+            vecs = torch.stack([vec for _, _, vec in batch])
+            raw, var, k = subspace.temporal_direction_moments(vecs, t, src.beta_s, src.beta_v)
+            gates = self._gate_values(group, raw, var, k, t)
+            r = (n - 2) // 2
+            for i, (p, _, vec) in enumerate(batch):
+                out[p] = gates[i]
+                self.last[p] = {
+                    "raw": raw[i],
+                    "var": var[i],
+                    "k": k,
+                    "gates": gates[i],
+                    "captured": (vec[:r].sum(), vec[2 * r]),
+                }
+        return out
 
     # ------------------------------------------------------------------ phase 4: refresh
     @torch.no_grad()
