@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_mlp
 from distributed_utils import run_distributed
-from test_ddp import STEPS, _data
+from test_ddp import STEPS, _data, _single_process
 
 from snr_dist import SNRAdamW, fsdp
 
@@ -14,18 +14,6 @@ MODES = [
     dict(estimator="temporal", mode="diagonal"),
     dict(estimator="temporal", mode="subspace", rank=3, refresh_every=4, basis_side="cols"),
 ]
-
-
-def _single_process(kw: dict) -> list[torch.Tensor]:
-    model = tiny_mlp()
-    opt = SNRAdamW(model.parameters(), lr=1e-2, **kw)
-    for step in range(STEPS):
-        x, y = _data(step)
-        opt.zero_grad()
-        for half in (slice(0, 8), slice(8, 16)):
-            (torch.nn.functional.cross_entropy(model(x[half]), y[half]) / 2).backward()
-        opt.step()
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def _fsdp_worker(rank: int, world: int, kw: dict, per_block: bool):

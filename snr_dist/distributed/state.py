@@ -16,8 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from snr_dist import subspace
-from snr_dist.distributed.context import DTensor, Shard, is_dtensor, is_row_sharded, local
+from snr_dist.distributed.context import DTensor, Shard, is_dtensor, local
 
 #: Parameter-shaped state (sharded like the parameter under FSDP2).
 FULL_KEYS = ("exp_avg", "exp_avg_sq", "snr_avg", "snr_sq", "raw_avg", "var_avg")
@@ -46,17 +45,7 @@ def _as_dtensor(local_t: Tensor, p: Tensor, dim: int, global_shape: tuple[int, .
 def _scratch_tracker(gating, p: Tensor, group: dict) -> dict:
     """Zero tracker state with the owner's shapes (what a non-owner receives into)."""
     st: dict = {}
-    subspace.init_tracker(
-        st,
-        tuple(p.shape),
-        tuple(local(p).shape),
-        group,
-        local(p).device,
-        gating.key(p),
-        cross=group["estimator"] == "cross_sample",
-        participant=True,
-        sharded_rows=is_row_sharded(p),
-    )
+    gating._init_tracker(p, group, st, participant=True)
     src = gating.moment_source(group)
     if group["estimator"] == "temporal" and src.owns_mean:
         st[src.mean_key] = torch.zeros(local(p).shape, device=local(p).device)

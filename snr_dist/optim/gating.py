@@ -202,7 +202,13 @@ class SNRGating:
     def kind(self, p: Tensor, group: dict) -> str:
         return param_mode(tuple(p.shape), group["mode"])
 
-    def _init_tracker(self, p: Tensor, group: dict, state: dict) -> None:
+    def _init_tracker(
+        self, p: Tensor, group: dict, state: dict, participant: bool | None = None
+    ) -> None:
+        """Tracker buffers of ``p`` for this rank (``participant``: override, e.g. to get the
+        owner's shapes on a rank that does not own it)."""
+        if participant is None:
+            participant = self.ctx.participates(p)
         subspace.init_tracker(
             state,
             tuple(p.shape),
@@ -211,7 +217,7 @@ class SNRGating:
             local(p).device,
             self.key(p),
             cross=group["estimator"] == "cross_sample",
-            participant=self.ctx.participates(p),
+            participant=participant,
             sharded_rows=is_row_sharded(p),
         )
 
