@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -22,13 +23,36 @@ def _train(args: argparse.Namespace) -> int:
     from snr_dist.experiments.report import write_report
     from snr_dist.experiments.trainer import init_world, run_experiment
 
-    world = init_world(cfg)  # under torchrun: join the job
+    ds_config = None
+    if args.deepspeed:
+        from snr_dist.deepspeed import DeepSpeedConfigError, _load, check_support
+
+        try:
+            ds_config = _load(args.deepspeed)
+            ds_config.setdefault("zero_optimization", {})
+            for o in cfg.optimizers:  # fail before any work on an unsupported stage/mode pair
+                if o.snr is not None:
+                    check_support(ds_config, o.snr)
+            if cfg.train.checkpoint_every:
+                raise DeepSpeedConfigError(
+                    "train.checkpoint_every is not supported with --deepspeed"
+                )
+        except DeepSpeedConfigError as e:
+            print(f"snr-dist: {args.deepspeed}: {e}", file=sys.stderr)
+            return 2
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    world = init_world(cfg, deepspeed=ds_config is not None)  # under torchrun: join the job
     out_dir = Path(args.output_dir or cfg.output_dir) / cfg.name
     if world.main:
         where = f" on {world.size} ranks ({world.strategy})" if world.size > 1 else ""
+        if ds_config is not None:
+            stage = ds_config["zero_optimization"].get("stage", 0)
+            where += f" through DeepSpeed ZeRO-{stage}"
         print(f"snr-dist {__version__}: {cfg.name}{where} -> {out_dir}/", flush=True)
     try:
-        results = run_experiment(cfg, out_dir, False if args.no_progress else None, world)
+        results = run_experiment(
+            cfg, out_dir, False if args.no_progress else None, world, ds_config
+        )
         if world.main:
             command = "snr-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:])
             table = write_report(cfg, results, out_dir, command, world)
@@ -41,6 +65,12 @@ def _train(args: argparse.Namespace) -> int:
 
             dist.destroy_process_group()
     return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--set optimizers.1.snr.tau=0.5 (repeatable)",
     )
     train.add_argument("--output-dir", help="parent folder of the run (default: the config's)")
+    train.add_argument(
+        "--deepspeed",
+        metavar="JSON",
+        help="train through DeepSpeed with this config (ZeRO stage, dtype); the optimizers "
+        "still come from --config",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
     return parser

@@ -86,7 +86,12 @@ def collect_metrics(opt, gating, names: dict[Tensor, str] | None = None) -> dict
         acc: dict[str, float] = {}
         total = 0
         energies = []
-        for p in group["params"]:
+        params = group["params"]
+        if not params and len(opt.param_groups) == 1:
+            # DeepSpeed ZeRO-3 attaches its flat partitions to the client optimizer only
+            # inside step(); their state is all there is to report.
+            params = list(opt.state)
+        for p in params:
             name = (names or {}).get(p, f"group{gi}.param{idx}")
             idx += 1
             m = param_metrics(opt, gating, p, group)

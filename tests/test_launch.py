@@ -126,3 +126,32 @@ def test_killed_rank_resumes_from_checkpoint_to_the_same_parameters(one_node_two
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     epochs = [(r["optimizer"], r["epoch"]) for r in _records(resumed)]
     assert epochs == [(o, e) for o in ("AdamW", "SNRAdamW") for e in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_main_job_matches_the_ddp_job(one_node_two_procs, tmp_path, stage):
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "launch" / "torchrun.sh"),
+            *ARGS,
+            "--set",
+            "train.checkpoint_every=0",
+            "--deepspeed",
+            str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json"),
+            "--output-dir",
+            str(tmp_path),
+        ],
+        env=_env(NPROC_PER_NODE=2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _check(proc, proc.stdout + proc.stderr)
+    assert f"through DeepSpeed ZeRO-{stage}" in proc.stdout
+    ds, ddp = _records(tmp_path / "quickstart"), _records(one_node_two_procs)
+    assert [(r["optimizer"], r["epoch"]) for r in ds] == [(r["optimizer"], r["epoch"]) for r in ddp]
+    for a, b in zip(ds, ddp):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)

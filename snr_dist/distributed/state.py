@@ -132,3 +132,18 @@ def install_state(opt, gating, loaded: dict[Tensor, dict[str, Tensor]]) -> None:
                     v = torch.zeros_like(v)  # partial sums: the owner carries the total
                 st[k] = v.clone()
             opt.state[p] = st
+
+
+def drop_unowned(opt, gating) -> None:
+    """Under replicated data parallelism, forget tracker state another rank owns (after a load
+    of a full state)."""
+    ctx = gating.ctx
+    for group in opt.param_groups:
+        src = gating.moment_source(group)
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if not st or gating.kind(p, group) != "subspace" or ctx.owns(p):
+                continue
+            for k in list(st):
+                if k in OWNER_KEYS or (k == src.mean_key and k != "exp_avg"):
+                    del st[k]

@@ -73,9 +73,21 @@ class World:
             dist.barrier()
 
 
-def init_world(cfg: ExperimentConfig) -> World:
-    """Join the torchrun job described by the environment, if any."""
+def init_world(cfg: ExperimentConfig, deepspeed: bool = False) -> World:
+    """Join the torchrun job described by the environment, if any (DeepSpeed: always, as a
+    job of one process when not launched by torchrun)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    if deepspeed and size <= 1:
+        from snr_dist.distributed.utils import free_port
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        return World(0, 1, "deepspeed")
     if size <= 1:
         return World()
     if not dist.is_initialized():
@@ -83,14 +95,92 @@ def init_world(cfg: ExperimentConfig) -> World:
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
-    return World(dist.get_rank(), dist.get_world_size(), cfg.distributed.strategy)
+    strategy = "deepspeed" if deepspeed else cfg.distributed.strategy
+    return World(dist.get_rank(), dist.get_world_size(), strategy)
+
+
+@dataclass
+class Trainable:
+    """One model + optimizer, plain torch (optionally DDP/FSDP2) or a DeepSpeed engine: the
+    few operations the training loop needs, so the loop is the same for both."""
+
+    module: torch.nn.Module  # what to call, put in train/eval mode, and checkpoint
+    opt: torch.optim.Optimizer  # what metrics() and checkpoints read
+    engine: Any = None  # a DeepSpeed engine, if any
+    half: bool = False  # feed bf16 inputs (DeepSpeed bf16 config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.bfloat16() if self.half else x).float()
+
+    def zero_grad(self) -> None:
+        if self.engine is None:
+            self.opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine is None:
+            loss.backward()
+        else:  # the loss is already scaled for accumulation and the data-parallel average
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()  # DeepSpeed steps the optimizer at its accumulation boundary
+
+    def step(self) -> None:
+        if self.engine is None:
+            self.opt.step()
+
+
+def build_trainable(
+    ocfg: OptimizerConfig,
+    net: torch.nn.Module,
+    world: World,
+    ds_config: dict | None,
+    micro_per_rank: int,
+    micro_size: int,
+) -> Trainable:
+    if ds_config is None:
+        model = world.parallelize(net)
+        return Trainable(model, build_optimizer(ocfg, model.parameters()))
+    import deepspeed
+
+    from snr_dist import deepspeed as snr_ds
+
+    cfg = dict(ds_config)
+    # The experiment decides the optimizers and the batch; the JSON the rest (ZeRO, dtype).
+    cfg.pop("snr_preconditioner", None)
+    cfg.update(
+        train_micro_batch_size_per_gpu=micro_size,
+        gradient_accumulation_steps=micro_per_rank,
+        train_batch_size=micro_size * micro_per_rank * world.size,
+    )
+    adam = {"lr": ocfg.lr, "betas": list(ocfg.betas), "weight_decay": ocfg.weight_decay}
+    if ocfg.type == "snr_adamw":
+        cfg["optimizer"] = {"type": "AdamW", "params": adam}
+        cfg["snr_preconditioner"] = (ocfg.snr or SNRConfig()).model_dump()
+        engine, opt, _, _ = snr_ds.initialize(model=net, config=cfg)
+        opt = getattr(opt, "optimizer", opt) if not isinstance(opt, SNRAdamW) else opt
+    else:
+        cfg.pop("optimizer", None)
+        cfg["zero_allow_untested_optimizer"] = True
+        base = torch.optim.AdamW(
+            net.parameters(), lr=ocfg.lr, betas=ocfg.betas, weight_decay=ocfg.weight_decay
+        )
+        engine, opt, _, _ = deepspeed.initialize(model=net, optimizer=base, config=cfg)
+    half = bool((cfg.get("bf16") or {}).get("enabled"))
+    return Trainable(engine, opt, engine=engine, half=half)
+
+
+def _client_optimizer(opt):
+    """The SNRAdamW inside a DeepSpeed ZeRO wrapper, if any."""
+    return opt if isinstance(opt, SNRAdamW) else getattr(opt, "optimizer", opt)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: NoisyDataset) -> dict[str, float]:
-    model.eval()
-    out_test = model(data.x_test)
-    out_train = model(data.x_train)
+def evaluate(model, data: NoisyDataset) -> dict[str, float]:
+    """``model``: a module or a `Trainable` (whose forward casts inputs as its engine needs)."""
+    module = model.module if isinstance(model, Trainable) else model
+    forward = model.forward if isinstance(model, Trainable) else model
+    module.eval()
+    out_test = forward(data.x_test)
+    out_train = forward(data.x_train)
     pred_train = out_train.argmax(1)
     flipped = data.flipped
     res = {
@@ -104,7 +194,7 @@ def evaluate(model: torch.nn.Module, data: NoisyDataset) -> dict[str, float]:
             else 0.0
         ),
     }
-    model.train()
+    module.train()
     return res
 
 
@@ -152,13 +242,17 @@ def train_run(
     world: World | None = None,
     ckpt_dir: Path | None = None,
     first_run: bool = False,
+    ds_config: dict | None = None,
 ) -> RunResult:
     """One optimizer, one seed. ``sink(record)`` receives every evaluation record."""
     world = world or World()
     tc = cfg.train
     net = mlp(data.num_features, cfg.model.hidden, data.num_classes, cfg.model.activation, seed)
-    model = world.parallelize(net)
-    opt = build_optimizer(ocfg, model.parameters())
+    micro_size = max(1, tc.batch_size // (world.size * tc.microbatches))
+    run = build_trainable(ocfg, net, world, ds_config, tc.microbatches, micro_size)
+    model, opt = run.module, run.opt
+    snr_opt = _client_optimizer(opt)
+    snr_opt = snr_opt if isinstance(snr_opt, SNRAdamW) else None
     order = torch.Generator().manual_seed(10_000 + seed)  # same batches for every optimizer
     n = len(data.x_train)
     result = RunResult(ocfg.name, seed)
@@ -187,27 +281,29 @@ def train_run(
             idx = perm[begin : begin + tc.batch_size]
             if len(idx) < tc.microbatches * world.size:
                 continue  # too small to split; its samples come back next epoch
-            mine = idx.chunk(world.size)[world.rank]
-            chunks = mine.chunk(tc.microbatches)
-            opt.zero_grad(set_to_none=True)
+            mine = idx.tensor_split(world.size)[world.rank]
+            chunks = mine.tensor_split(tc.microbatches)
+            run.zero_grad()
             for i, chunk in enumerate(chunks):
-                weighted = isinstance(opt, SNRAdamW) and tc.microbatches * world.size > 1
-                ctx = opt.microbatch(len(chunk)) if weighted else contextlib.nullcontext()
+                weighted = snr_opt is not None and tc.microbatches * world.size > 1
+                ctx = snr_opt.microbatch(len(chunk)) if weighted else contextlib.nullcontext()
                 sync = contextlib.nullcontext()
-                if world.strategy == "ddp" and i < len(chunks) - 1:
+                if run.engine is None and world.strategy == "ddp" and i < len(chunks) - 1:
                     sync = model.no_sync()  # reduce once, after the last micro-batch
                 with ctx, sync:
                     # sum over the micro-batch / whole-batch size, times the world size that
                     # the data-parallel average divides by: the one-process mean-loss gradient
                     loss = (
                         F.cross_entropy(
-                            model(data.x_train[chunk]), data.y_train[chunk], reduction="sum"
+                            run.forward(data.x_train[chunk]),
+                            data.y_train[chunk],
+                            reduction="sum",
                         )
                         / len(idx)
                         * world.size
                     )
-                    loss.backward()
-            opt.step()
+                    run.backward(loss)
+            run.step()
             steps += 1
         result.wall_s += time.perf_counter() - t0
         if epoch % tc.eval_every == 0 or epoch == tc.epochs:
@@ -216,11 +312,11 @@ def train_run(
                 "seed": seed,
                 "epoch": epoch,
                 "step": steps,
-                **evaluate(model, data),
+                **evaluate(run, data),
                 "wall_s": result.wall_s,
             }
-            if isinstance(opt, SNRAdamW):
-                g = opt.metrics()["groups"][0]
+            if snr_opt is not None:
+                g = snr_opt.metrics()["groups"][0]
                 rec["gate_mean"] = g["gate_mean"]
                 rec["frac_gate_below_0.1"] = g["frac_gate_below_0.1"]
             result.history.append(rec)
@@ -248,8 +344,15 @@ def run_experiment(
     out_dir: str | Path | None = None,
     progress: bool | None = None,
     world: World | None = None,
+    ds_config: dict | None = None,
 ) -> list[RunResult]:
-    """Every optimizer x seed; rank 0 writes ``metrics.jsonl`` under ``out_dir`` when given."""
+    """Every optimizer x seed; rank 0 writes ``metrics.jsonl`` under ``out_dir`` when given.
+    ``ds_config``: a DeepSpeed JSON config (the optimizers still come from ``cfg``)."""
+    if ds_config is not None and cfg.train.checkpoint_every:
+        raise ValueError(
+            "train.checkpoint_every is not supported with --deepspeed: use DeepSpeed's "
+            "engine.save_checkpoint in your own loop (see docs/deepspeed.md)"
+        )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     world = world or World()
@@ -274,7 +377,9 @@ def run_experiment(
                 if out_dir is not None and cfg.train.checkpoint_every:
                     ckpt_dir = Path(out_dir) / "checkpoints" / f"{ocfg.name}-seed{seed}"
                 results.append(
-                    train_run(cfg, ocfg, seed, data, sink, progress, world, ckpt_dir, first)
+                    train_run(
+                        cfg, ocfg, seed, data, sink, progress, world, ckpt_dir, first, ds_config
+                    )
                 )
                 first = False
     finally:

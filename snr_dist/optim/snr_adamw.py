@@ -107,6 +107,11 @@ class SNRAdamW(torch.optim.Optimizer):
         self._validate_group(defaults)
         self.skip_nonfinite = skip_nonfinite
         self.process_group = process_group
+        #: When True, ``state_dict()`` is a collective that returns every rank's trackers
+        #: (world-size independent values): for frameworks that call it on every rank and save
+        #: rank 0's copy (DeepSpeed's engine.save_checkpoint). Off by default, so a plain
+        #: ``if rank == 0: torch.save(opt.state_dict())`` never hangs.
+        self.gather_state_dict = False
         super().__init__(params, defaults)
         self._gating = SNRGating(self, self._moment_source, process_group)
         self._gating.check_consistent()
@@ -141,8 +146,21 @@ class SNRAdamW(torch.optim.Optimizer):
         self.skip_nonfinite = getattr(self, "skip_nonfinite", True)
         self._gating = SNRGating(self, self._moment_source, getattr(self, "process_group", None))
 
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.gather_state_dict and self._gating.ctx.world > 1:
+            from snr_dist.distributed.state import global_state
+
+            index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
+            for p, st in global_state(self, self._gating).items():
+                sd["state"][index[p]] = {
+                    k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in st.items()
+                }
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters."""
+        """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters, and
+        under data parallelism keeps only the trackers this rank owns."""
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
@@ -152,6 +170,10 @@ class SNRAdamW(torch.optim.Optimizer):
                 if torch.is_tensor(v) and v.is_floating_point() and cur[k].dtype != v.dtype:
                     cur[k] = v.to(device=cur[k].device).clone()
         self._gating.refresh_groups()
+        if self._gating.ctx.mode == "replicated":
+            from snr_dist.distributed.state import drop_unowned
+
+            drop_unowned(self, self._gating)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Also forgets micro-batch gradients recorded since the last step."""

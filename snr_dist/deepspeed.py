@@ -1,0 +1,181 @@
+"""DeepSpeed: enable snr-dist from the DeepSpeed JSON config.
+
+A user's script changes one import line::
+
+    engine, optimizer, _, lr_scheduler = snr_dist.deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config="ds_config.json")
+
+with a top-level ``"snr_preconditioner"`` block in the JSON (every key optional, unknown keys
+rejected)::
+
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.999],
+                                              "eps": 1e-8, "weight_decay": 0.01}},
+    "snr_preconditioner": {"estimator": "temporal", "mode": "diagonal", "gate": "wiener",
+                           "tau": 1.0, "snr_beta": 0.99, "warmup_steps": 0}
+
+`initialize` builds `snr_dist.SNRAdamW` from the ``"optimizer"`` block (type Adam or AdamW) and
+the ``"snr_preconditioner"`` block, hands it to DeepSpeed as a client optimizer (setting
+``zero_allow_untested_optimizer``), and returns DeepSpeed's usual ``(engine, optimizer,
+dataloader, lr_scheduler)``. A ``"scheduler"`` block keeps working.
+
+What each ZeRO stage allows, and why:
+
+- Diagonal temporal mode (the default) is elementwise: it runs on the flat fp32 partitions
+  that ZeRO 1-3 hand the client optimizer, in fp32, bf16 and fp16 configs, and adds no
+  communication.
+- Subspace mode and the cross-sample estimator need whole matrices and each rank's own
+  micro-batch gradients. Under ZeRO 1-3 (and under DeepSpeed's bf16/fp16 optimizer wrappers)
+  the client optimizer only sees flat partitions that cut across tensors, and running matrix
+  maths on them would be wrong, so these combinations are refused at initialize. Stage 0 in
+  fp32 keeps the model's parameters and supports every mode, with snr-dist's own sharded
+  trackers and per-step all-reduce (as under DDP).
+- ``offload_optimizer`` needs DeepSpeed's own CPU Adam and is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from snr_dist.experiments.config import SNRConfig
+
+_OPTIMIZER_TYPES = {"adam", "adamw"}
+_OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "adam_w_mode", "torch_adam"}
+
+
+class DeepSpeedConfigError(ValueError):
+    """A DeepSpeed JSON config that snr-dist cannot run, with the key and the reason."""
+
+
+def _load(config) -> dict[str, Any]:
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not path.is_file():
+            raise DeepSpeedConfigError(f"DeepSpeed config not found: {path}")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DeepSpeedConfigError(f"{path}: not valid JSON: {e}") from None
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    raise DeepSpeedConfigError(f"config must be a path or a dict, got {type(config).__name__}")
+
+
+def _snr_block(cfg: dict) -> SNRConfig:
+    block = cfg.pop("snr_preconditioner", {})
+    if not isinstance(block, dict):
+        raise DeepSpeedConfigError(
+            f"snr_preconditioner must be a JSON object, got {type(block).__name__}"
+        )
+    try:
+        return SNRConfig.model_validate(block)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors(include_url=False):
+            key = "snr_preconditioner." + ".".join(str(x) for x in e["loc"])
+            if e["type"] == "extra_forbidden":
+                lines.append(f"{key}: unknown key (allowed: {', '.join(SNRConfig.model_fields)})")
+            else:
+                msg = e["msg"].removeprefix("Value error, ")
+                lines.append(f"{key} = {e.get('input')!r}: {msg}")
+        raise DeepSpeedConfigError(
+            "invalid snr_preconditioner block:\n  " + "\n  ".join(lines)
+        ) from None
+
+
+def _adam_options(cfg: dict) -> dict[str, Any]:
+    block = cfg.pop("optimizer", None)
+    if block is None:
+        raise DeepSpeedConfigError(
+            'snr_dist.deepspeed.initialize needs an "optimizer" block of type "Adam" or '
+            '"AdamW" (its lr, betas, eps, weight_decay configure SNRAdamW)'
+        )
+    kind = str(block.get("type", "")).lower()
+    if kind not in _OPTIMIZER_TYPES:
+        raise DeepSpeedConfigError(
+            f"optimizer.type = {block.get('type')!r}: snr-dist builds SNRAdamW, so the type "
+            'must be "Adam" or "AdamW"'
+        )
+    params = dict(block.get("params", {}))
+    unknown = sorted(set(params) - _OPTIMIZER_PARAMS)
+    if unknown:
+        raise DeepSpeedConfigError(
+            f"optimizer.params: unknown key(s) {unknown}; allowed: {sorted(_OPTIMIZER_PARAMS)}"
+        )
+    if params.pop("adam_w_mode", True) is False and params.get("weight_decay", 0):
+        raise DeepSpeedConfigError(
+            "optimizer.params.adam_w_mode = false with weight_decay > 0 asks for L2-coupled "
+            "Adam; SNRAdamW's weight decay is decoupled (AdamW)"
+        )
+    params.pop("torch_adam", None)
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    return params
+
+
+def check_support(cfg: dict, snr: SNRConfig) -> int:
+    """Refuse the stage / mode / dtype combinations that would be wrong; returns the stage."""
+    zero = cfg.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"zero_optimization.stage = {stage!r}: allowed 0, 1, 2, 3")
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if offload not in (None, "none"):
+        raise DeepSpeedConfigError(
+            f"zero_optimization.offload_optimizer.device = {offload!r}: optimizer offload runs "
+            "DeepSpeed's own CPU Adam, not a client optimizer such as SNRAdamW; remove the "
+            "offload_optimizer block"
+        )
+    low_precision = [k for k in ("bf16", "fp16") if (cfg.get(k) or {}).get("enabled")]
+    needs_shapes = snr.mode == "subspace" or snr.estimator == "cross_sample"
+    if needs_shapes and (stage > 0 or low_precision):
+        what = f"mode='{snr.mode}'" if snr.mode == "subspace" else f"estimator='{snr.estimator}'"
+        where = f"ZeRO stage {stage}" if stage > 0 else f"{low_precision[0]} (DeepSpeed's "
+        where += "" if stage > 0 else "mixed-precision optimizer wrapper)"
+        raise DeepSpeedConfigError(
+            f"snr_preconditioner {what} is not supported with {where}: the optimizer would "
+            "only see flat parameter partitions that cut across tensors, and per-matrix "
+            "statistics on them would be wrong. Supported: ZeRO stage 0 in fp32, or "
+            "mode='diagonal' with estimator='temporal' on any stage and dtype."
+        )
+    return stage
+
+
+def build(config, model_parameters) -> tuple[Any, dict[str, Any]]:
+    """``(SNRAdamW, the config to hand DeepSpeed)`` without starting DeepSpeed."""
+    from snr_dist.optim.snr_adamw import SNRAdamW
+
+    cfg = _load(config)
+    snr = _snr_block(cfg)
+    adam = _adam_options(cfg)
+    check_support(cfg, snr)
+    cfg["zero_allow_untested_optimizer"] = True
+    # Elementwise mode needs no process group; the others run snr-dist's own data-parallel
+    # machinery (stage 0 keeps whole, replicated parameters, as DDP does).
+    elementwise = snr.mode == "diagonal" and snr.estimator == "temporal"
+    opt = SNRAdamW(
+        model_parameters,
+        **adam,
+        **snr.model_dump(),
+        process_group=None if elementwise else "auto",
+    )
+    opt.gather_state_dict = not elementwise  # engine.save_checkpoint runs on every rank
+    return opt, cfg
+
+
+def initialize(model, config, model_parameters=None, **kwargs):
+    """`deepspeed.initialize` with SNRAdamW built from the JSON; see the module docstring."""
+    import deepspeed
+
+    if "optimizer" in kwargs:
+        raise DeepSpeedConfigError(
+            'pass the optimizer settings in the config\'s "optimizer" block, not optimizer='
+        )
+    params = model_parameters if model_parameters is not None else model.parameters()
+    opt, cfg = build(config, params)
+    return deepspeed.initialize(model=model, optimizer=opt, config=cfg, **kwargs)

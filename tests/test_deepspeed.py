@@ -1,0 +1,234 @@
+"""DeepSpeed (real, CPU accelerator, 2 gloo processes): snr-dist enabled from the JSON config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import tiny_mlp
+from distributed_utils import run_distributed
+from test_ddp import _data
+
+pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+
+from snr_dist import SNRAdamW  # noqa: E402
+from snr_dist import deepspeed as snr_ds  # noqa: E402
+
+STEPS = 5
+
+
+def _config(stage: int, snr: dict, micro: int = 8, gas: int = 1, **extra) -> dict:
+    cfg = {
+        "train_batch_size": micro * gas * 2,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
+        "snr_preconditioner": snr,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def _reference(snr: dict, parts: int, steps: int = STEPS) -> list[torch.Tensor]:
+    """snr-dist without DeepSpeed: one process, the global batch of 16 as ``parts`` micro-batches
+    (equal to its DDP path, see test_ddp)."""
+    model = tiny_mlp()
+    opt = SNRAdamW(model.parameters(), lr=1e-2, weight_decay=0.01, **snr)
+    size = 16 // parts
+    for step in range(steps):
+        x, y = _data(step)
+        opt.zero_grad()
+        for i in range(parts):
+            part = slice(i * size, (i + 1) * size)
+            (torch.nn.functional.cross_entropy(model(x[part]), y[part]) / parts).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _ds_env(rank: int, world: int) -> None:
+    os.environ.update(
+        DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+
+
+def _params(engine) -> list[torch.Tensor]:
+    """Full fp32 parameters, whatever the stage (ZeRO-3 gathers them)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = []
+    for p in engine.module.parameters():
+        full = safe_get_full_fp32_param(p)  # None without ZeRO: the parameter is whole
+        out.append((p if full is None else full).detach().float().clone())
+    return out
+
+
+def _train(engine, rank: int, gas: int, start: int, stop: int) -> None:
+    micro = 8 // gas
+    for step in range(start, stop):
+        x, y = _data(step)
+        mine = slice(rank * 8, (rank + 1) * 8)
+        xr, yr = x[mine], y[mine]
+        for i in range(gas):
+            part = slice(i * micro, (i + 1) * micro)
+            loss = torch.nn.functional.cross_entropy(engine(xr[part]), yr[part])
+            engine.backward(loss)
+            engine.step()
+
+
+def _ds_worker(rank: int, world: int, cfg: dict, gas: int):
+    _ds_env(rank, world)
+    model = tiny_mlp()
+    engine, opt, _, sched = snr_ds.initialize(model=model, config=cfg)
+    _train(engine, rank, gas, 0, STEPS)
+    lrs = [g["lr"] for g in opt.param_groups]
+    sched_lrs = sched.get_last_lr() if sched is not None else None
+    return _params(engine), (lrs, sched_lrs)
+
+
+SUPPORTED = [
+    (0, dict(mode="diagonal"), 1),
+    (0, dict(mode="subspace", rank=3, refresh_every=2), 1),
+    (0, dict(estimator="cross_sample", mode="subspace", rank=3, refresh_every=2), 2),
+    (0, dict(estimator="cross_sample", mode="diagonal"), 1),
+    (1, dict(mode="diagonal"), 1),
+    (2, dict(mode="diagonal"), 2),
+    (3, dict(mode="diagonal"), 1),
+]
+
+
+@pytest.mark.parametrize(
+    "stage, snr, gas",
+    SUPPORTED,
+    ids=[
+        f"zero{s}-{kw.get('estimator', 'temporal')}-{kw['mode']}-gas{g}" for s, kw, g in SUPPORTED
+    ],
+)
+def test_deepspeed_equals_the_plain_ddp_path(stage, snr, gas):
+    cfg = _config(stage, snr, micro=8 // gas, gas=gas)
+    ref = _reference(snr, parts=2 * gas)
+    for params, _ in run_distributed(_ds_worker, 2, cfg, gas):
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+
+
+def test_scheduler_from_the_json_drives_snr_adamw():
+    sched = {
+        "type": "WarmupLR",
+        "params": {
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": 1e-2,
+            "warmup_num_steps": 10,
+            "warmup_type": "linear",
+        },
+    }
+    cfg = _config(2, dict(mode="diagonal"), scheduler=sched)
+    for _, (lrs, sched_lrs) in run_distributed(_ds_worker, 2, cfg, 1):
+        # the JSON's warm-up schedule set SNRAdamW's learning rate: part way to the maximum
+        assert lrs == pytest.approx(sched_lrs)
+        assert 0.0 < lrs[0] < 1e-2
+
+
+def _bf16_worker(rank: int, world: int, stage: int):
+    _ds_env(rank, world)
+    model = tiny_mlp()
+    cfg = _config(stage, dict(mode="diagonal"), bf16={"enabled": True})
+    engine, opt, _, _ = snr_ds.initialize(model=model, config=cfg)
+    losses = []
+    x, y = _data(0)
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(engine(x[rank::2].bfloat16()).float(), y[rank::2])
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    base = getattr(opt, "optimizer", opt)
+    dtypes = {
+        v.dtype
+        for st in base.state.values()
+        for v in st.values()
+        if torch.is_tensor(v) and v.is_floating_point()
+    }
+    return losses, dtypes
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_diagonal_runs_with_fp32_statistics(stage):
+    for losses, dtypes in run_distributed(_bf16_worker, 2, stage):
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+        assert dtypes == {torch.float32}
+
+
+def _ckpt_worker(rank: int, world: int, cfg: dict, path: str, phase: str):
+    _ds_env(rank, world)
+    model = tiny_mlp(seed=0 if phase != "resume" else 5)
+    engine, opt, _, _ = snr_ds.initialize(model=model, config=cfg)
+    if phase == "save":
+        _train(engine, rank, 1, 0, 3)
+        engine.save_checkpoint(path, tag="step3")
+        return None
+    engine.load_checkpoint(path, tag="step3")
+    _train(engine, rank, 1, 3, STEPS)
+    return _params(engine)
+
+
+@pytest.mark.parametrize(
+    "stage, snr",
+    [(0, dict(mode="subspace", rank=3, refresh_every=2)), (2, dict(mode="diagonal"))],
+    ids=["zero0-subspace", "zero2-diagonal"],
+)
+def test_save_load_continue_equals_uninterrupted(tmp_path, stage, snr):
+    cfg = _config(stage, snr)
+    run_distributed(_ckpt_worker, 2, cfg, str(tmp_path), "save")
+    ref = _reference(snr, parts=2)
+    for params in run_distributed(_ckpt_worker, 2, cfg, str(tmp_path), "resume"):
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "patch, words",
+    [
+        ({"snr_preconditioner": {"gaet": "wiener"}}, ["snr_preconditioner.gaet", "unknown key"]),
+        ({"snr_preconditioner": {"tau": "high"}}, ["snr_preconditioner.tau", "'high'"]),
+        ({"snr_preconditioner": {"rank": 0}}, ["snr_preconditioner.rank", "Invalid rank"]),
+        (
+            {"snr_preconditioner": {"mode": "subspace"}, "zero_optimization": {"stage": 2}},
+            ["mode='subspace'", "ZeRO stage 2", "flat parameter partitions"],
+        ),
+        (
+            {
+                "snr_preconditioner": {"estimator": "cross_sample"},
+                "zero_optimization": {"stage": 3},
+            },
+            ["estimator='cross_sample'", "ZeRO stage 3"],
+        ),
+        (
+            {"snr_preconditioner": {"mode": "subspace"}, "bf16": {"enabled": True}},
+            ["mode='subspace'", "bf16"],
+        ),
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            ["offload_optimizer.device", "'cpu'", "client optimizer"],
+        ),
+        ({"zero_optimization": {"stage": 5}}, ["zero_optimization.stage = 5"]),
+        ({"optimizer": {"type": "Lamb", "params": {}}}, ["optimizer.type", "'Lamb'"]),
+        (
+            {"optimizer": {"type": "Adam", "params": {"lr": 1e-3, "momentum": 0.9}}},
+            ["optimizer.params", "momentum"],
+        ),
+        ({"optimizer": None}, ['needs an "optimizer" block']),
+    ],
+)
+def test_bad_json_fails_at_initialize_naming_the_problem(patch, words):
+    cfg = _config(0, {})
+    for k, v in patch.items():
+        if v is None:
+            cfg.pop(k)
+        else:
+            cfg[k] = v
+    with pytest.raises(snr_ds.DeepSpeedConfigError) as e:
+        snr_ds.build(cfg, tiny_mlp().parameters())
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
