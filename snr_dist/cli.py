@@ -67,6 +67,42 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from snr_dist.experiments.config import ConfigError
+    from snr_dist.experiments.study import load_study
+
+    path = Path(args.name)
+    if not path.suffix:
+        path = Path(args.configs) / f"{args.name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(args.configs).glob("*.yaml"))
+        print(
+            f"snr-dist: no experiment {args.name!r} ({path} not found); known: {known}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        cfg = load_study(path, args.set, smoke=args.smoke)
+    except ConfigError as e:
+        print(f"snr-dist: {e}", file=sys.stderr)
+        return 2
+    if args.workers:
+        cfg = cfg.model_copy(update={"workers": args.workers})
+    from snr_dist.experiments import study_report
+    from snr_dist.experiments.study import all_jobs, run_study, select
+
+    out_dir = Path(args.output_dir or cfg.output_dir) / cfg.name
+    jobs = len(all_jobs(cfg))
+    print(f"snr-dist {__version__}: experiment {cfg.name}: {jobs} runs -> {out_dir}/", flush=True)
+    records = run_study(cfg, out_dir, progress=not args.no_progress, fresh=args.fresh)
+    selected = select(cfg, records)
+    total = sum(r["wall_s"] for r in records.values())
+    command = "snr-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(study_report.write(cfg, selected, out_dir, command, total))
+    print(f"wrote {out_dir}/report.md, {out_dir}/summary.json, {out_dir}/curves.png")
+    return 0
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -96,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
+    exp = sub.add_parser(
+        "experiment",
+        help="run a claim experiment (methods x lr grid x seeds) and write its report",
+    )
+    exp.add_argument("name", help="an experiment in configs/experiments/ (e.g. label_noise) "
+                     "or a path to a study YAML")
+    exp.add_argument("--configs", default="configs/experiments", help=argparse.SUPPRESS)
+    exp.add_argument("--smoke", action="store_true",
+                     help="apply the config's 'smoke' overrides (a minute-long structural run)")
+    exp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value by dotted key (repeatable)")
+    exp.add_argument("--workers", type=int, help="worker processes (default: the config's)")
+    exp.add_argument("--output-dir", help="parent folder of the run (default: the config's)")
+    exp.add_argument("--fresh", action="store_true", help="ignore finished runs and rerun all")
+    exp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    exp.set_defaults(func=_experiment)
     return parser
 
 

@@ -1,0 +1,197 @@
+"""The claim studies: what each sweeps, when a run stops, how a run is summarised and scored.
+
+Scores pick each method's grid point on validation data only (higher is better); see
+`snr_dist.experiments.study` for the runner and the selection rule.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from snr_dist.experiments.tasks import DigitsTask, ModularTask
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _steps_to(history: list[dict], stopped: int | None) -> float | None:
+    return float(stopped) if stopped is not None else None
+
+
+def _wall_at(history: list[dict], step: int | None) -> float | None:
+    if step is None:
+        return None
+    return next(h["wall_s"] for h in history if h["step"] >= step)
+
+
+# ---------------------------------------------------------------------- label noise
+class LabelNoiseTask(_Strict):
+    noise_levels: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4], min_length=1)
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], min_length=1)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+
+
+def _digits_summary(history: list[dict]) -> dict[str, float]:
+    last = history[-1]
+    min_val = min(h["val_loss"] for h in history)
+    return {
+        "best_test_acc": max(h["test_acc"] for h in history),
+        "final_test_acc": last["test_acc"],
+        "final_val_acc": last["val_acc"],
+        "final_memorised": last["memorised"],
+        "final_train_acc": last["train_acc"],
+        "val_loss_rise": last["val_loss"] - min_val,
+        "final_test_err": 1.0 - last["test_acc"],
+        "wall_s": last["wall_s"],
+        "steps": last["step"],
+    }
+
+
+# ---------------------------------------------------------------------- double descent
+class DoubleDescentTask(_Strict):
+    label_noise: float = Field(default=0.2, ge=0, lt=1)
+    widths: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 512], min_length=2)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+
+
+# ---------------------------------------------------------------------- grokking
+class GrokkingTask(_Strict):
+    p: int = Field(default=97, ge=3)
+    ops: list[Literal["add", "div"]] = Field(default_factory=lambda: ["div", "add"], min_length=1)
+    train_fraction: float = Field(default=0.25, gt=0, lt=1)
+    embed: int = Field(default=128, ge=1)
+    hidden: int = Field(default=512, ge=1)
+    target_acc: float = Field(default=0.95, gt=0, le=1)
+
+
+def _grok_summary(cfg: GrokkingTask, history: list[dict], stopped: int | None) -> dict:
+    last = history[-1]
+    return {
+        "steps_to_target": _steps_to(history, stopped),
+        "wall_to_target": _wall_at(history, stopped),
+        "reached": 1.0 if stopped is not None else 0.0,
+        "final_val_acc": last["val_acc"],
+        "final_train_acc": last["train_acc"],
+        "steps_to_train_99": next(
+            (float(h["step"]) for h in history if h["train_acc"] >= 0.99), None
+        ),
+        "last_step": float(last["step"]),
+    }
+
+
+# ---------------------------------------------------------------------- convergence
+class ConvergenceTask(_Strict):
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], min_length=1)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    target_loss: float = Field(default=0.05, gt=0)
+
+
+def _conv_summary(cfg: ConvergenceTask, history: list[dict], stopped: int | None) -> dict:
+    last = history[-1]
+    return {
+        "steps_to_target": _steps_to(history, stopped),
+        "wall_to_target": _wall_at(history, stopped),
+        "reached": 1.0 if stopped is not None else 0.0,
+        "final_test_acc": last["test_acc"],
+        "final_val_acc": last["val_acc"],
+        "final_train_loss": last["train_loss"],
+        "last_step": float(last["step"]),
+    }
+
+
+def _speed_score(s: dict) -> float:
+    """Fewest steps to the target; runs that never reach it count as twice their length."""
+    steps = s["steps_to_target"]
+    return -(steps if steps is not None else 2.0 * s["last_step"])
+
+
+# ---------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Study:
+    task_model: type[BaseModel]
+    settings: Callable[[Any], list]
+    make_task: Callable[[Any, Any, int], Any]
+    stop: Callable[[Any, dict], bool]
+    summarise: Callable[[Any, list[dict], int | None], dict]
+    score: Callable[[dict], float]
+    columns: list[tuple[str, str, str]]
+    setting_label: str
+    callback: Callable | None = None
+
+
+_DIGITS_COLUMNS = [
+    ("best_test_acc", "best test acc", "{:.3f}"),
+    ("final_test_acc", "final test acc", "{:.3f}"),
+    ("final_memorised", "noisy labels memorised", "{:.1%}"),
+    ("val_loss_rise", "val-loss rise after min", "{:.3f}"),
+    ("wall_s", "train s", "{:.1f}"),
+]
+
+STUDIES: dict[str, Study] = {
+    "label_noise": Study(
+        task_model=LabelNoiseTask,
+        settings=lambda c: list(c.noise_levels),
+        make_task=lambda c, noise, seed: DigitsTask(noise, c.hidden, seed, c.activation),
+        stop=lambda c, rec: False,
+        summarise=lambda c, h, stopped: _digits_summary(h),
+        score=lambda s: s["final_val_acc"],
+        columns=_DIGITS_COLUMNS,
+        setting_label="label noise",
+    ),
+    "double_descent": Study(
+        task_model=DoubleDescentTask,
+        settings=lambda c: list(c.widths),
+        make_task=lambda c, width, seed: DigitsTask(c.label_noise, [width], seed, c.activation),
+        stop=lambda c, rec: False,
+        summarise=lambda c, h, stopped: _digits_summary(h),
+        score=lambda s: s["final_val_acc"],
+        columns=[
+            ("final_test_err", "final test error", "{:.3f}"),
+            ("best_test_acc", "best test acc", "{:.3f}"),
+            ("final_train_acc", "final train acc", "{:.3f}"),
+            ("final_memorised", "noisy labels memorised", "{:.1%}"),
+        ],
+        setting_label="hidden width",
+    ),
+    "grokking": Study(
+        task_model=GrokkingTask,
+        settings=lambda c: list(c.ops),
+        make_task=lambda c, op, seed: ModularTask(
+            c.p, op, c.train_fraction, c.embed, c.hidden, seed
+        ),
+        stop=lambda c, rec: rec["val_acc"] >= c.target_acc,
+        summarise=_grok_summary,
+        score=_speed_score,
+        columns=[
+            ("steps_to_target", "steps to target val acc", "{:.0f}"),
+            ("wall_to_target", "train s to target", "{:.1f}"),
+            ("steps_to_train_99", "steps to 99% train acc", "{:.0f}"),
+            ("final_val_acc", "final val acc", "{:.3f}"),
+        ],
+        setting_label="operation",
+    ),
+    "convergence": Study(
+        task_model=ConvergenceTask,
+        settings=lambda c: ["clean digits"],
+        make_task=lambda c, _, seed: DigitsTask(0.0, c.hidden, seed, c.activation),
+        stop=lambda c, rec: rec["train_loss"] <= c.target_loss,
+        summarise=_conv_summary,
+        score=_speed_score,
+        columns=[
+            ("steps_to_target", "steps to target train loss", "{:.0f}"),
+            ("wall_to_target", "train s to target", "{:.2f}"),
+            ("final_test_acc", "test acc at stop", "{:.3f}"),
+        ],
+        setting_label="task",
+    ),
+}
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None

@@ -1,0 +1,353 @@
+"""Claim experiments: every method x learning-rate grid x seed, run in a small process pool.
+
+A study (`snr_dist.experiments.studies`) says what is swept (noise levels, widths, tasks), how a
+run is trained and stopped, and how a run is summarised. This module does the rest, the same way
+for every study:
+
+- **Jobs** are ``(setting, method, grid point, seed)``. Each runs in a worker process with one
+  torch thread (two workers use the two cores of a small machine fully). Data split, label noise,
+  model initialisation and batch order come from the seed, so every method sees the same ones.
+- **Nothing is lost**: each finished job is appended to ``results.jsonl``; a rerun of the same
+  config skips finished jobs (``--fresh`` starts over).
+- **Selection** is honest: each method's grid point is chosen per setting by the study's score on
+  *validation* data (mean over seeds); test numbers are only reported. The optional "oracle early
+  stopping" rows are the exception by design: they stop each run at its best *test* accuracy, the
+  upper bound that early stopping could reach.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tqdm.auto import tqdm
+
+from snr_dist.experiments.config import ConfigError, SNRConfig, apply_overrides, format_errors
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MethodConfig(_Strict):
+    """One optimizer setup; ``lr`` and ``weight_decay`` are grids (every combination runs)."""
+
+    name: str = Field(min_length=1)
+    type: Literal["adamw", "snr_adamw"]
+    lr: list[float] = Field(min_length=1)
+    weight_decay: list[float] = Field(default_factory=lambda: [0.01], min_length=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    snr: SNRConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MethodConfig:
+        if self.type == "adamw" and self.snr is not None:
+            raise ValueError("'snr' options apply only to type 'snr_adamw'")
+        if any(lr <= 0 for lr in self.lr) or any(wd < 0 for wd in self.weight_decay):
+            raise ValueError("lr values must be > 0 and weight_decay values >= 0")
+        return self
+
+    def grid(self) -> list[dict[str, float]]:
+        return [{"lr": lr, "weight_decay": wd} for lr in self.lr for wd in self.weight_decay]
+
+
+class BudgetConfig(_Strict):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    eval_every: int = Field(ge=1)
+
+
+class StudyConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    study: Literal["label_noise", "grokking", "double_descent", "convergence", "entk_partition"]
+    output_dir: str = "runs/experiments"
+    seeds: list[int] = Field(min_length=1)
+    workers: int = Field(default=2, ge=1)
+    task: dict[str, Any] = Field(default_factory=dict)
+    budget: BudgetConfig
+    methods: list[MethodConfig] = Field(min_length=1)
+    oracle_early_stopping: list[str] = Field(default_factory=list)
+    smoke: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> StudyConfig:
+        names = [m.name for m in self.methods]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"method names must be unique, repeated: {dup}")
+        unknown = sorted(set(self.oracle_early_stopping) - set(names))
+        if unknown:
+            raise ValueError(f"oracle_early_stopping names unknown methods {unknown}; known: {names}")
+        return self
+
+
+def load_study(
+    path: str | Path, overrides: list[str] | None = None, smoke: bool = False
+) -> StudyConfig:
+    """Read, apply the ``smoke`` overrides (when asked) and ``--set`` ones, validate the whole
+    config including the study's own ``task`` section; `ConfigError` lists every problem."""
+    from snr_dist.experiments.studies import STUDIES
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    if smoke:
+        smoke_set = raw.get("smoke") or {}
+        raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in smoke_set.items()])
+        raw["name"] = f"{raw.get('name', 'study')}-smoke"
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, str(p))) from None
+    study = STUDIES[cfg.study]
+    try:
+        study.task_model.model_validate(cfg.task)
+    except ValidationError as e:
+        lines = [f"{p}: invalid config"]
+        for err in e.errors(include_url=False):
+            key = "task." + ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(study.task_model.model_fields)
+                lines.append(f"  - {key}: unknown key (allowed keys: {allowed})")
+            else:
+                lines.append(f"  - {key} = {err.get('input')!r}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    return cfg
+
+
+@dataclass(frozen=True)
+class Job:
+    setting: Any
+    method: str
+    point: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.setting, self.method, self.point, self.seed])
+
+
+def config_hash(cfg: StudyConfig) -> str:
+    """What makes results comparable: everything but where and how fast they are produced."""
+    d = cfg.model_dump(mode="json", exclude={"output_dir", "workers", "smoke"})
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_optimizer(method: MethodConfig, point: dict[str, float], params) -> torch.optim.Optimizer:
+    from snr_dist import SNRAdamW
+
+    common = dict(lr=point["lr"], weight_decay=point["weight_decay"], betas=method.betas)
+    if method.type == "adamw":
+        return torch.optim.AdamW(params, foreach=True, **common)
+    return SNRAdamW(params, **common, **(method.snr or SNRConfig()).model_dump())
+
+
+def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
+    """Train one run and return its record (history of evaluations, wall time, stop step)."""
+    from snr_dist.experiments.studies import STUDIES
+
+    study = STUDIES[cfg.study]
+    task_cfg = study.task_model.model_validate(cfg.task)
+    task = study.make_task(task_cfg, job.setting, job.seed)
+    method = next(m for m in cfg.methods if m.name == job.method)
+    point = method.grid()[job.point]
+    model = task.model(job.seed)
+    opt = build_optimizer(method, point, model.parameters())
+    order = torch.Generator().manual_seed(10_000 + job.seed)
+    budget = cfg.budget
+    callback = study.callback(task_cfg, task, job) if study.callback else None
+    history: list[dict[str, Any]] = []
+    perm, cursor, wall, stopped = torch.randperm(task.n_train, generator=order), 0, 0.0, None
+    if callback is not None:
+        callback(model, 0, history)
+    for step in range(1, budget.steps + 1):
+        t0 = time.perf_counter()
+        if cursor + budget.batch_size > task.n_train:
+            perm, cursor = torch.randperm(task.n_train, generator=order), 0
+        idx = perm[cursor : cursor + budget.batch_size]
+        cursor += budget.batch_size
+        loss = task.loss(model, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        wall += time.perf_counter() - t0
+        if step % budget.eval_every == 0 or step == budget.steps:
+            rec = {"step": step, "wall_s": wall, **task.evaluate(model)}
+            if not torch.isfinite(torch.tensor(rec["train_loss"])):
+                rec["diverged"] = True
+            history.append(rec)
+            if callback is not None:
+                callback(model, step, history)
+            if study.stop(task_cfg, rec) or rec.get("diverged"):
+                stopped = step
+                break
+    return {"key": job.key, "history": history, "wall_s": wall, "stopped": stopped}
+
+
+def _worker(args: tuple[dict, Job]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    cfg_dict, job = args
+    return train_job(StudyConfig.model_validate(cfg_dict), job)
+
+
+def all_jobs(cfg: StudyConfig) -> list[Job]:
+    from snr_dist.experiments.studies import STUDIES
+
+    study = STUDIES[cfg.study]
+    settings = study.settings(study.task_model.model_validate(cfg.task))
+    return [
+        Job(s, m.name, i, seed)
+        for s in settings
+        for seed in cfg.seeds
+        for m in cfg.methods
+        for i in range(len(m.grid()))
+    ]
+
+
+def run_study(
+    cfg: StudyConfig, out_dir: Path, progress: bool = True, fresh: bool = False
+) -> dict[str, dict]:
+    """Run the missing jobs (in ``cfg.workers`` processes) and return ``{job key: record}``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.jsonl"
+    digest = config_hash(cfg)
+    done: dict[str, dict] = {}
+    if path.is_file() and not fresh:
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("config") == digest:
+                done[rec["key"]] = rec
+    elif path.is_file():
+        path.unlink()
+    jobs = [j for j in all_jobs(cfg) if j.key not in done]
+    if done and progress:
+        print(f"{len(done)} finished runs reused from {path} (--fresh to rerun)", flush=True)
+    cfg_dict = cfg.model_dump(mode="json")
+    with open(path, "a") as sink, tqdm(total=len(jobs), desc=cfg.name, disable=not progress) as bar:
+
+        def keep(rec: dict) -> None:
+            rec["config"] = digest
+            done[rec["key"]] = rec
+            sink.write(json.dumps(rec) + "\n")
+            sink.flush()
+            bar.update(1)
+
+        if cfg.workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                keep(train_job(cfg, job))
+        else:
+            ctx = mp.get_context("spawn")
+            env_threads = os.environ.get("OMP_NUM_THREADS")
+            os.environ["OMP_NUM_THREADS"] = "1"
+            try:
+                with ctx.Pool(min(cfg.workers, len(jobs))) as pool:
+                    for rec in pool.imap_unordered(_worker, [(cfg_dict, j) for j in jobs]):
+                        keep(rec)
+            finally:
+                if env_threads is None:
+                    os.environ.pop("OMP_NUM_THREADS", None)
+                else:
+                    os.environ["OMP_NUM_THREADS"] = env_threads
+    return done
+
+
+# ---------------------------------------------------------------------- aggregation
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), sd
+
+
+@dataclass
+class Row:
+    """One method in one setting at its selected grid point."""
+
+    method: str
+    point: dict[str, float]
+    summaries: list[dict[str, float]]  # one per seed
+    histories: list[list[dict]]
+
+    def stat(self, key: str) -> tuple[float, float]:
+        return mean_sd([s[key] for s in self.summaries if s.get(key) is not None])
+
+
+def select(cfg: StudyConfig, records: dict[str, dict]) -> dict[Any, list[Row]]:
+    """Per setting: each method at its best grid point (by the study's validation score), plus
+    the oracle-early-stopping rows."""
+    from snr_dist.experiments.studies import STUDIES
+
+    study = STUDIES[cfg.study]
+    task_cfg = study.task_model.model_validate(cfg.task)
+    out: dict[Any, list[Row]] = defaultdict(list)
+    for setting in study.settings(task_cfg):
+        for m in cfg.methods:
+            candidates = []
+            for i, point in enumerate(m.grid()):
+                hists = [records[Job(setting, m.name, i, s).key]["history"] for s in cfg.seeds]
+                stops = [records[Job(setting, m.name, i, s).key]["stopped"] for s in cfg.seeds]
+                sums = [study.summarise(task_cfg, h, st) for h, st in zip(hists, stops)]
+                score = statistics.fmean(study.score(s) for s in sums)
+                candidates.append((score, i, point, sums, hists))
+            score, i, point, sums, hists = max(candidates, key=lambda c: (c[0], -c[1]))
+            out[setting].append(Row(m.name, point, sums, hists))
+            if m.name in cfg.oracle_early_stopping:
+                oracle = []
+                for _, i, point, _, hists in candidates:
+                    cut = [h[: max(range(len(h)), key=lambda k: h[k]["test_acc"]) + 1] for h in hists]
+                    sums = [study.summarise(task_cfg, h, None) for h in cut]
+                    oracle.append((statistics.fmean(s["final_test_acc"] for s in sums), i, point, sums, cut))
+                _, i, point, sums, cut = max(oracle, key=lambda c: (c[0], -c[1]))
+                out[setting].append(Row(f"{m.name} + oracle early stop", point, sums, cut))
+    return out
+
+
+def markdown_table(rows: list[Row], columns: list[tuple[str, str, str]], n_seeds: int) -> str:
+    head = "| method | lr | wd | " + " | ".join(label for _, label, _ in columns) + " |"
+    lines = [head, "|---|---:|---:|" + "---:|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            vals = [s[key] for s in row.summaries if s.get(key) is not None]
+            missing = len(row.summaries) - len(vals)
+            if not vals:
+                cells.append("n/a")
+                continue
+            mean, sd = mean_sd(vals)
+            cell = fmt.format(mean) + (f" ± {fmt.format(sd)}" if n_seeds > 1 else "")
+            if missing:
+                cell += f" ({len(vals)}/{len(row.summaries)} runs)"
+            cells.append(cell)
+        lines.append(
+            f"| {row.method} | {row.point['lr']:g} | {row.point['weight_decay']:g} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import platform
+
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
+    )

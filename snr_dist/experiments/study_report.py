@@ -1,0 +1,159 @@
+"""A study's ``report.md``, ``summary.json`` and ``curves.png`` from its selected rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from snr_dist.experiments.studies import STUDIES
+from snr_dist.experiments.study import Row, StudyConfig, machine, markdown_table, mean_sd
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def headline(cfg: StudyConfig, selected: dict[Any, list[Row]]) -> dict[str, Any]:
+    """Study-specific derived numbers (speed-ups vs AdamW, double-descent peaks)."""
+    out: dict[str, Any] = {}
+    if cfg.study in ("grokking", "convergence"):
+        for setting, rows in selected.items():
+            base = next((r for r in rows if r.method == cfg.methods[0].name), None)
+            if base is None:
+                continue
+            b_steps, _ = base.stat("steps_to_target")
+            b_reached = sum(s["reached"] for s in base.summaries)
+            out[str(setting)] = {
+                r.method: {
+                    "reached": f"{int(sum(s['reached'] for s in r.summaries))}/{len(r.summaries)}",
+                    "speedup_steps_vs_" + base.method: _ratio(b_steps, r.stat("steps_to_target")[0])
+                    if b_reached
+                    else None,
+                    "speedup_wall_vs_" + base.method: _ratio(
+                        base.stat("wall_to_target")[0], r.stat("wall_to_target")[0]
+                    )
+                    if b_reached
+                    else None,
+                }
+                for r in rows
+            }
+    if cfg.study == "double_descent":
+        widths = list(selected)
+        methods = [r.method for r in selected[widths[0]]]
+        for m in methods:
+            errs = [next(r for r in selected[w] if r.method == m).stat("final_test_err")[0] for w in widths]
+            peak = max(range(len(widths)), key=lambda i: errs[i])
+            out[m] = {
+                "test_error_by_width": dict(zip(map(str, widths), errs)),
+                "peak_width": widths[peak],
+                "peak_error": errs[peak],
+                "peak_height_over_widest": errs[peak] - errs[-1],
+                "peak_height_over_min_before": errs[peak] - min(errs[: peak + 1]),
+            }
+    return out
+
+
+def plot(cfg: StudyConfig, selected: dict[Any, list[Row]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(selected)
+    if cfg.study == "double_descent":
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, row in enumerate(selected[settings[0]]):
+            ys = [next(r for r in selected[w] if r.method == row.method) for w in settings]
+            means = [r.stat("final_test_err")[0] for r in ys]
+            sds = [r.stat("final_test_err")[1] for r in ys]
+            ax.errorbar(settings, means, yerr=sds, marker="o", capsize=3, label=row.method)
+        ax.set(xscale="log", xlabel="hidden width", ylabel="final test error",
+               title=f"double descent, {cfg.task.get('label_noise', 0.2):.0%} label noise")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    keys = {
+        "label_noise": [("test_acc", "test accuracy"), ("memorised", "noisy labels memorised")],
+        "grokking": [("val_acc", "held-out accuracy"), ("train_acc", "train accuracy")],
+        "convergence": [("train_loss", "train loss"), ("test_acc", "test accuracy")],
+    }.get(cfg.study, [("train_loss", "train loss")])
+    fig, axes = plt.subplots(
+        len(keys), len(settings), figsize=(4.5 * len(settings), 3.3 * len(keys)), squeeze=False
+    )
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    label = STUDIES[cfg.study].setting_label
+    for j, setting in enumerate(settings):
+        for k, (key, title) in enumerate(keys):
+            ax = axes[k][j]
+            for i, row in enumerate(selected[setting]):
+                for n, hist in enumerate(row.histories):
+                    ax.plot(
+                        [h["step"] for h in hist],
+                        [h[key] for h in hist],
+                        color=colors[i % len(colors)],
+                        alpha=0.7,
+                        lw=1,
+                        label=row.method if n == 0 else None,
+                    )
+            ax.set(title=f"{title} ({label} {setting})", xlabel="step")
+            if key == "train_loss":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(cfg: StudyConfig, selected: dict[Any, list[Row]], out_dir: Path, command: str,
+          total_wall: float) -> str:
+    study = STUDIES[cfg.study]
+    n = len(cfg.seeds)
+    parts = [f"# {cfg.name}\n"]
+    for setting, rows in selected.items():
+        parts.append(f"## {study.setting_label}: {setting}\n")
+        parts.append(markdown_table(rows, study.columns, n) + "\n")
+    head = headline(cfg, selected)
+    if head:
+        parts.append("## Derived\n\n```json\n" + json.dumps(head, indent=2) + "\n```\n")
+    grids = "\n".join(
+        f"- **{m.name}**: {m.type}, lr {m.lr}, weight_decay {m.weight_decay}, betas "
+        f"{list(m.betas)}" + (f", snr {m.snr.model_dump()}" if m.snr else "")
+        for m in cfg.methods
+    )
+    parts.append(
+        f"![curves](curves.png)\n\nMethods (each row above is the grid point with the best "
+        f"validation score, mean over seeds {cfg.seeds}; table cells are mean ± std over "
+        f"seeds):\n{grids}\n\nTask: `{json.dumps(cfg.task)}`. Budget: {cfg.budget.steps} steps, "
+        f"batch {cfg.budget.batch_size}, evaluated every {cfg.budget.eval_every} steps.\n\n"
+        f"Command: `{command}`\n\nMachine: {machine()}; {cfg.workers} worker process(es), one "
+        f"torch thread each. Total training time of all runs: {total_wall:.0f} s.\n"
+    )
+    text = "\n".join(parts)
+    (out_dir / "report.md").write_text(text)
+    summary = {
+        "config": cfg.model_dump(mode="json"),
+        "settings": {
+            str(s): [
+                {
+                    "method": r.method,
+                    "point": r.point,
+                    **{k: mean_sd([x[k] for x in r.summaries if x.get(k) is not None])
+                       for k, _, _ in study.columns},
+                }
+                for r in rows
+            ]
+            for s, rows in selected.items()
+        },
+        "derived": head,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(cfg, selected, out_dir / "curves.png")
+    return text

@@ -1,0 +1,145 @@
+"""Claim experiments: smoke runs of every study (structure, not outcomes), resumption, the
+selection rule, and config errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from snr_dist.experiments.config import ConfigError
+from snr_dist.experiments.study import Job, StudyConfig, load_study, run_study, select
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ["label_noise", "grokking", "double_descent", "convergence"]
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snr_dist.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_smoke_run_writes_a_complete_report(name, tmp_path):
+    cfg = load_study(ROOT / "configs/experiments" / f"{name}.yaml", smoke=True)
+    r = _cli("experiment", name, "--smoke", "--workers", "1", "--no-progress",
+             "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / cfg.name
+    report = (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "curves.png").stat().st_size > 1000
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    n_runs = sum(len(m.grid()) for m in cfg.methods) * len(cfg.seeds)
+    assert len(lines) == n_runs * len(summary["settings"])
+    for setting, rows in summary["settings"].items():
+        names = [row["method"] for row in rows]
+        expected = [m.name for m in cfg.methods] + [
+            f"{m} + oracle early stop" for m in cfg.oracle_early_stopping
+        ]
+        assert sorted(names) == sorted(expected)
+        for m in cfg.methods:
+            assert f"| {m.name} |" in report
+    for rec in lines:
+        assert rec["history"], rec["key"]
+        assert all(h["step"] <= cfg.budget.steps for h in rec["history"])
+
+
+def test_rerun_reuses_finished_runs_and_fresh_reruns(tmp_path):
+    path = ROOT / "configs/experiments/convergence.yaml"
+    cfg = load_study(path, ["seeds=[0]", "methods.1.weight_decay=[0.1]"], smoke=True)
+    cfg = cfg.model_copy(update={"workers": 1})
+    first = run_study(cfg, tmp_path, progress=False)
+    mtime = (tmp_path / "results.jsonl").stat().st_mtime_ns
+    second = run_study(cfg, tmp_path, progress=False)
+    assert second.keys() == first.keys()
+    assert [second[k]["history"] for k in first] == [first[k]["history"] for k in first]
+    assert (tmp_path / "results.jsonl").stat().st_mtime_ns == mtime  # nothing re-trained
+    # a changed config is not mixed with old results
+    changed = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"steps": 20})})
+    third = run_study(changed, tmp_path, progress=False)
+    assert all(rec["history"][-1]["step"] <= 20 for rec in third.values())
+
+
+def test_runs_are_deterministic_and_same_batches_for_every_method(tmp_path):
+    path = ROOT / "configs/experiments/label_noise.yaml"
+    cfg = load_study(path, smoke=True).model_copy(update={"workers": 1})
+    a = run_study(cfg, tmp_path / "a", progress=False)
+    b = run_study(cfg, tmp_path / "b", progress=False)
+    for key in a:
+        ha = [{k: v for k, v in h.items() if k != "wall_s"} for h in a[key]["history"]]
+        hb = [{k: v for k, v in h.items() if k != "wall_s"} for h in b[key]["history"]]
+        assert ha == hb
+
+
+def _fake_records(cfg: StudyConfig, val: dict, test: dict) -> dict:
+    recs = {}
+    for m in cfg.methods:
+        for i in range(len(m.grid())):
+            for s in cfg.seeds:
+                hist = [
+                    {"step": 10, "wall_s": 1.0, "test_acc": test[(m.name, i)] + 0.1,
+                     "val_acc": val[(m.name, i)], "val_loss": 1.0, "memorised": 0.0,
+                     "train_acc": 1.0, "train_loss": 0.1, "test_loss": 1.0},
+                    {"step": 20, "wall_s": 2.0, "test_acc": test[(m.name, i)],
+                     "val_acc": val[(m.name, i)], "val_loss": 1.5, "memorised": 0.5,
+                     "train_acc": 1.0, "train_loss": 0.01, "test_loss": 2.0},
+                ]
+                recs[Job(0.4, m.name, i, s).key] = {"history": hist, "stopped": None}
+    return recs
+
+
+def test_selection_uses_validation_not_test_and_oracle_uses_test():
+    raw = {
+        "name": "sel",
+        "study": "label_noise",
+        "seeds": [0, 1],
+        "task": {"noise_levels": [0.4]},
+        "budget": {"steps": 20, "batch_size": 8, "eval_every": 10},
+        "methods": [{"name": "A", "type": "adamw", "lr": [1e-3, 3e-3]}],
+        "oracle_early_stopping": ["A"],
+    }
+    cfg = StudyConfig.model_validate(raw)
+    # point 0: better test, worse validation -> point 1 must be chosen
+    recs = _fake_records(cfg, val={("A", 0): 0.5, ("A", 1): 0.6}, test={("A", 0): 0.9, ("A", 1): 0.7})
+    rows = select(cfg, recs)[0.4]
+    plain = next(r for r in rows if r.method == "A")
+    assert plain.point["lr"] == 3e-3
+    assert plain.stat("final_test_acc")[0] == pytest.approx(0.7)
+    assert plain.stat("val_loss_rise")[0] == pytest.approx(0.5)
+    oracle = next(r for r in rows if r.method == "A + oracle early stop")
+    assert oracle.point["lr"] == 1e-3  # the oracle picks by test accuracy, at its best step
+    assert oracle.stat("final_test_acc")[0] == pytest.approx(1.0)
+    assert oracle.stat("final_memorised")[0] == 0.0
+
+
+def test_bad_study_configs_name_the_key(tmp_path):
+    path = ROOT / "configs/experiments/label_noise.yaml"
+    with pytest.raises(ConfigError, match=r"task\.hiden: unknown key"):
+        load_study(path, ["task.hiden=[3]"])
+    with pytest.raises(ConfigError, match=r"budget\.steps = 0"):
+        load_study(path, ["budget.steps=0"])
+    with pytest.raises(ConfigError, match=r"oracle_early_stopping names unknown methods"):
+        load_study(path, ["oracle_early_stopping=[Nope]"])
+    with pytest.raises(ConfigError, match=r"methods\.2\.snr\.gate"):
+        load_study(path, ["methods.2.snr.gate=loud"])
+    r = _cli("experiment", "no_such_study")
+    assert r.returncode == 2 and "known: [" in r.stderr and "label_noise" in r.stderr
+
+
+def test_modular_task_labels_are_right():
+    from snr_dist.experiments.tasks import modular_pairs
+
+    pairs, y = modular_pairs(7, "div")
+    for (a, b), c in zip(pairs.tolist(), y.tolist()):
+        assert (c * b) % 7 == a
+    pairs, y = modular_pairs(7, "add")
+    assert len(y) == 49 and all((a + b) % 7 == c for (a, b), c in zip(pairs.tolist(), y.tolist()))
