@@ -67,6 +67,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _entk(args: argparse.Namespace) -> int:
+    from snr_dist.experiments.config import ConfigError
+    from snr_dist.experiments.entk_run import load_entk_config
+
+    try:
+        cfg = load_entk_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"snr-dist: {e}", file=sys.stderr)
+        return 2
+    from snr_dist.experiments.entk_run import run_entk
+
+    out_dir = Path(args.output_dir or cfg.output_dir) / cfg.name
+    print(f"snr-dist {__version__}: ENTK target spectrum {cfg.name} -> {out_dir}/", flush=True)
+    run_entk(cfg, out_dir, progress=not args.no_progress)
+    print(f"wrote {out_dir}/entk.json, {out_dir}/entk.png")
+    return 0
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -96,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
+    entk = sub.add_parser(
+        "entk", help="record where clean targets and label noise sit in the ENTK eigenbasis"
+    )
+    entk.add_argument("--config", required=True, help="YAML config, e.g. configs/entk/digits.yaml")
+    entk.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override by dotted key"
+    )
+    entk.add_argument("--output-dir", help="parent folder of the run (default: the config's)")
+    entk.add_argument("--no-progress", action="store_true", help="no progress bar")
+    entk.set_defaults(func=_entk)
     return parser
 
 
