@@ -34,7 +34,8 @@ def plot_cumulative(
         raise ValueError(f"{len(labels)} labels for {len(recs)} records")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dim = recs[0]["dim"]
-    ax.plot([1, dim], [1 / dim, 1.0], color="0.6", lw=1, label="random direction")
+    ks_all = range(1, dim + 1)
+    ax.plot(ks_all, [k / dim for k in ks_all], color="0.6", lw=1, label="random direction")
     for i, (rec, label) in enumerate(zip(recs, labels)):
         color = f"C{i}"
         ks = range(1, len(rec["clean_cumulative"]) + 1)
