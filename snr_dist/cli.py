@@ -103,6 +103,24 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _entk(args: argparse.Namespace) -> int:
+    from snr_dist.experiments.config import ConfigError
+    from snr_dist.experiments.entk_run import load_entk_config
+
+    try:
+        cfg = load_entk_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"snr-dist: {e}", file=sys.stderr)
+        return 2
+    from snr_dist.experiments.entk_run import run_entk
+
+    out_dir = Path(args.output_dir or cfg.output_dir) / cfg.name
+    print(f"snr-dist {__version__}: ENTK target spectrum {cfg.name} -> {out_dir}/", flush=True)
+    run_entk(cfg, out_dir, progress=not args.no_progress)
+    print(f"wrote {out_dir}/entk.json, {out_dir}/entk.png")
+    return 0
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -136,18 +154,38 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment",
         help="run a claim experiment (methods x lr grid x seeds) and write its report",
     )
-    exp.add_argument("name", help="an experiment in configs/experiments/ (e.g. label_noise) "
-                     "or a path to a study YAML")
+    exp.add_argument(
+        "name",
+        help="an experiment in configs/experiments/ (e.g. label_noise) or a path to a study YAML",
+    )
     exp.add_argument("--configs", default="configs/experiments", help=argparse.SUPPRESS)
-    exp.add_argument("--smoke", action="store_true",
-                     help="apply the config's 'smoke' overrides (a minute-long structural run)")
-    exp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value by dotted key (repeatable)")
+    exp.add_argument(
+        "--smoke",
+        action="store_true",
+        help="apply the config's 'smoke' overrides (a minute-long structural run)",
+    )
+    exp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key (repeatable)",
+    )
     exp.add_argument("--workers", type=int, help="worker processes (default: the config's)")
     exp.add_argument("--output-dir", help="parent folder of the run (default: the config's)")
     exp.add_argument("--fresh", action="store_true", help="ignore finished runs and rerun all")
     exp.add_argument("--no-progress", action="store_true", help="no progress bars")
     exp.set_defaults(func=_experiment)
+    entk = sub.add_parser(
+        "entk", help="record where clean targets and label noise sit in the ENTK eigenbasis"
+    )
+    entk.add_argument("--config", required=True, help="YAML config, e.g. configs/entk/digits.yaml")
+    entk.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override by dotted key"
+    )
+    entk.add_argument("--output-dir", help="parent folder of the run (default: the config's)")
+    entk.add_argument("--no-progress", action="store_true", help="no progress bar")
+    entk.set_defaults(func=_entk)
     return parser
 
 

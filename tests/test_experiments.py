@@ -30,8 +30,16 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_smoke_run_writes_a_complete_report(name, tmp_path):
     cfg = load_study(ROOT / "configs/experiments" / f"{name}.yaml", smoke=True)
-    r = _cli("experiment", name, "--smoke", "--workers", "1", "--no-progress",
-             "--output-dir", str(tmp_path))
+    r = _cli(
+        "experiment",
+        name,
+        "--smoke",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / cfg.name
     report = (out / "report.md").read_text()
@@ -40,7 +48,7 @@ def test_smoke_run_writes_a_complete_report(name, tmp_path):
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     n_runs = sum(len(m.grid()) for m in cfg.methods) * len(cfg.seeds)
     assert len(lines) == n_runs * len(summary["settings"])
-    for setting, rows in summary["settings"].items():
+    for rows in summary["settings"].values():
         names = [row["method"] for row in rows]
         expected = [m.name for m in cfg.methods] + [
             f"{m} + oracle early stop" for m in cfg.oracle_early_stopping
@@ -86,12 +94,28 @@ def _fake_records(cfg: StudyConfig, val: dict, test: dict) -> dict:
         for i in range(len(m.grid())):
             for s in cfg.seeds:
                 hist = [
-                    {"step": 10, "wall_s": 1.0, "test_acc": test[(m.name, i)] + 0.1,
-                     "val_acc": val[(m.name, i)], "val_loss": 1.0, "memorised": 0.0,
-                     "train_acc": 1.0, "train_loss": 0.1, "test_loss": 1.0},
-                    {"step": 20, "wall_s": 2.0, "test_acc": test[(m.name, i)],
-                     "val_acc": val[(m.name, i)], "val_loss": 1.5, "memorised": 0.5,
-                     "train_acc": 1.0, "train_loss": 0.01, "test_loss": 2.0},
+                    {
+                        "step": 10,
+                        "wall_s": 1.0,
+                        "test_acc": test[(m.name, i)] + 0.1,
+                        "val_acc": val[(m.name, i)],
+                        "val_loss": 1.0,
+                        "memorised": 0.0,
+                        "train_acc": 1.0,
+                        "train_loss": 0.1,
+                        "test_loss": 1.0,
+                    },
+                    {
+                        "step": 20,
+                        "wall_s": 2.0,
+                        "test_acc": test[(m.name, i)],
+                        "val_acc": val[(m.name, i)],
+                        "val_loss": 1.5,
+                        "memorised": 0.5,
+                        "train_acc": 1.0,
+                        "train_loss": 0.01,
+                        "test_loss": 2.0,
+                    },
                 ]
                 recs[Job(0.4, m.name, i, s).key] = {"history": hist, "stopped": None}
     return recs
@@ -109,7 +133,9 @@ def test_selection_uses_validation_not_test_and_oracle_uses_test():
     }
     cfg = StudyConfig.model_validate(raw)
     # point 0: better test, worse validation -> point 1 must be chosen
-    recs = _fake_records(cfg, val={("A", 0): 0.5, ("A", 1): 0.6}, test={("A", 0): 0.9, ("A", 1): 0.7})
+    recs = _fake_records(
+        cfg, val={("A", 0): 0.5, ("A", 1): 0.6}, test={("A", 0): 0.9, ("A", 1): 0.7}
+    )
     rows = select(cfg, recs)[0.4]
     plain = next(r for r in rows if r.method == "A")
     assert plain.point["lr"] == 3e-3

@@ -152,13 +152,14 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
     return list(current.model_fields) if hasattr(current, "model_fields") else None
 
 
-def format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str, schema: type[BaseModel] | None = None) -> str:
+    """One line per problem; ``schema``: the root model (default `ExperimentConfig`)."""
     lines = [f"{source}: invalid config ({err.error_count()} problem(s))"]
     for e in err.errors(include_url=False):
         loc = tuple(x for x in e["loc"] if x not in ("function-after",))
         path = ".".join(str(x) for x in loc) or "<root>"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(ExperimentConfig, loc)
+            allowed = _allowed_keys(schema or ExperimentConfig, loc)
             hint = f" (allowed keys: {', '.join(allowed)})" if allowed else ""
             lines.append(f"  - {path}: unknown key{hint}")
             continue
@@ -213,9 +214,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    raw: dict | None = None,
+    schema: type[BaseModel] | None = None,
 ) -> ExperimentConfig:
-    """Read, override and validate; raise `ConfigError` listing every problem."""
+    """Read, override and validate; raise `ConfigError` listing every problem. ``schema``:
+    the root model to validate against (default `ExperimentConfig`)."""
     source = str(path) if path is not None else "<config>"
     if raw is None:
         p = Path(path)
@@ -229,6 +234,6 @@ def load_config(
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     try:
-        return ExperimentConfig.model_validate(raw)
+        return (schema or ExperimentConfig).model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source, schema)) from None

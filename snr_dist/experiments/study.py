@@ -88,7 +88,9 @@ class StudyConfig(_Strict):
             raise ValueError(f"method names must be unique, repeated: {dup}")
         unknown = sorted(set(self.oracle_early_stopping) - set(names))
         if unknown:
-            raise ValueError(f"oracle_early_stopping names unknown methods {unknown}; known: {names}")
+            raise ValueError(
+                f"oracle_early_stopping names unknown methods {unknown}; known: {names}"
+            )
         return self
 
 
@@ -312,9 +314,13 @@ def select(cfg: StudyConfig, records: dict[str, dict]) -> dict[Any, list[Row]]:
             if m.name in cfg.oracle_early_stopping:
                 oracle = []
                 for _, i, point, _, hists in candidates:
-                    cut = [h[: max(range(len(h)), key=lambda k: h[k]["test_acc"]) + 1] for h in hists]
+                    cut = [
+                        h[: max(range(len(h)), key=lambda k: h[k]["test_acc"]) + 1] for h in hists
+                    ]
                     sums = [study.summarise(task_cfg, h, None) for h in cut]
-                    oracle.append((statistics.fmean(s["final_test_acc"] for s in sums), i, point, sums, cut))
+                    oracle.append(
+                        (statistics.fmean(s["final_test_acc"] for s in sums), i, point, sums, cut)
+                    )
                 _, i, point, sums, cut = max(oracle, key=lambda c: (c[0], -c[1]))
                 out[setting].append(Row(f"{m.name} + oracle early stop", point, sums, cut))
     return out

@@ -45,7 +45,10 @@ def headline(cfg: StudyConfig, selected: dict[Any, list[Row]]) -> dict[str, Any]
         widths = list(selected)
         methods = [r.method for r in selected[widths[0]]]
         for m in methods:
-            errs = [next(r for r in selected[w] if r.method == m).stat("final_test_err")[0] for w in widths]
+            errs = [
+                next(r for r in selected[w] if r.method == m).stat("final_test_err")[0]
+                for w in widths
+            ]
             peak = max(range(len(widths)), key=lambda i: errs[i])
             out[m] = {
                 "test_error_by_width": dict(zip(map(str, widths), errs)),
@@ -66,13 +69,17 @@ def plot(cfg: StudyConfig, selected: dict[Any, list[Row]], path: Path) -> None:
     settings = list(selected)
     if cfg.study == "double_descent":
         fig, ax = plt.subplots(figsize=(6, 4))
-        for i, row in enumerate(selected[settings[0]]):
+        for row in selected[settings[0]]:
             ys = [next(r for r in selected[w] if r.method == row.method) for w in settings]
             means = [r.stat("final_test_err")[0] for r in ys]
             sds = [r.stat("final_test_err")[1] for r in ys]
             ax.errorbar(settings, means, yerr=sds, marker="o", capsize=3, label=row.method)
-        ax.set(xscale="log", xlabel="hidden width", ylabel="final test error",
-               title=f"double descent, {cfg.task.get('label_noise', 0.2):.0%} label noise")
+        ax.set(
+            xscale="log",
+            xlabel="hidden width",
+            ylabel="final test error",
+            title=f"double descent, {cfg.task.get('label_noise', 0.2):.0%} label noise",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -112,8 +119,9 @@ def plot(cfg: StudyConfig, selected: dict[Any, list[Row]], path: Path) -> None:
     plt.close(fig)
 
 
-def write(cfg: StudyConfig, selected: dict[Any, list[Row]], out_dir: Path, command: str,
-          total_wall: float) -> str:
+def write(
+    cfg: StudyConfig, selected: dict[Any, list[Row]], out_dir: Path, command: str, total_wall: float
+) -> str:
     study = STUDIES[cfg.study]
     n = len(cfg.seeds)
     parts = [f"# {cfg.name}\n"]
@@ -145,8 +153,10 @@ def write(cfg: StudyConfig, selected: dict[Any, list[Row]], out_dir: Path, comma
                 {
                     "method": r.method,
                     "point": r.point,
-                    **{k: mean_sd([x[k] for x in r.summaries if x.get(k) is not None])
-                       for k, _, _ in study.columns},
+                    **{
+                        k: mean_sd([x[k] for x in r.summaries if x.get(k) is not None])
+                        for k, _, _ in study.columns
+                    },
                 }
                 for r in rows
             ]
