@@ -111,6 +111,60 @@ def _speed_score(s: dict) -> float:
     return -(steps if steps is not None else 2.0 * s["last_step"])
 
 
+# ---------------------------------------------------------------------- ENTK partition
+class ENTKPartitionTask(_Strict):
+    noise_levels: list[float] = Field(default_factory=lambda: [0.0, 0.4], min_length=1)
+    hidden: list[int] = Field(default_factory=lambda: [128, 128], min_length=1)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    n_points: int = Field(default=200, ge=10)  # training points the kernel is computed on
+    record_every: int = Field(default=300, ge=1)  # steps; a multiple of budget.eval_every
+    kernel: Literal["exact", "nystrom"] = "exact"
+    landmarks: int = Field(default=64, ge=2)
+
+
+_SPECTRUM_KEYS = ("k90", "reservoir_share", "random_share", "clean_outside", "trace")
+
+
+def _entk_callback(cfg: ENTKPartitionTask, task: DigitsTask, job) -> Callable:
+    """Record the target spectrum (on a fixed subset) at init and every ``record_every``
+    steps into the evaluation history (the last record, or a step-0 record at init)."""
+    from snr_dist.entk import ENTKCallback
+
+    cb = ENTKCallback(
+        task.train.x,
+        task.train_clean,
+        task.train.y,
+        num_classes=10,
+        n_points=cfg.n_points,
+        seed=job.seed,
+        kernel=cfg.kernel,
+        landmarks=cfg.landmarks,
+    )
+
+    def callback(model, step: int, history: list[dict]) -> None:
+        if step == 0:
+            history.append({"step": 0, "wall_s": 0.0, **task.evaluate(model)})
+        elif step % cfg.record_every:
+            return
+        rec = cb.record(model)
+        history[-1].update({k: rec.get(k) for k in _SPECTRUM_KEYS})
+        history[-1]["noise_in_top_k90"] = (
+            None if rec.get("reservoir_share") is None else 1.0 - rec["reservoir_share"]
+        )
+
+    return callback
+
+
+def _entk_summary(cfg: ENTKPartitionTask, history: list[dict], stopped: int | None) -> dict:
+    recs = [h for h in history if "k90" in h]
+    first, last = recs[0], recs[-1]
+    out = _digits_summary(history)
+    for name, rec in (("init", first), ("final", last)):
+        for key in ("k90", "reservoir_share", "random_share"):
+            out[f"{key}_{name}"] = rec.get(key)
+    return out
+
+
 # ---------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Study:
@@ -175,6 +229,25 @@ STUDIES: dict[str, Study] = {
             ("final_val_acc", "final val acc", "{:.3f}"),
         ],
         setting_label="operation",
+    ),
+    "entk_partition": Study(
+        task_model=ENTKPartitionTask,
+        settings=lambda c: list(c.noise_levels),
+        make_task=lambda c, noise, seed: DigitsTask(noise, c.hidden, seed, c.activation),
+        stop=lambda c, rec: False,
+        summarise=_entk_summary,
+        score=lambda s: s["final_val_acc"],
+        columns=[
+            ("k90_init", "k90 at init", "{:.0f}"),
+            ("k90_final", "k90 final", "{:.0f}"),
+            ("reservoir_share_init", "noise outside top-k90, init", "{:.3f}"),
+            ("reservoir_share_final", "noise outside top-k90, final", "{:.3f}"),
+            ("random_share_final", "random direction outside, final", "{:.3f}"),
+            ("final_test_acc", "final test acc", "{:.3f}"),
+            ("final_memorised", "noisy labels memorised", "{:.1%}"),
+        ],
+        setting_label="label noise",
+        callback=_entk_callback,
     ),
     "convergence": Study(
         task_model=ConvergenceTask,

@@ -132,6 +132,12 @@ def load_study(
             else:
                 lines.append(f"  - {key} = {err.get('input')!r}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
+    every = cfg.task.get("record_every")
+    if every is not None and every % cfg.budget.eval_every:
+        raise ConfigError(
+            f"{p}: task.record_every = {every}: must be a multiple of budget.eval_every "
+            f"({cfg.budget.eval_every}); records are taken at evaluations"
+        )
     return cfg
 
 

@@ -90,6 +90,11 @@ def plot(cfg: StudyConfig, selected: dict[Any, list[Row]], path: Path) -> None:
         "label_noise": [("test_acc", "test accuracy"), ("memorised", "noisy labels memorised")],
         "grokking": [("val_acc", "held-out accuracy"), ("train_acc", "train accuracy")],
         "convergence": [("train_loss", "train loss"), ("test_acc", "test accuracy")],
+        "entk_partition": [
+            ("reservoir_share", "noise energy outside the top-k90 eigenspace"),
+            ("k90", "k90 (signal-channel dimension)"),
+            ("test_acc", "test accuracy"),
+        ],
     }.get(cfg.study, [("train_loss", "train loss")])
     fig, axes = plt.subplots(
         len(keys), len(settings), figsize=(4.5 * len(settings), 3.3 * len(keys)), squeeze=False
@@ -101,6 +106,7 @@ def plot(cfg: StudyConfig, selected: dict[Any, list[Row]], path: Path) -> None:
             ax = axes[k][j]
             for i, row in enumerate(selected[setting]):
                 for n, hist in enumerate(row.histories):
+                    hist = [h for h in hist if h.get(key) is not None]
                     ax.plot(
                         [h["step"] for h in hist],
                         [h[key] for h in hist],
