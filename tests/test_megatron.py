@@ -15,6 +15,7 @@ I/O is replaced by exchanging the main replicas of the sharded tensors between t
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from distributed_utils import run_distributed  # noqa: E402
 from snr_dist.megatron import MegatronConfigError, get_megatron_snr_optimizer  # noqa: E402
 
 STEPS = 4
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "megatron" / "gpt_tiny.yaml")
 SUBSPACE = {"mode": "subspace", "rank": 3, "refresh_every": 2, "snr_beta": 0.95}
 
 
@@ -314,3 +316,21 @@ def test_refusals_name_the_setting():
         get_megatron_snr_optimizer(_config(), [], snr={"basis_side": "rows"})
     with pytest.raises(ValueError, match="Invalid tau"):
         get_megatron_snr_optimizer(_config(), [], snr={"tau": -1.0})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_example_script_fails_clearly_without_cuda():
+    from snr_dist.experiments.megatron_gpt import main
+
+    with pytest.raises(SystemExit, match="needs CUDA"):
+        main(["--config", CONFIG, "--steps", "1"])
+
+
+def test_example_config_is_validated(tmp_path):
+    from snr_dist.experiments.megatron_gpt import load_config
+
+    assert load_config(CONFIG)["snr"]["mode"] == "subspace"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden: 8\n")
+    with pytest.raises(ValueError, match=r"unknown model key\(s\) \['hidden'\]"):
+        load_config(bad)
