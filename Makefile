@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.snr-dist-installed
 
-.PHONY: demo test lint bench docs clean
+.PHONY: demo test lint bench docs clean experiments
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,8 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .ruff_cache
+
+# The claim experiments behind docs/results.md (each < 20 min on 2 cores; reports in runs/experiments/).
+EXPERIMENTS ?= label_noise convergence entk_partition double_descent grokking
+experiments: $(STAMP)
+	for e in $(EXPERIMENTS); do $(VENV)/bin/snr-dist experiment $$e || exit 1; done
