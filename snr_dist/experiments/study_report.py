@@ -14,7 +14,7 @@ from snr_dist.experiments.study import Row, StudyConfig, machine, markdown_table
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
         return None
-    return a / b
+    return round(a / b, 3)
 
 
 def headline(cfg: StudyConfig, selected: dict[Any, list[Row]]) -> dict[str, Any]:
@@ -51,11 +51,11 @@ def headline(cfg: StudyConfig, selected: dict[Any, list[Row]]) -> dict[str, Any]
             ]
             peak = max(range(len(widths)), key=lambda i: errs[i])
             out[m] = {
-                "test_error_by_width": dict(zip(map(str, widths), errs)),
+                "test_error_by_width": {str(w): round(e, 4) for w, e in zip(widths, errs)},
                 "peak_width": widths[peak],
-                "peak_error": errs[peak],
-                "peak_height_over_widest": errs[peak] - errs[-1],
-                "peak_height_over_min_before": errs[peak] - min(errs[: peak + 1]),
+                "peak_error": round(errs[peak], 4),
+                "peak_height_over_widest": round(errs[peak] - errs[-1], 4),
+                "peak_height_over_min_before": round(errs[peak] - min(errs[: peak + 1]), 4),
             }
     return out
 
