@@ -169,3 +169,32 @@ def test_modular_task_labels_are_right():
         assert (c * b) % 7 == a
     pairs, y = modular_pairs(7, "add")
     assert len(y) == 49 and all((a + b) % 7 == c for (a, b), c in zip(pairs.tolist(), y.tolist()))
+
+
+def test_double_descent_bump_is_the_rise_above_both_sides():
+    from snr_dist.experiments.study import Row
+    from snr_dist.experiments.study_report import headline
+
+    raw = {
+        "name": "dd",
+        "study": "double_descent",
+        "seeds": [0],
+        "task": {"widths": [4, 8, 16, 32]},
+        "budget": {"steps": 1, "batch_size": 1, "eval_every": 1},
+        "methods": [
+            {"name": "A", "type": "adamw", "lr": [1e-3]},
+            {"name": "B", "type": "adamw", "lr": [1e-3]},
+        ],
+    }
+    cfg = StudyConfig.model_validate(raw)
+    errs = {"A": [0.30, 0.20, 0.35, 0.10], "B": [0.30, 0.25, 0.20, 0.10]}
+    selected = {
+        w: [
+            Row(m, {"lr": 1e-3, "weight_decay": 0.0}, [{"final_test_err": errs[m][i]}], [])
+            for m in ("A", "B")
+        ]
+        for i, w in enumerate([4, 8, 16, 32])
+    }
+    head = headline(cfg, selected)
+    assert head["A"]["bump_width"] == 16 and head["A"]["bump_height"] == pytest.approx(0.15)
+    assert head["B"]["bump_height"] == 0.0  # only falls: no double descent

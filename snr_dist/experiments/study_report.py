@@ -49,13 +49,19 @@ def headline(cfg: StudyConfig, selected: dict[Any, list[Row]]) -> dict[str, Any]
                 next(r for r in selected[w] if r.method == m).stat("final_test_err")[0]
                 for w in widths
             ]
-            peak = max(range(len(widths)), key=lambda i: errs[i])
+            # A double-descent bump: how far a width's error rises above the best error on
+            # *both* sides of it (0 for a curve that only falls, or only rises).
+            bumps = [
+                min(errs[j] - min(errs[: j + 1]), errs[j] - min(errs[j:]))
+                for j in range(len(widths))
+            ]
+            peak = max(range(len(widths)), key=lambda j: bumps[j])
             out[m] = {
                 "test_error_by_width": {str(w): round(e, 4) for w, e in zip(widths, errs)},
-                "peak_width": widths[peak],
-                "peak_error": round(errs[peak], 4),
-                "peak_height_over_widest": round(errs[peak] - errs[-1], 4),
-                "peak_height_over_min_before": round(errs[peak] - min(errs[: peak + 1]), 4),
+                "bump_width": widths[peak],
+                "bump_height": round(bumps[peak], 4),
+                "worst_width": widths[max(range(len(widths)), key=lambda j: errs[j])],
+                "error_at_widest": round(errs[-1], 4),
             }
     return out
 
