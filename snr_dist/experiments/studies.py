@@ -120,6 +120,7 @@ class ENTKPartitionTask(_Strict):
     record_every: int = Field(default=300, ge=1)  # steps; a multiple of budget.eval_every
     kernel: Literal["exact", "nystrom"] = "exact"
     landmarks: int = Field(default=64, ge=2)
+    chunk_size: int | None = Field(default=None, ge=1)  # None: all Jacobians at once (fastest)
 
 
 _SPECTRUM_KEYS = ("k90", "reservoir_share", "random_share", "clean_outside", "trace")
@@ -139,6 +140,7 @@ def _entk_callback(cfg: ENTKPartitionTask, task: DigitsTask, job) -> Callable:
         seed=job.seed,
         kernel=cfg.kernel,
         landmarks=cfg.landmarks,
+        chunk_size=cfg.chunk_size,
     )
 
     def callback(model, step: int, history: list[dict]) -> None:
