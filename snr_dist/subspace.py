@@ -246,6 +246,31 @@ def refresh_partials(state: dict) -> list[Tensor]:
     return out
 
 
+def _nystrom_basis(q_old: Tensor, sketch: Tensor, sketch_weight: float) -> tuple[Tensor, Tensor]:
+    """``(q_new, eigvals)`` from the sketch; the old basis (and zero eigenvalues) when there is
+    nothing to solve or the solve fails, so every rank's refresh keeps the same structure."""
+    r = q_old.shape[1]
+    keep = q_old.clone(), torch.zeros(r, device=q_old.device)
+    y = sketch / sketch_weight if sketch_weight > 0.0 else None  # ~ C Q_old
+    # The Nystrom approximation is linear in Y, so solve for Y / max|Y| in float64 and scale
+    # the eigenvalues back: late in training Y's entries are squared gradients (1e-20 and
+    # below), whose pseudo-inverse overflows float32 and makes eigh fail.
+    scale = float(y.abs().max()) if y is not None else 0.0
+    if not (scale > 0.0 and math.isfinite(scale)):  # nothing observed yet (or no gradient)
+        return keep
+    y64 = y.double() / scale
+    core = q_old.double().T @ y64  # ~ Q^T C Q / scale, symmetric PSD up to noise
+    try:
+        q1 = torch.linalg.qr(y64).Q
+        t = q1.T @ y64
+        small = t @ _psd_pinv(core) @ t.T  # the Nystrom approximation in q1 coordinates
+        evals, evecs = torch.linalg.eigh(0.5 * (small + small.T))
+    except torch.linalg.LinAlgError:  # keep the basis; the next refresh tries again
+        return keep
+    q_new = q1 @ evecs.flip(1)  # orthonormal: q1 is, and eigh's evecs are orthogonal
+    return q_new.float(), (evals.flip(0).clamp(min=0.0) * scale).float()
+
+
 @torch.no_grad()
 def refresh_solve(
     q_old: Tensor,
@@ -259,16 +284,7 @@ def refresh_solve(
     ``temporal`` = (the all-reduced `temporal_vector`, step, beta_s, beta_v).
     """
     d, r = q_old.shape
-    if sketch_weight <= 0.0:  # nothing observed yet
-        return q_old.clone(), torch.zeros(r, device=q_old.device), None
-    y = partials[0] / sketch_weight  # ~ C Q_old, bias-corrected
-    core = q_old.T @ y  # ~ Q^T C Q, symmetric PSD up to noise
-    q1 = torch.linalg.qr(y).Q
-    t = q1.T @ y
-    small = t @ _psd_pinv(core) @ t.T  # the Nystrom approximation in q1 coordinates
-    evals, evecs = torch.linalg.eigh(0.5 * (small + small.T))
-    evals, evecs = evals.flip(0).clamp(min=0.0), evecs.flip(1)
-    q_new = q1 @ evecs  # orthonormal: q1 is, and eigh's evecs are orthogonal
+    q_new, evals = _nystrom_basis(q_old, partials[0], sketch_weight)
     cov_rot = None
     if temporal is not None:
         vec, step, beta_s, beta_v = temporal

@@ -150,3 +150,28 @@ def test_refresh_keeps_coherent_signal_exact_after_large_rotation():
 def test_refresh_schedule():
     due = [t for t in range(1, 130) if subspace.refresh_due(t, 50)]
     assert due == [1, 2, 4, 8, 16, 32, 50, 100]
+
+
+@pytest.mark.parametrize("magnitude", [1e-21, 1e12])
+def test_refresh_is_scale_free_for_tiny_and_huge_gradients(magnitude):
+    """Late in training gradients are tiny and the sketch holds their squares (~1e-42 here,
+    below float32's normal range): the refresh must still find the planted space, not crash
+    in eigh (found by the double-descent experiment) or keep a random basis."""
+    u, scales, draw = _planted()
+    p = torch.nn.Parameter(torch.zeros(24, 40))
+    opt = SNRAdamW([p], lr=1e-3, mode="subspace", rank=4, refresh_every=10)
+    for _ in range(40):
+        p.grad = draw() * magnitude
+        opt.step()
+    assert subspace.principal_angles(opt.state[p]["basis"], u).max() < 0.1
+    eig = opt.state[p]["eigvals"]
+    assert torch.isfinite(eig).all() and eig.min() > 0
+
+
+def test_refresh_keeps_the_basis_when_there_is_nothing_to_solve():
+    q = torch.linalg.qr(torch.randn(6, 2, dtype=torch.float64)).Q.float()
+    q_new, evals, cov = subspace.refresh_solve(q, [torch.zeros(6, 2)], 1.0, None)
+    assert torch.equal(q_new, q) and torch.equal(evals, torch.zeros(2)) and cov is None
+    nan_sketch = torch.full((6, 2), float("nan"))
+    q_new, _, _ = subspace.refresh_solve(q, [nan_sketch], 1.0, None)
+    assert torch.equal(q_new, q)

@@ -154,8 +154,12 @@ class Job:
 
 
 def config_hash(cfg: StudyConfig) -> str:
-    """What makes results comparable: everything but where and how fast they are produced."""
+    """What makes results comparable: everything but where and how fast they are produced,
+    plus the package version (results of other code are not reused)."""
+    from snr_dist import __version__
+
     d = cfg.model_dump(mode="json", exclude={"output_dir", "workers", "smoke"})
+    d["snr_dist_version"] = __version__
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

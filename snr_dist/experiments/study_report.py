@@ -97,8 +97,9 @@ def plot(cfg: StudyConfig, selected: dict[Any, list[Row]], path: Path) -> None:
         "grokking": [("val_acc", "held-out accuracy"), ("train_acc", "train accuracy")],
         "convergence": [("train_loss", "train loss"), ("test_acc", "test accuracy")],
         "entk_partition": [
-            ("reservoir_share", "noise energy outside the top-k90 eigenspace"),
-            ("k90", "k90 (signal-channel dimension)"),
+            ("reservoir_share", "noise outside top-k90"),
+            ("random_share", "random direction outside"),
+            ("k90", "k90"),
             ("test_acc", "test accuracy"),
         ],
     }.get(cfg.study, [("train_loss", "train loss")])
@@ -121,7 +122,8 @@ def plot(cfg: StudyConfig, selected: dict[Any, list[Row]], path: Path) -> None:
                         lw=1,
                         label=row.method if n == 0 else None,
                     )
-            ax.set(title=f"{title} ({label} {setting})", xlabel="step")
+            ax.set_title(f"{title} ({label} {setting})", fontsize=9)
+            ax.set_xlabel("step")
             if key == "train_loss":
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
