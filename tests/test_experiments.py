@@ -198,3 +198,24 @@ def test_double_descent_bump_is_the_rise_above_both_sides():
     head = headline(cfg, selected)
     assert head["A"]["bump_width"] == 16 and head["A"]["bump_height"] == pytest.approx(0.15)
     assert head["B"]["bump_height"] == 0.0  # only falls: no double descent
+
+
+def test_publish_replaces_only_the_marked_sections(tmp_path):
+    from snr_dist.experiments.publish import publish
+
+    run = tmp_path / "runs" / "label_noise"
+    run.mkdir(parents=True)
+    (run / "report.md").write_text(
+        "# t\n\n## label noise: 0.4\n\n| a |\n|---|\n| 1 |\n\n![curves](curves.png)\n\nMethods..."
+    )
+    (run / "curves.png").write_bytes(b"png")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text(
+        "intro\n<!-- label_noise:begin -->\nold\n<!-- label_noise:end -->\nend\n"
+    )
+    assert publish(tmp_path / "runs", docs) == ["label_noise"]
+    text = (docs / "results.md").read_text()
+    assert "old" not in text and "#### label noise: 0.4" in text and "| 1 |" in text
+    assert text.startswith("intro\n") and text.endswith("end\n") and "Methods" not in text
+    assert (docs / "results" / "label_noise.png").read_bytes() == b"png"
