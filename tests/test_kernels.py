@@ -341,3 +341,12 @@ def test_bench_smoke(capsys):
     tol = {"fp32": 1e-5, "bf16": 2e-2}
     assert all(r["max_rel_err"] <= tol[r["dtype"]] for r in rows)
     assert "| kernel |" in printed and "interpreter" in printed
+
+
+def test_loading_a_checkpoint_keeps_this_optimizers_kernels_choice():
+    model = tiny_mlp()
+    saved = SNRAdamW(model.parameters(), kernels="triton")
+    run(model, saved, batches(2))
+    opt = SNRAdamW(model.parameters(), kernels="torch")
+    opt.load_state_dict(saved.state_dict())
+    assert opt.param_groups[0]["kernels"] == "torch"

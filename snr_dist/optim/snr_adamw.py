@@ -168,10 +168,15 @@ class SNRAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters, and
-        under data parallelism keeps only the trackers this rank owns."""
+        """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters, keeps
+        this optimizer's ``kernels`` choice, and under data parallelism keeps only the trackers
+        this rank owns."""
         saved = state_dict["state"]
+        # Which kernels run is this process's choice (a GPU checkpoint may resume on a CPU).
+        impls = [g.get("kernels", "auto") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, impl in zip(self.param_groups, impls):
+            group["kernels"] = impl
         params = [p for g in self.param_groups for p in g["params"]]
         for idx, st in saved.items():
             cur = self.state[params[idx]]
