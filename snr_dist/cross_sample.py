@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from snr_dist.subspace import matrix_view, squared_norm
+from snr_dist.subspace import matrix_view, project, squared_norm
 
 
 class MicrobatchStats:
@@ -39,11 +39,19 @@ class MicrobatchStats:
         self.total_sq: Tensor | None = None  # ||sum_i d_i||^2 (this process's sum)
 
     @torch.no_grad()
-    def observe(self, d: Tensor, w: float, prev_grad: Tensor | None, tracker: dict | None) -> None:
+    def observe(
+        self,
+        d: Tensor,
+        w: float,
+        prev_grad: Tensor | None,
+        tracker: dict | None,
+        kernels: str = "torch",
+    ) -> None:
         """Add one micro-batch contribution ``d`` of weight ``w``.
 
         ``prev_grad`` is ``p.grad`` before ``d`` is accumulated into it (the running sum, in the
-        same units), used to track ``||sum d_i||^2`` without a buffer of its own.
+        same units), used to track ``||sum d_i||^2`` without a buffer of its own. ``kernels``
+        ("torch" or "triton", resolved) computes the subspace energies.
         """
         d = d.detach().float()
         self.count += 1
@@ -58,8 +66,7 @@ class MicrobatchStats:
         if tracker is None:
             sq = d.square().div_(w)
         else:
-            p = tracker["basis"].T @ matrix_view(d, bool(tracker["basis_rows"]))
-            dir_sq = p.square().sum(dim=1).div_(w)
+            dir_sq = _direction_energies(tracker, d, kernels).div_(w)
             sq = d_sq / w
             self.dir_sq = dir_sq if self.dir_sq is None else self.dir_sq.add_(dir_sq)
         self.sum_sq = sq if self.sum_sq is None else self.sum_sq.add_(sq)
@@ -103,14 +110,20 @@ def diagonal_moments(stats: MicrobatchStats, grad: Tensor, c_sq: float) -> tuple
     return raw, var
 
 
+def _direction_energies(tracker: dict, g: Tensor, kernels: str) -> Tensor:
+    """``||row_k(Q^T G)||^2`` per basis direction."""
+    q = tracker["basis"]
+    p, sq = project(q, matrix_view(g, bool(tracker["basis_rows"])), kernels)
+    return p.square().sum(dim=1) if sq is None else sq
+
+
 def subspace_moments(
-    stats: MicrobatchStats, grad: Tensor, c_sq: float, tracker: dict
+    stats: MicrobatchStats, grad: Tensor, c_sq: float, tracker: dict, kernels: str = "torch"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(raw_dir, var_dir, raw_energy, var_energy)``: per basis direction, and in total."""
     _check(stats)
     g = grad.float()
-    p = tracker["basis"].T @ matrix_view(g, bool(tracker["basis_rows"]))
-    raw_dir = p.square().sum(dim=1)
+    raw_dir = _direction_energies(tracker, g, kernels)
     raw_e = squared_norm(g)
     scale = stats.weight / c_sq
     m1 = stats.count - 1

@@ -15,6 +15,9 @@ from snr_dist.snr import GATE_RULES
 ESTIMATORS = ("temporal", "cross_sample")
 MODES = ("diagonal", "subspace")
 BASIS_SIDES = ("auto", "rows", "cols")
+KERNEL_CHOICES = ("auto", "torch", "triton")
+"""Implementations of the hot loops: ``auto`` (Triton on CUDA when it imports, else torch, unless
+``SNR_DIST_KERNELS`` says otherwise), or one forced."""
 
 # ``snr_beta2`` is used only where the base optimizer has no second moment of its own
 # (SNRPreconditioner); SNRAdamW uses ``betas[1]``.
@@ -82,6 +85,11 @@ def validate_options(opts: Mapping[str, Any]) -> None:
     if o["estimator"] == "temporal" and o["snr_beta"] == 0:
         # k_t = 1 at every step: one gradient carries no variance estimate.
         raise ValueError("Invalid snr_beta: 0; allowed range with estimator='temporal': (0.0, 1.0)")
+
+
+def validate_kernels(value: Any, name: str = "kernels") -> None:
+    """The ``kernels`` choice of an optimizer (or the ``SNR_DIST_KERNELS`` variable)."""
+    _choice(name, value, KERNEL_CHOICES)
 
 
 def validate_adam(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:

@@ -129,16 +129,34 @@ def refresh_due(step: int, refresh_every: int) -> bool:
     return step < refresh_every and (step & (step - 1)) == 0
 
 
+def project(q: Tensor, g: Tensor, kernels: str = "torch") -> tuple[Tensor, Tensor | None]:
+    """``(P, row sums of squares of P or None)`` for ``P = Q^T G``; the Triton kernel
+    (``kernels="triton"``) reads ``G`` once and sums the squares on the way."""
+    if kernels == "triton":
+        from snr_dist.kernels import project_with_stats
+
+        r, col_sq = project_with_stats(g.T, q, kernels="triton")
+        return r.T, col_sq
+    return q.T @ g, None
+
+
 @torch.no_grad()
-def observe(state: dict, grad: Tensor, beta_v: float, beta_s: float, sketch_beta: float) -> Tensor:
+def observe(
+    state: dict,
+    grad: Tensor,
+    beta_v: float,
+    beta_s: float,
+    sketch_beta: float,
+    kernels: str = "torch",
+) -> Tensor:
     """Update the sketch (and, in temporal mode, the projected moments) from the step gradient.
 
     ``grad`` is this rank's part of the gradient (fp32); all updates are partial sums over its
-    columns. Returns ``P = Q^T G``.
+    columns. Returns ``P = Q^T G``. ``kernels``: "torch" or "triton" (already resolved).
     """
     q = state["basis"]
     g = matrix_view(grad, bool(state["basis_rows"]))
-    p = q.T @ g
+    p, _ = project(q, g, kernels)
     state["sketch"].mul_(sketch_beta).addmm_(g, p.T, alpha=1.0 - sketch_beta)
     state["sketch_weight"].mul_(sketch_beta).add_(1.0 - sketch_beta)
     if "proj_avg" in state:
@@ -194,17 +212,36 @@ def cross_direction_moments(state: dict, step: int, beta: float) -> tuple[Tensor
 
 @torch.no_grad()
 def apply_gates(
-    state: dict, direction: Tensor, gates: Tensor, out: Tensor | None = None, alpha: float = 1.0
+    state: dict,
+    direction: Tensor,
+    gates: Tensor,
+    out: Tensor | None = None,
+    alpha: float = 1.0,
+    kernels: str = "torch",
 ) -> None:
     """``D' = g_perp D + Q ((g - g_perp) * Q^T D)``; ``gates`` = r values + complement.
 
     In place on ``direction``, or, with ``out``, ``out += alpha * D'`` (``D`` untouched): the
     optimizer adds the gated step straight into the parameter, two passes instead of four.
+    With ``kernels="triton"`` the two passes are one projection and one fused
+    gate-and-reconstruct (on the transposed views: ``X = D^T``).
     """
     q = state["basis"]
     rows = bool(state["basis_rows"])
     d = matrix_view(direction, rows)
     g_dir, g_perp = gates[:-1], gates[-1]
+    if kernels == "triton":
+        from snr_dist.kernels import gate_reconstruct
+
+        coef, _ = project(q, d, kernels)
+        kw = dict(check_orthonormal=False, kernels="triton")
+        if out is None:
+            gate_reconstruct(d.T, coef.T, q, g_dir - g_perp, g_perp, inplace=True, **kw)
+        else:
+            o = matrix_view(out, rows)
+            c, a = (g_dir - g_perp) * alpha, g_perp * alpha
+            gate_reconstruct(d.T, coef.T, q, c, a, out=o.T, accumulate=True, **kw)
+        return
     coef = q.T @ d
     coef.mul_((g_dir - g_perp).unsqueeze(1))
     if out is None:

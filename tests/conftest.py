@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
 
-import pytest
-import torch
+# Triton decides at decoration time whether its kernels run in the CPU interpreter, so this
+# must happen before any test module imports the kernels (a value set by the caller wins).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def tiny_mlp(seed: int = 0, d_in: int = 12, hidden: int = 24, d_out: int = 5) -> torch.nn.Module:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from snr_dist import cross_sample, subspace
+from snr_dist import kernels as kernel_dispatch
 from snr_dist import snr as rule
 from snr_dist.cross_sample import MicrobatchStats
 from snr_dist.distributed.assignment import assign_owners
@@ -202,6 +203,11 @@ class SNRGating:
     def kind(self, p: Tensor, group: dict) -> str:
         return param_mode(tuple(p.shape), group["mode"])
 
+    @staticmethod
+    def impl(group: dict, device) -> str:
+        """``"torch"`` or ``"triton"`` for the hot loops of this group on ``device``."""
+        return kernel_dispatch.resolve(group.get("kernels", "auto"), device)
+
     def _init_tracker(
         self, p: Tensor, group: dict, state: dict, participant: bool | None = None
     ) -> None:
@@ -310,7 +316,9 @@ class SNRGating:
             tracker = state
         stats = self._micro.setdefault(p, MicrobatchStats())
         prev = None if p.grad is None else local(p.grad)
-        stats.observe(local(grad), self._weight if weight is None else weight, prev, tracker)
+        w = self._weight if weight is None else weight
+        impl = "torch" if tracker is None else self.impl(group, grad.device)
+        stats.observe(local(grad), w, prev, tracker, impl)
 
     @contextlib.contextmanager
     def microbatch(self, weight: float) -> Iterator[None]:
@@ -377,7 +385,9 @@ class SNRGating:
                     torch._foreach_addcmul_(sq, gs, gs, value=1.0 - src.beta_v)
         for p, g, st in zip(params, grads, states):
             if self.kind(p, group) == "subspace" and self.ctx.participates(p):
-                subspace.observe(st, g, src.beta_v, src.beta_s, group["sketch_beta"])
+                subspace.observe(
+                    st, g, src.beta_v, src.beta_s, group["sketch_beta"], self.impl(group, g.device)
+                )
 
     # ------------------------------------------------------------------ phase 2: exchange
     @torch.no_grad()
@@ -439,7 +449,7 @@ class SNRGating:
                 beta = group["snr_beta"]
                 if kind == "cross_sub":
                     raw_d, var_d, raw_e, var_e = cross_sample.subspace_moments(
-                        stats, g, scale, state
+                        stats, g, scale, state, self.impl(group, g.device)
                     )
                     state["raw_dir"].lerp_(raw_d, 1.0 - beta)
                     state["noise_dir"].lerp_(var_d, 1.0 - beta)
@@ -650,7 +660,8 @@ class SNRGating:
                 g = self.gates(p, group, state, t)
                 if sub:
                     o = None if out is None else out[i]
-                    subspace.apply_gates(state, d, g, o, 1.0 if out is None else alphas[i])
+                    alpha = 1.0 if out is None else alphas[i]
+                    subspace.apply_gates(state, d, g, o, alpha, self.impl(group, d.device))
                 elif out is None:
                     d.mul_(g)
                 else:

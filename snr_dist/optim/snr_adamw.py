@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from snr_dist import kernels as kernel_dispatch
 from snr_dist.distributed.context import local
 from snr_dist.optim.gating import MomentSource, SNRGating, collect_gradients
-from snr_dist.options import SNR_DEFAULTS, validate_adam, validate_options
+from snr_dist.options import SNR_DEFAULTS, validate_adam, validate_kernels, validate_options
 
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 
@@ -53,6 +54,11 @@ class SNRAdamW(torch.optim.Optimizer):
         seed: seed of the random initial bases (identical on every rank).
         maximize: maximise the objective instead.
         foreach: use the multi-tensor path (None or True) or the per-tensor path (False).
+        kernels: "auto" (default: the Triton kernels for CUDA parameters when Triton imports,
+            unless the SNR_DIST_KERNELS environment variable says "torch" or "triton"),
+            "torch" or "triton" (forced; on the CPU only under TRITON_INTERPRET=1). Diagonal
+            temporal parameters then take one fused step kernel; subspace projections and
+            gated reconstructions use the thin-matmul kernels.
         skip_nonfinite: skip, and count, parameters whose gradient holds NaN/Inf.
         process_group: the data-parallel group. "auto" (default): the DTensor parameters'
             mesh (FSDP2), else the default group when torch.distributed is initialised with
@@ -81,6 +87,7 @@ class SNRAdamW(torch.optim.Optimizer):
         seed: int = SNR_DEFAULTS["seed"],
         maximize: bool = False,
         foreach: bool | None = None,
+        kernels: str = "auto",
         skip_nonfinite: bool = True,
         process_group="auto",
     ) -> None:
@@ -103,6 +110,7 @@ class SNRAdamW(torch.optim.Optimizer):
             seed=seed,
             maximize=bool(maximize),
             foreach=foreach,
+            kernels=kernels,
         )
         self._validate_group(defaults)
         self.skip_nonfinite = skip_nonfinite
@@ -120,6 +128,7 @@ class SNRAdamW(torch.optim.Optimizer):
     @staticmethod
     def _validate_group(group: dict) -> None:
         validate_adam(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        validate_kernels(group.get("kernels", "auto"))
         validate_options({k: group[k] for k in SNR_DEFAULTS if k in group and k != "snr_beta2"})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -159,10 +168,15 @@ class SNRAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters, and
-        under data parallelism keeps only the trackers this rank owns."""
+        """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters, keeps
+        this optimizer's ``kernels`` choice, and under data parallelism keeps only the trackers
+        this rank owns."""
         saved = state_dict["state"]
+        # Which kernels run is this process's choice (a GPU checkpoint may resume on a CPU).
+        impls = [g.get("kernels", "auto") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, impl in zip(self.param_groups, impls):
+            group["kernels"] = impl
         params = [p for g in self.param_groups for p in g["params"]]
         for idx, st in saved.items():
             cur = self.state[params[idx]]
@@ -214,6 +228,7 @@ class SNRAdamW(torch.optim.Optimizer):
         prepared = []
         for group, params, grads, skipped in work:
             self._gating.discard_microbatches(skipped)
+            params, grads = self._fused_step(group, params, grads)
             if params:
                 prepared.append(self._update_moments(group, params, grads))
         # One all-reduce of SNR statistics for the whole step (nothing in one process).
@@ -232,6 +247,52 @@ class SNRAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros(lp.shape, dtype=torch.float32, device=lp.device)
             self._gating.init_state(p, group, state)
         return state
+
+    def _fused_step(
+        self, group: dict, params: list[Tensor], grads: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The whole step of diagonal temporal params whose kernels resolve to Triton, in one
+        fused kernel launch per step count; returns the params (and grads) left to the torch
+        path. They need nothing from the exchange or refresh phases."""
+        if group["estimator"] != "temporal" or not params:
+            return params, grads
+        fused = [
+            i
+            for i, p in enumerate(params)
+            if self._gating.kind(p, group) == "diagonal"
+            and self._gating.impl(group, grads[i].device) == "triton"
+        ]
+        if not fused:
+            return params, grads
+        src = self._moment_source(group)
+        by_step: dict[int, list[int]] = {}
+        for i in fused:
+            state = self._init_state(params[i], group)
+            state["step"] += 1
+            by_step.setdefault(int(state["step"].item()), []).append(i)
+        for t, idx in by_step.items():
+            states = [self.state[params[i]] for i in idx]
+            kernel_dispatch.fused_snr_adamw_step(
+                [local(params[i]) for i in idx],
+                [grads[i] for i in idx],
+                [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states],
+                [st[src.mean_key] for st in states] if src.owns_mean else None,
+                step=t,
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                snr_beta=group["snr_beta"],
+                gate_rule=group["gate"],
+                tau=group["tau"],
+                gate_a=group["gate_a"],
+                warmup_steps=group["warmup_steps"],
+                maximize=group["maximize"],
+                kernels="triton",
+            )
+        rest = sorted(set(range(len(params))) - set(fused))
+        return [params[i] for i in rest], [grads[i] for i in rest]
 
     def _update_moments(self, group: dict, params: list[Tensor], grads: list[Tensor]):
         """Steps 1-2: Adam's moments and the local SNR statistics. Returns the work item."""
