@@ -62,6 +62,8 @@ def headline(cfg: StudyConfig, selected: dict[Any, list[Row]]) -> dict[str, Any]
                 "bump_height": round(bumps[peak], 4),
                 "worst_width": widths[max(range(len(widths)), key=lambda j: errs[j])],
                 "error_at_widest": round(errs[-1], 4),
+                "best_width": widths[min(range(len(widths)), key=lambda j: errs[j])],
+                "rise_best_to_widest": round(errs[-1] - min(errs), 4),
             }
     return out
 
