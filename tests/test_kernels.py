@@ -296,7 +296,13 @@ PARITY = [
 
 
 @pytest.mark.parametrize("kw", PARITY, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
-def test_optimizer_with_kernels_equals_torch_path(kw):
+def test_optimizer_with_kernels_equals_torch_path(kw, monkeypatch):
+    calls = []
+    for name in ("fused_snr_adamw_step", "project_with_stats", "gate_reconstruct"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k)
+        )
     micro = 2 if kw.get("estimator") == "cross_sample" else 1
     data = batches(20, micro=micro)
     a = tiny_mlp()
@@ -306,6 +312,10 @@ def test_optimizer_with_kernels_equals_torch_path(kw):
     run(b, SNRAdamW(b.parameters(), lr=1e-2, weight_decay=0.1, kernels="torch", **kw), data)
     assert max_diff(a, b) <= 1e-5
     assert opt_a.metrics()["groups"][0]["gate_mean"] <= 1.0
+    if kw.get("estimator", "temporal") == "temporal":  # biases (diagonal weights) fused
+        assert "fused_snr_adamw_step" in calls
+    if kw.get("mode") == "subspace":
+        assert {"project_with_stats", "gate_reconstruct"} <= set(calls)
 
 
 def test_optimizer_bf16_params_with_kernels():
@@ -350,3 +360,23 @@ def test_loading_a_checkpoint_keeps_this_optimizers_kernels_choice():
     opt = SNRAdamW(model.parameters(), kernels="torch")
     opt.load_state_dict(saved.state_dict())
     assert opt.param_groups[0]["kernels"] == "torch"
+
+
+def test_preconditioner_subspace_follows_the_environment_variable(monkeypatch):
+    from snr_dist import SNRPreconditioner
+
+    data = batches(8)
+    a = tiny_mlp()
+    b = copy.deepcopy(a)
+    kw = dict(mode="subspace", rank=3, refresh_every=4)
+    calls = []
+    real = dispatch.project_with_stats
+    monkeypatch.setattr(
+        dispatch, "project_with_stats", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    run(a, SNRPreconditioner(torch.optim.SGD(a.parameters(), lr=0.1), **kw), data)
+    assert calls  # the kernels ran
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    run(b, SNRPreconditioner(torch.optim.SGD(b.parameters(), lr=0.1), **kw), data)
+    assert max_diff(a, b) <= 1e-5
