@@ -14,6 +14,7 @@ order for every optimizer), and evaluates a model into a flat dict of floats.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,30 +30,27 @@ class Split:
     y: Tensor
 
 
-class Task:
-    """Interface: ``model(seed)``, ``loss(model, idx)``, ``evaluate(model)``, ``n_train``."""
+class Task(Protocol):
+    """What the study runner needs from a task (a structural type: tasks do not inherit)."""
 
     n_train: int
 
-    def model(self, seed: int) -> nn.Module:  # pragma: no cover - interface
-        raise NotImplementedError
+    def model(self, seed: int) -> nn.Module: ...
 
-    def loss(self, model: nn.Module, idx: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def loss(self, model: nn.Module, idx: Tensor) -> Tensor: ...
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:  # pragma: no cover
-        raise NotImplementedError
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
 
-    def targets_onehot(self, idx: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
+    def targets_onehot(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """``(clean, as-trained)`` one-hot targets of training examples ``idx``."""
-        raise NotImplementedError
+        ...
 
 
 def _acc_loss(out: Tensor, y: Tensor) -> tuple[float, float]:
     return float((out.argmax(1) == y).float().mean()), float(F.cross_entropy(out, y))
 
 
-class DigitsTask(Task):
+class DigitsTask:
     def __init__(
         self,
         label_noise: float,
@@ -137,7 +135,7 @@ def modular_pairs(p: int, op: str) -> tuple[Tensor, Tensor]:
     raise ValueError(f"Invalid op: {op!r}; allowed: 'add', 'div'")
 
 
-class ModularTask(Task):
+class ModularTask:
     def __init__(
         self, p: int, op: str, train_fraction: float, embed: int, hidden: int, seed: int
     ) -> None:
