@@ -8,13 +8,19 @@ is sharded (the torchtitan pattern). Blocks are sharded first, then the root.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-def default_mesh():
+    from snr_dist.optim.snr_adamw import SNRAdamW
+
+
+def default_mesh() -> DeviceMesh:
     """A 1-D mesh over the default process group, on CUDA if available, else CPU."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -48,10 +54,10 @@ def _blocks(model: nn.Module, modules) -> list[nn.Module]:
 
 def shard(
     model: nn.Module,
-    mesh=None,
+    mesh: DeviceMesh | None = None,
     modules: Iterable[nn.Module] | type | tuple[type, ...] | None = None,
     *,
-    mp_policy=None,
+    mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
 ) -> nn.Module:
     """``fully_shard`` each of ``modules`` (see `wrap`), then the root; returns ``model``."""
@@ -71,15 +77,15 @@ def shard(
 
 def wrap(
     model: nn.Module,
-    mesh=None,
+    mesh: DeviceMesh | None = None,
     modules: Iterable[nn.Module] | type | tuple[type, ...] | None = None,
     *,
-    mp_policy=None,
+    mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
     lr: float = 1e-3,
     weight_decay: float = 1e-2,
     **snr_options: Any,
-):
+) -> tuple[nn.Module, SNRAdamW]:
     """Shard ``model`` with FSDP2 (each of ``modules``, then the root) and build SNRAdamW.
 
     Args:
@@ -89,7 +95,9 @@ def wrap(
             of classes) to match, or None for every module that holds parameters directly.
         mp_policy: a ``torch.distributed.fsdp.MixedPrecisionPolicy``, e.g. bf16 compute with
             fp32 gradient reduction; parameters, and so the optimizer's statistics, stay fp32.
-        lr, weight_decay, snr_options: passed to `snr_dist.SNRAdamW`.
+        lr: passed to `snr_dist.SNRAdamW`.
+        weight_decay: passed to `snr_dist.SNRAdamW`.
+        **snr_options: passed to `snr_dist.SNRAdamW`.
 
     Returns:
         ``(model, optimizer)``.

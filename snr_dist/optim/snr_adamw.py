@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from snr_dist import kernels as kernel_dispatch
 from snr_dist.distributed.context import local
 from snr_dist.optim.gating import MomentSource, SNRGating, collect_gradients
 from snr_dist.options import SNR_DEFAULTS, validate_adam, validate_kernels, validate_options
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 
@@ -89,7 +92,7 @@ class SNRAdamW(torch.optim.Optimizer):
         foreach: bool | None = None,
         kernels: str = "auto",
         skip_nonfinite: bool = True,
-        process_group="auto",
+        process_group: ProcessGroup | str | None = "auto",
     ) -> None:
         defaults = dict(
             lr=lr,
