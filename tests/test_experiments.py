@@ -14,7 +14,14 @@ from snr_dist.experiments.config import ConfigError
 from snr_dist.experiments.study import Job, StudyConfig, load_study, run_study, select
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ["label_noise", "grokking", "double_descent", "convergence", "entk_partition"]
+EXPERIMENTS = [
+    "label_noise",
+    "grokking",
+    "grokking_long",
+    "double_descent",
+    "convergence",
+    "entk_partition",
+]
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
