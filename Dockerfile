@@ -23,6 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/snr-dist
 COPY pyproject.toml README.md LICENSE ./
 COPY snr_dist ./snr_dist
+COPY kernels ./kernels
 COPY configs ./configs
 COPY launch ./launch
 

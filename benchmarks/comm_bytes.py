@@ -4,7 +4,9 @@ Two real processes (gloo on 127.0.0.1) train the step-overhead benchmark's GPT u
 DistributedDataParallel. DDP's own traffic is counted by a communication hook that wraps its
 bucket all-reduce; snr-dist's by the byte counters of its process-group wrapper. Both are
 measured, not computed from shapes. Reported per optimizer: the per-step all-reduce (steady
-state) and the basis broadcasts of refreshes, amortised over ``refresh_every`` steps.
+state) and the basis broadcasts of refreshes, amortised over ``refresh_every`` steps. The
+optimizer is given the data-parallel group (``process_group=dist.group.WORLD``), so tracker
+refreshes are shared out between the ranks and cross-sample statistics pooled.
 
     python benchmarks/comm_bytes.py            # the GPT of benchmarks/step_overhead.py
     python benchmarks/comm_bytes.py --rank 64  # another rank
@@ -29,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from snr_dist import SNRAdamW
-from snr_dist.distributed import assign_owners, balance_ratio
+from snr_dist.distributors import assign_owners, balance_ratio
 from snr_dist.experiments.models import GPT
 
 
@@ -81,8 +83,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out) -> 
             ddp = DDP(model)
             counter = {"bytes": 0}
             ddp.register_comm_hook(None, _counting_hook(counter))
-            opt = SNRAdamW(model.parameters(), lr=3e-4, **kw)
-            comm = opt._gating.ctx.comm
+            opt = SNRAdamW(model.parameters(), lr=3e-4, process_group=dist.group.WORLD, **kw)
+            comm = opt.distributor.comm
             gen = torch.Generator().manual_seed(1 + rank)
             refreshes = 0
             for step in range(1, args.steps + 1):
@@ -99,7 +101,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out) -> 
                 "allreduce_bytes_per_step": comm.bytes.get("all_reduce", 0) / args.steps,
                 "broadcast_bytes_per_refresh": comm.bytes.get("broadcast", 0) / max(refreshes, 1),
                 "allreduce_calls_per_step": comm.calls.get("all_reduce", 0) / args.steps,
-                "trackers": len(opt._gating.costs),
+                "trackers": len(opt.distributor.costs),
             }
         if rank == 0:
             buf = io.BytesIO()
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         p.join()
     model = GPT(args.vocab, args.seq, args.d_model, args.layers, args.heads)
     costs = list(
-        SNRAdamW(model.parameters(), mode="subspace", rank=args.rank)._gating.costs.values()
+        SNRAdamW(model.parameters(), mode="subspace", rank=args.rank).distributor.costs.values()
     )
     balance = {w: balance_ratio(costs, assign_owners(costs, w), w) for w in (2, 4, 8)}
     return {"config": vars(args), "rows": results, "balance": balance}

@@ -76,6 +76,20 @@ def optimizer_factories() -> dict[str, Callable[[list[Tensor]], torch.optim.Opti
     }
 
 
+def revision_factories(rev: str) -> dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]]:
+    """The SNRAdamW rows again, built by the ``snr_dist`` of git revision ``rev``."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from revision import package_at
+
+    old = package_at(rev)
+    return {
+        f"SNRAdamW diagonal @{rev}": lambda ps: old.SNRAdamW(ps, lr=3e-4),
+        f"SNRAdamW subspace r=32 @{rev}": lambda ps: old.SNRAdamW(
+            ps, lr=3e-4, mode="subspace", rank=32
+        ),
+    }
+
+
 def _tensor_bytes(obj: Any, seen: set[int]) -> int:
     if torch.is_tensor(obj):
         key = obj.untyped_storage().data_ptr() if obj.numel() else id(obj)
@@ -138,6 +152,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-preconditioner", action="store_true", help="skip that extra row")
+    ap.add_argument(
+        "--compare-rev",
+        metavar="REV",
+        default=None,
+        help="also time the SNRAdamW rows of this git revision's snr_dist, in the same rounds",
+    )
     ap.add_argument("--json", metavar="PATH", default=None, help="also write results as JSON")
     args = ap.parse_args(argv)
     for name in ("layers", "d_model", "heads", "seq", "batch", "vocab", "steps"):
@@ -160,6 +180,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     factories = optimizer_factories()
     if args.no_preconditioner:
         factories.pop("SNRPreconditioner(AdamW)")
+    if args.compare_rev:
+        factories.update(revision_factories(args.compare_rev))
     models: dict[str, nn.Module] = {}
     opts: dict[str, torch.optim.Optimizer] = {}
     skipped: dict[str, str] = {}
@@ -246,7 +268,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     config = {
         k: getattr(args, k)
-        for k in ("layers", "d_model", "heads", "seq", "batch", "vocab", "steps", "warmup", "seed")
+        for k in (
+            "layers",
+            "d_model",
+            "heads",
+            "seq",
+            "batch",
+            "vocab",
+            "steps",
+            "warmup",
+            "seed",
+            "compare_rev",
+        )
     }
     env = {
         "torch": torch.__version__,
@@ -260,7 +293,25 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_before": load_before,
         "loadavg_after": _loadavg(),
     }
-    return {"config": config, "env": env, "rows": rows, "targets": targets, "skipped": skipped}
+    pairs = {}
+    if args.compare_rev:  # each row of this checkout against the same row of the revision
+        for name in names:
+            old = f"{name} @{args.compare_rev}"
+            if old in step_s:
+                pairs[name] = {
+                    "step": statistics.median(a / b for a, b in zip(step_s[name], step_s[old])),
+                    "optimizer_step": statistics.median(
+                        a / b for a, b in zip(opt_s[name], opt_s[old])
+                    ),
+                }
+    return {
+        "config": config,
+        "env": env,
+        "rows": rows,
+        "targets": targets,
+        "skipped": skipped,
+        "versus_revision": pairs,
+    }
 
 
 def _fmt(x: float | None) -> str:
@@ -298,6 +349,11 @@ def format_report(res: dict[str, Any]) -> str:
             f"ratio of medians {t['ratio_of_medians']:.3f}x)"
         )
     lines.append("Targets (robust ratio, this run): " + "; ".join(verdicts))
+    for name, r in res.get("versus_revision", {}).items():
+        lines.append(
+            f"{name}: this checkout / {res['config']['compare_rev']} (paired medians): training "
+            f"step {r['step']:.3f}x, optimizer.step {r['optimizer_step']:.3f}x"
+        )
     return "\n".join(lines)
 
 

@@ -4,11 +4,13 @@
 - `gate_reconstruct`: ``Y = a X + (R * c) Q^T`` in one pass over ``X``;
 - `fused_snr_adamw_step`: the diagonal temporal SNR-AdamW step in one read-modify-write.
 
-Their pure-torch references, the input checks and the dispatch live in `snr_dist.kernels`.
+Installed as ``snr_dist.triton_kernels`` (this folder keeps its place at the repository's top
+level). Their pure-torch references and input checks live in `snr_dist.kernels.reference`, the
+dispatch in `snr_dist.kernels`; nothing there imports this package at module level.
 Set ``TRITON_INTERPRET=1`` before this package is first imported to run them on the CPU.
 """
 
-from kernels.snr_adamw import fused_snr_adamw_step
-from kernels.subspace import gate_reconstruct, project_with_stats
+from .snr_adamw import fused_snr_adamw_step
+from .subspace import gate_reconstruct, project_with_stats
 
 __all__ = ["fused_snr_adamw_step", "gate_reconstruct", "project_with_stats"]

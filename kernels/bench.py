@@ -82,8 +82,8 @@ def main(argv=None) -> list[dict]:
         if not args.smoke:
             sys.exit("kernels/bench.py needs a CUDA GPU (or --smoke for an interpreter check)")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
-    import kernels
     from snr_dist import kernels as ref
+    from snr_dist import triton_kernels as kernels
 
     device = "cuda" if cuda else "cpu"
     bench = timer(torch, cuda)

@@ -16,9 +16,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import TL_DTYPE, hopper, interpreted, next_pow2
-from snr_dist.kernels import check_step, snr_adamw_scalars
+from snr_dist.kernels.reference import check_step, snr_adamw_scalars
 from snr_dist.snr import GATE_FLOOR, GATE_RULES
+
+from ._common import TL_DTYPE, hopper, interpreted, next_pow2
 
 CHUNK = 1 << 16  # elements per program; a multiple of every BLOCK below
 _RULE_ID = {name: i for i, name in enumerate(GATE_RULES)}  # wiener, clamp, hard, paper, none

@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import hopper, ieee_fp32, interpreted, next_pow2, smem_limit
-from snr_dist.kernels import check_projection, check_reconstruct
+from snr_dist.kernels.reference import check_projection, check_reconstruct
+
+from ._common import hopper, ieee_fp32, interpreted, next_pow2, smem_limit
 
 MAX_BLOCK_R = 128  # wider bases are covered by several program columns
 

@@ -2,7 +2,8 @@
 
 - The same keys on every rank, values independent of the world size: a checkpoint written by
   2 ranks loads on 1 and vice versa, under DDP, FSDP2 or one process, and the eigen-trackers
-  are re-assigned to the new world (`snr_dist.distributed.state`).
+  are re-assigned to the new world (`SNRAdamW.global_state` / `load_global_state`, which
+  the optimizer's distributor implements).
 - Nothing half-loaded: the checkpoint's description (``snr_checkpoint.json``) is checked
   against the model and optimizer first (missing or extra parameters, shapes, SNR options),
   tensors are read into fresh buffers, and only then copied in.
@@ -34,13 +35,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from snr_dist.distributed import state as global_layout
-from snr_dist.distributed.context import DTensor, is_dtensor
-from snr_dist.options import SNR_DEFAULTS
+from snr_dist.distributors.dtensor import DTensor, is_dtensor
+from snr_dist.options import SNROptions
 
 META = "snr_checkpoint.json"
 FORMAT = "snr-dist-checkpoint-v1"
-_SNR_KEYS = tuple(k for k in SNR_DEFAULTS if k != "snr_beta2") + ("betas",)
+_SNR_KEYS = tuple(k for k in SNROptions.model_fields if k != "snr_beta2") + ("betas",)
 
 
 class CheckpointError(ValueError):
@@ -102,7 +102,7 @@ def _optimizer_payload(model, optimizer, names) -> dict[str, Any]:
                 "SNRPreconditioner save optimizer.state_dict() with torch.save (one process)"
             )
         return get_optimizer_state_dict(model, optimizer)
-    gathered = global_layout.global_state(optimizer, optimizer._gating)
+    gathered = optimizer.global_state()
     return {"state": {names[p]: st for p, st in gathered.items()}}
 
 
@@ -223,22 +223,12 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer) -> int:
     target: dict[str, Any] = {"model": {k: _clone_like(v) for k, v in model_sd.items()}}
     if _is_snr(optimizer):
         md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
         state: dict[str, dict[str, Any]] = {}
         for key, item in md.items():
             if not key.startswith("optim.state."):
                 continue
             name, _, sub = key[len("optim.state.") :].rpartition(".")
-            p = by_name[name]
-            tmpl = global_layout.template(
-                optimizer,
-                optimizer._gating,
-                p,
-                group_of[p],
-                sub,
-                item.size,
-                item.properties.dtype,
-            )
+            tmpl = optimizer.state_template(by_name[name], sub, item.size, item.properties.dtype)
             state.setdefault(name, {})[sub] = tmpl
         target["optim"] = {"state": state}
     else:
@@ -252,7 +242,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer) -> int:
                 if k in saved:
                     group[k] = saved[k]
         loaded = {by_name[n]: st for n, st in target["optim"]["state"].items()}
-        global_layout.install_state(optimizer, optimizer._gating, loaded)
+        optimizer.load_global_state(loaded)
     else:
         set_optimizer_state_dict(model, optimizer, target["optim"])
     _barrier()

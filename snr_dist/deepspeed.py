@@ -40,9 +40,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from pydantic import ValidationError
 
-from snr_dist.experiments.config import SNRConfig
+from snr_dist.options import SNROptions, error_lines
 
 _OPTIMIZER_TYPES = {"adam", "adamw"}
 _OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "adam_w_mode", "torch_adam"}
@@ -66,23 +67,21 @@ def _load(config) -> dict[str, Any]:
     raise DeepSpeedConfigError(f"config must be a path or a dict, got {type(config).__name__}")
 
 
-def _snr_block(cfg: dict) -> SNRConfig:
+def _snr_block(cfg: dict) -> SNROptions:
     block = cfg.pop("snr_preconditioner", {})
     if not isinstance(block, dict):
         raise DeepSpeedConfigError(
             f"snr_preconditioner must be a JSON object, got {type(block).__name__}"
         )
+    if "snr_beta2" in block:
+        raise DeepSpeedConfigError(
+            "snr_preconditioner.snr_beta2: applies to SNRPreconditioner; SNRAdamW's "
+            "squared-gradient EMA is Adam's own (optimizer.params.betas[1])"
+        )
     try:
-        return SNRConfig.model_validate(block)
+        return SNROptions.model_validate(block)
     except ValidationError as err:
-        lines = []
-        for e in err.errors(include_url=False):
-            key = "snr_preconditioner." + ".".join(str(x) for x in e["loc"])
-            if e["type"] == "extra_forbidden":
-                lines.append(f"{key}: unknown key (allowed: {', '.join(SNRConfig.model_fields)})")
-            else:
-                msg = e["msg"].removeprefix("Value error, ")
-                lines.append(f"{key} = {e.get('input')!r}: {msg}")
+        lines = error_lines(err, prefix="snr_preconditioner.")
         raise DeepSpeedConfigError(
             "invalid snr_preconditioner block:\n  " + "\n  ".join(lines)
         ) from None
@@ -118,7 +117,7 @@ def _adam_options(cfg: dict) -> dict[str, Any]:
     return params
 
 
-def check_support(cfg: dict, snr: SNRConfig) -> int:
+def check_support(cfg: dict, snr: SNROptions) -> int:
     """Refuse the stage / mode / dtype combinations that would be wrong; returns the stage."""
     zero = cfg.get("zero_optimization", {}) or {}
     stage = zero.get("stage", 0)
@@ -155,16 +154,13 @@ def build(config, model_parameters) -> tuple[Any, dict[str, Any]]:
     adam = _adam_options(cfg)
     check_support(cfg, snr)
     cfg["zero_allow_untested_optimizer"] = True
-    # Elementwise mode needs no process group; the others run snr-dist's own data-parallel
-    # machinery (stage 0 keeps whole, replicated parameters, as DDP does).
+    # Elementwise mode needs no process group; the others run snr-dist's replicated
+    # data-parallel machinery over DeepSpeed's ranks (stage 0 keeps whole, replicated
+    # parameters, as DDP does).
     elementwise = snr.mode == "diagonal" and snr.estimator == "temporal"
-    opt = SNRAdamW(
-        model_parameters,
-        **adam,
-        **snr.model_dump(),
-        process_group=None if elementwise else "auto",
-    )
-    opt.gather_state_dict = not elementwise  # engine.save_checkpoint runs on every rank
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    group = dist.group.WORLD if several and not elementwise else None
+    opt = SNRAdamW(model_parameters, **adam, snr=snr, process_group=group)
     return opt, cfg
 
 
@@ -177,5 +173,7 @@ def initialize(model, config, model_parameters=None, **kwargs):
             'pass the optimizer settings in the config\'s "optimizer" block, not optimizer='
         )
     params = model_parameters if model_parameters is not None else model.parameters()
+    if not dist.is_initialized():  # as deepspeed.initialize would, before the optimizer exists
+        deepspeed.init_distributed()
     opt, cfg = build(config, params)
     return deepspeed.initialize(model=model, optimizer=opt, config=cfg, **kwargs)

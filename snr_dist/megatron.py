@@ -16,8 +16,9 @@ How Megatron's parallelism maps onto snr-dist:
 
 - **Data parallel.** Parameters are replicated over ``parallel_state``'s data-parallel group
   (with context parallelism: the data x context group, over which Megatron's DDP averages the
-  gradients). That group, never the world, is SNRAdamW's ``process_group``: subspace trackers
-  are owned by its ranks and their gates all-reduced over it.
+  gradients). That group, never the world, is SNRAdamW's ``process_group``: every rank keeps
+  the complete statistics, and the refreshes of the subspace trackers are shared out between
+  its ranks (each owner solves and broadcasts the new basis).
 - **Tensor parallel.** A column-parallel weight (``partition_dim == 0``) is split along its
   rows, a row-parallel one along its columns. Its tracker's basis lives on the side that is not
   split (``basis_side="cols"``, resp. ``"rows"``), so every projection is local to the rank and
@@ -36,22 +37,21 @@ Checkpoints: ``sharded_state_dict`` saves Adam's moments and the other parameter
 as ``ShardedTensor``s with the parameter's own sharding (so they reshard when TP changes), and
 the per-shard state (step, eigen-trackers) as ``ShardedTensor``s laid out on the parameter's
 shard grid (same layout on load: a change of TP size keeps diagonal-mode state, not
-trackers). A tracker is written by the data-parallel rank that owns it; no communication is
-needed to save.
+trackers). Every data-parallel rank holds the same state; Megatron's replica ids pick the
+writer. No communication is needed to save.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from snr_dist.distributed.state import FULL_KEYS, OWNER_KEYS, _scratch_tracker, install_state
+from snr_dist.layout import Kind
 from snr_dist.optim.snr_adamw import SNRAdamW
-from snr_dist.options import SNR_DEFAULTS, param_mode, validate_options
+from snr_dist.options import SNROptions, param_mode
 
 try:
     from megatron.core import parallel_state
@@ -130,12 +130,9 @@ def data_parallel_group(pg_collection=None):
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
-def _snr_options(snr: dict[str, Any] | None) -> dict[str, Any]:
-    opts = dict(snr or {})
-    if hasattr(snr, "model_dump"):  # an SNRConfig from snr_dist.experiments.config
-        opts = snr.model_dump()
-    validate_options({k: v for k, v in opts.items() if k != "snr_beta2"})
-    if opts.get("estimator", SNR_DEFAULTS["estimator"]) == "cross_sample":
+def _snr_options(snr: SNROptions | dict[str, Any] | None) -> dict[str, Any]:
+    opts = SNROptions.parse(snr).model_dump(exclude={"snr_beta2"})
+    if opts["estimator"] == "cross_sample":
         raise MegatronConfigError(
             "snr estimator='cross_sample' is not supported with megatron-core: Megatron's DDP "
             "accumulates each micro-batch's gradient into its own grad buffer, where snr-dist's "
@@ -207,8 +204,7 @@ def build_param_groups(
     empty), because Megatron's distributed checkpoint needs identical param groups everywhere.
     """
     embeddings = embedding_params(model_chunks)
-    mode = snr.get("mode", SNR_DEFAULTS["mode"])
-    side = snr.get("basis_side", SNR_DEFAULTS["basis_side"])
+    mode, side = snr["mode"], snr["basis_side"]
     roles = _ROLES if mode == "subspace" else _ROLES[:1]
     groups = []
     for mgroup in _get_param_groups(model_chunks, config, config_overrides):
@@ -241,7 +237,7 @@ def snr_adamw(
             "each weight's tensor-parallel split; allowed: 'auto'"
         )
     groups = build_param_groups(model_chunks, config, opts, config_overrides)
-    kwargs = {k: v for k, v in opts.items() if k not in _ROUTED and k != "snr_beta2"}
+    kwargs = {k: v for k, v in opts.items() if k not in _ROUTED}
     return SNRAdamW(
         groups,
         lr=config.lr,
@@ -255,22 +251,10 @@ def snr_adamw(
 
 def init_state(opt: SNRAdamW, config=None) -> None:
     """Allocate every parameter's state (Megatron calls this before loading a checkpoint)."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            opt._init_state(p, group)
+    opt.init_state()
 
 
 # ---------------------------------------------------------------------- checkpoint layout
-
-
-def _dp_replica(replica_id, writer: bool):
-    """The model parameter's replica id with its data-parallel part (the last) replaced, so
-    that the rank owning a tracker, not data-parallel rank 0, writes it."""
-    dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
-    last = 0 if writer else 1 + dp
-    if isinstance(replica_id, tuple):
-        return (*replica_id[:-1], last)
-    return last
 
 
 def _grid(sh) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -297,40 +281,24 @@ def snr_sharded_state(
 ) -> dict[int, dict[str, Any]]:
     """Per optimizer-param index, its state as sharded tensors (``model_params[i]`` is the
     model parameter of the optimizer's ``i``-th parameter)."""
-    init_state(opt)
-    gating, ctx = opt._gating, opt._gating.ctx
+    opt.init_state()
     id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, model_params)
     out: dict[int, dict[str, Any]] = {}
-    index = 0
-    for group in opt.param_groups:
-        src = gating.moment_source(group)
-        owner_only = set(OWNER_KEYS) | ({src.mean_key} if src.owns_mean else set())
-        for p in group["params"]:
-            if index not in id_map:
-                raise KeyError(
-                    f"a parameter of shape {tuple(p.shape)} (optimizer index {index}) is not in "
-                    "the model's sharded_state_dict; build it with the same model chunks"
-                )
-            sh, st = id_map[index], dict(opt.state[p])
-            sub = gating.kind(p, group) == "subspace"
-            if sub and ctx.mode == "replicated" and not ctx.owns(p):
-                scratch = _scratch_tracker(gating, p, group)
-                st.update({k: v for k, v in scratch.items() if k in owner_only})
-            entry: dict[str, Any] = {}
-            for k, v in st.items():
-                dp_owned = sub and ctx.mode == "replicated" and k in owner_only
-                if k in FULL_KEYS and tuple(v.shape) == tuple(p.shape):
-                    t = make_sharded_optimizer_tensor(sh, v, prefix=f"optimizer.state.{k}")
-                    if dp_owned:
-                        t = dataclasses.replace(
-                            t, replica_id=_dp_replica(sh.replica_id, ctx.owns(p))
-                        )
-                else:
-                    replica = _dp_replica(sh.replica_id, ctx.owns(p)) if dp_owned else sh.replica_id
-                    t = _per_shard(f"optimizer.state.{k}.{sh.key}", v, sh, replica)
-                entry[k] = t
-            out[index] = entry
-            index += 1
+    values = opt.global_state()  # every data-parallel rank holds the complete state
+    for index, p in enumerate(q for g in opt.param_groups for q in g["params"]):
+        if index not in id_map:
+            raise KeyError(
+                f"a parameter of shape {tuple(p.shape)} (optimizer index {index}) is not in "
+                "the model's sharded_state_dict; build it with the same model chunks"
+            )
+        sh, kinds = id_map[index], opt.state_kinds(p)
+        entry: dict[str, Any] = {}
+        for k, v in values[p].items():
+            if kinds.get(k) is Kind.PARAM and tuple(v.shape) == tuple(p.shape):
+                entry[k] = make_sharded_optimizer_tensor(sh, v, prefix=f"optimizer.state.{k}")
+            else:
+                entry[k] = _per_shard(f"optimizer.state.{k}.{sh.key}", v, sh, sh.replica_id)
+        out[index] = entry
     return out
 
 
@@ -352,7 +320,7 @@ def load_snr_state(opt: SNRAdamW, state: dict[str, Any]) -> None:
             f"{len(opt.param_groups)} (was it built with the same snr options?)"
         )
     for i, (old, group) in enumerate(zip(saved_groups, opt.param_groups)):
-        for k in (*SNR_DEFAULTS, "betas"):
+        for k in (*SNROptions.model_fields, "betas"):
             if k in old and k in group and old[k] != group[k]:
                 raise ValueError(
                     f"checkpoint was written with a different SNR configuration: param group {i} "
@@ -363,7 +331,7 @@ def load_snr_state(opt: SNRAdamW, state: dict[str, Any]) -> None:
                 group[k] = old[k]
     params = [p for g in opt.param_groups for p in g["params"]]
     loaded = {params[i]: dict(st) for i, st in state["state"].items()}
-    install_state(opt, opt._gating, loaded)
+    opt.load_global_state(loaded)
 
 
 class _SNRCheckpointing:
@@ -422,7 +390,7 @@ class SNRFloat16Optimizer(_SNRCheckpointing, Float16OptimizerWithFloat16Params):
         super().__init__(optimizer, config, grad_scaler, init_state_fn)
         # The wrapper swapped the bf16/fp16 params for fp32 main copies inside param_groups:
         # re-derive the SNR bookkeeping (owners, group lookup) for the new tensors.
-        optimizer._gating.refresh_groups()
+        optimizer.sync_param_groups()
 
     def _model_params(self) -> list[Tensor]:
         model_of = {

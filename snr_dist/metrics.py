@@ -16,7 +16,7 @@ from torch import Tensor
 
 from snr_dist import snr as rule
 from snr_dist import subspace
-from snr_dist.distributed.context import local
+from snr_dist.distributors.dtensor import local
 
 SAMPLE = 16384
 """Most coordinates read per diagonal parameter."""
@@ -31,49 +31,45 @@ def _sample_index(numel: int, device) -> Tensor | None:
 
 
 @torch.no_grad()
-def param_metrics(opt, gating, p: Tensor, group: dict) -> dict[str, Any] | None:
+def param_metrics(opt, p: Tensor, group: dict) -> dict[str, Any] | None:
     """Metrics of one parameter, or None before its first step.
 
     Diagonal parameters: recomputed from this rank's state (its shard under FSDP2). Subspace
-    parameters: the gates and statistics of the last step (on DDP ranks that do not own the
-    tracker, only the gates).
+    parameters: the gates and statistics of the last step.
     """
     state = opt.state.get(p, {})
     if "step" not in state:
         return None
     t = int(state["step"].item())
-    kind = gating.kind(p, group)
+    estimator = opt.estimator_of(p, group)
+    kind = "subspace" if estimator.tracks else "diagonal"
     out: dict[str, Any] = {"kind": kind, "shape": tuple(p.shape), "step": t}
-    if kind == "subspace":
-        info = gating.last.get(p)
+    if estimator.tracks:
+        info = estimator.info(p, state, group)
         if info is None:
             return None
         g = info["gates"]
         out["rank"] = int(state["basis"].shape[1])
-        out["owner"] = gating.ctx.owner(p)
+        out["owner"] = opt.distributor.owner(p)
         out["reservoir_gate"] = float(g[-1])
-        if "raw" in info:
-            s = rule.snr(info["raw"], info["var"], info["k"]).float()
-            out["captured_energy"] = subspace.captured_fraction(*info["captured"])
-        else:
-            s = None
-        if "eigvals" in state:
-            out["top_eigvals"] = [float(x) for x in state["eigvals"][:4]]
+        s = rule.snr(info["raw"], info["var"], info["k"]).float()
+        out["captured_energy"] = subspace.captured_fraction(*info["captured"])
+        out["top_eigvals"] = [float(x) for x in state["eigvals"][:4]]
     else:
         index = _sample_index(local(p).numel(), local(p).device)
-        raw, var, k = gating.moments(p, group, state, t, index)
-        g = gating.gates(p, group, state, t, index)
+        raw, var, k = estimator.moments(p, state, group, t, index)
+        g = estimator.gates(p, state, group, t, index)
         s = rule.snr(raw, var, k).float()
     out["gate_mean"] = float(g.mean())
     out["frac_gate_below_0.1"] = float((g < 0.1).float().mean())
     if s is not None and s.numel():
         qs = torch.quantile(s, torch.tensor(QUANTILES, dtype=s.dtype, device=s.device))
         out.update({f"snr_q{int(q * 100)}": float(v) for q, v in zip(QUANTILES, qs)})
-    out["nonfinite_skips"] = gating.nonfinite_skips.get(p, 0)
+    out["nonfinite_skips"] = opt.nonfinite_skips.get(p, 0)
     return out
 
 
-def collect_metrics(opt, gating, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
+def collect_metrics(opt, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
     """``{"groups": [...], "params": {name: {...}}, "nonfinite_skips": int, "parallel": {...}}``.
 
     Group values are averages over the group's parameters weighted by their sizes. No
@@ -94,7 +90,7 @@ def collect_metrics(opt, gating, names: dict[Tensor, str] | None = None) -> dict
         for p in params:
             name = (names or {}).get(p, f"group{gi}.param{idx}")
             idx += 1
-            m = param_metrics(opt, gating, p, group)
+            m = param_metrics(opt, p, group)
             if m is None:
                 continue
             params_out[name] = m
@@ -117,8 +113,8 @@ def collect_metrics(opt, gating, names: dict[Tensor, str] | None = None) -> dict
     return {
         "groups": groups_out,
         "params": params_out,
-        "nonfinite_skips": int(sum(gating.nonfinite_skips.values())),
-        "parallel": parallel_metrics(opt, gating),
+        "nonfinite_skips": int(sum(opt.nonfinite_skips.values())),
+        "parallel": parallel_metrics(opt),
     }
 
 
@@ -126,18 +122,19 @@ def state_bytes(state: dict) -> int:
     return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
 
 
-def parallel_metrics(opt, gating) -> dict[str, Any]:
-    """What this rank holds: its trackers, their cost, and the bytes of optimizer state."""
-    ctx = gating.ctx
-    mine = [p for p, o in ctx.owners.items() if o == ctx.rank]
+def parallel_metrics(opt) -> dict[str, Any]:
+    """What this rank holds and does: the trackers whose refreshes it solves, their cost, the
+    bytes of optimizer state and of snr-dist's collectives."""
+    dist = opt.distributor
+    mine = [p for p, o in dist.owners.items() if o == dist.rank]
     return {
-        "mode": ctx.mode,
-        "rank": ctx.rank,
-        "world": ctx.world,
+        "mode": dist.name,
+        "rank": dist.rank,
+        "world": dist.world,
         "trackers_owned": len(mine),
-        "trackers_total": len(ctx.owners),
-        "tracker_cost_owned": float(sum(gating.costs[p] for p in mine)),
-        "tracker_cost_total": float(sum(gating.costs.values())),
+        "trackers_total": len(dist.owners),
+        "tracker_cost_owned": float(sum(dist.costs[p] for p in mine)),
+        "tracker_cost_total": float(sum(dist.costs.values())),
         "state_bytes": int(sum(state_bytes(st) for st in opt.state.values())),
-        "comm_bytes": dict(ctx.comm.bytes),
+        "comm_bytes": dict(dist.comm.bytes),
     }

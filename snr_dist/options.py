@@ -1,14 +1,23 @@
-"""Validated SNR hyper-parameters, shared by every optimizer and integration.
+"""Every SNR option, declared once: `SNROptions`.
 
-They live in the optimizer's param groups (so they can differ per group and are saved in the
-state_dict); `validate_options` checks one group's values and names the offending key.
+The same typed object is behind SNRAdamW's and SNRPreconditioner's keyword arguments and
+param-group keys, the YAML experiment configs, the DeepSpeed JSON block, Megatron's factory and
+the checkpoint metadata, so an option's default, allowed values and error message exist in one
+place. At run time the values live in the optimizer's param groups (as in ``torch.optim``: they
+may differ per group, schedulers may change them, and they are saved in the state_dict);
+`SNROptions` validates them on the way in.
+
+A bad value raises ``ValueError`` naming the key, the value and what is allowed, e.g.
+``Invalid tau: -1; allowed range: (0.0, inf)``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from snr_dist.snr import GATE_RULES
 
@@ -19,39 +28,22 @@ KERNEL_CHOICES = ("auto", "torch", "triton")
 """Implementations of the hot loops: ``auto`` (Triton on CUDA when it imports, else torch, unless
 ``SNR_DIST_KERNELS`` says otherwise), or one forced."""
 
-# ``snr_beta2`` is used only where the base optimizer has no second moment of its own
-# (SNRPreconditioner); SNRAdamW uses ``betas[1]``.
-SNR_DEFAULTS: dict[str, Any] = {
-    "estimator": "temporal",
-    "mode": "diagonal",
-    "gate": "wiener",
-    "tau": 1.0,
-    "gate_a": 1.0,
-    "snr_beta": 0.99,
-    "snr_beta2": 0.999,
-    "warmup_steps": 0,
-    "rank": 32,
-    "refresh_every": 50,
-    "sketch_beta": 0.9,
-    "basis_side": "auto",
-    "seed": 0,
-}
-"""The SNR options and their defaults."""
+#: Options that decide which state tensors a parameter has; fixed once its state exists.
+LAYOUT_KEYS = ("estimator", "mode", "rank", "basis_side")
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"Invalid {name}: {value!r}; allowed values: {', '.join(allowed)}")
+def _choice(name: str, value: Any, allowed: tuple[str, ...], quote: bool = False) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        shown = ", ".join(repr(a) if quote else a for a in allowed)
+        raise ValueError(f"Invalid {name}: {value!r}; allowed values: {shown}")
 
 
 def _real(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
-    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok_type and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
         raise ValueError(f"Invalid {name}: {value!r}; allowed range: {lb}{lo}, {hi}{rb}")
 
 
@@ -60,31 +52,122 @@ def _int(name: str, value: Any, lo: int) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; allowed: an integer >= {lo}")
 
 
+_UNIT = (0.0, 1.0, False, True)  # [0, 1)
+_CHECKS = {
+    "estimator": lambda n, v: _choice(n, v, ESTIMATORS, quote=True),
+    "mode": lambda n, v: _choice(n, v, MODES, quote=True),
+    "gate": lambda n, v: _choice(n, v, GATE_RULES, quote=True),
+    "basis_side": lambda n, v: _choice(n, v, BASIS_SIDES, quote=True),
+    "tau": lambda n, v: _real(n, v, 0.0, math.inf, True, True),
+    "gate_a": lambda n, v: _real(n, v, 0.0, math.inf, False, True),
+    "snr_beta": lambda n, v: _real(n, v, *_UNIT),
+    "snr_beta2": lambda n, v: _real(n, v, *_UNIT),
+    "sketch_beta": lambda n, v: _real(n, v, *_UNIT),
+    "warmup_steps": lambda n, v: _int(n, v, 0),
+    "rank": lambda n, v: _int(n, v, 1),
+    "refresh_every": lambda n, v: _int(n, v, 1),
+    "seed": lambda n, v: _int(n, v, 0),
+}
+
+
+class SNROptions(BaseModel):
+    """The SNR options of one param group (see docs/options.md for the guidance on each).
+
+    Attributes:
+        estimator: "temporal" (EMAs over steps, no communication) or "cross_sample" (spread
+            across the micro-batches / data-parallel ranks of one step; needs >= 2 backward
+            passes per step).
+        mode: "diagonal" (per coordinate) or "subspace" (per eigen-direction of each matrix's
+            gradient covariance, plus one complement direction); 1-D parameters are diagonal.
+        gate: "wiener" (``SNR / (SNR + tau)``), "clamp", "hard", "paper" or "none".
+        tau: gate threshold; the paper gate's lambda.
+        gate_a: the paper gate's a (1 online, `snr_dist.finite_dataset_a` for a finite set).
+        snr_beta: EMA factor of the SNR statistics.
+        snr_beta2: EMA factor of the squared gradient where the base optimizer keeps none
+            (SNRPreconditioner); SNRAdamW uses ``betas[1]``.
+        warmup_steps: gates are 1 for the first ``warmup_steps`` steps.
+        rank: subspace rank per matrix.
+        refresh_every: steps between basis refreshes (plus refreshes at steps 1, 2, 4, ...).
+        sketch_beta: EMA factor of the subspace sketch.
+        basis_side: "auto" (the smaller side), "rows" or "cols".
+        seed: seed of the random initial bases (identical on every rank).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    estimator: Literal[ESTIMATORS] = "temporal"
+    mode: Literal[MODES] = "diagonal"
+    gate: Literal[GATE_RULES] = "wiener"
+    tau: float = 1.0
+    gate_a: float = 1.0
+    snr_beta: float = 0.99
+    snr_beta2: float = 0.999
+    warmup_steps: int = 0
+    rank: int = 32
+    refresh_every: int = 50
+    sketch_beta: float = 0.9
+    basis_side: Literal[BASIS_SIDES] = "auto"
+    seed: int = 0
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _check(cls, value: Any, info) -> Any:
+        _CHECKS[info.field_name](info.field_name, value)
+        return value
+
+    @model_validator(mode="after")
+    def _temporal_needs_memory(self) -> SNROptions:
+        if self.estimator == "temporal" and self.snr_beta == 0:
+            # k_t = 1 at every step: one gradient carries no variance estimate.
+            raise ValueError(
+                "Invalid snr_beta: 0; allowed range with estimator='temporal': (0.0, 1.0)"
+            )
+        return self
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any] | SNROptions | None = None, **more: Any) -> SNROptions:
+        """Validated options from a mapping (and keyword overrides); ``ValueError`` names the
+        key, the value and what is allowed, and lists unknown keys with the allowed ones."""
+        if isinstance(values, SNROptions):
+            values = values.model_dump()
+        raw = {**(values or {}), **more}
+        unknown = sorted(set(raw) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(
+                f"Unknown SNR option(s): {', '.join(unknown)}; "
+                f"allowed: {', '.join(cls.model_fields)}"
+            )
+        try:
+            return cls(**raw)
+        except ValidationError as err:
+            raise ValueError(error_lines(err)[0]) from None
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any]) -> SNROptions:
+        """The options a param group holds (keys it lacks take their defaults)."""
+        return cls.parse({k: group[k] for k in cls.model_fields if k in group})
+
+
+def error_lines(err: ValidationError, prefix: str = "") -> list[str]:
+    """One readable line per problem: ``<prefix><key> = <value>: <what is allowed>``."""
+    lines = []
+    for e in err.errors(include_url=False):
+        key = prefix + ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (allowed: {', '.join(SNROptions.model_fields)})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(msg if not prefix else f"{key} = {e.get('input')!r}: {msg}")
+    return lines
+
+
+SNR_DEFAULTS: dict[str, Any] = SNROptions().model_dump()
+"""The SNR options and their defaults (a plain dict view of `SNROptions`)."""
+
+
 def validate_options(opts: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the key, the value and what is allowed."""
-    unknown = set(opts) - set(SNR_DEFAULTS)
-    if unknown:
-        raise ValueError(
-            f"Unknown SNR option(s): {', '.join(sorted(unknown))}; "
-            f"allowed: {', '.join(SNR_DEFAULTS)}"
-        )
-    o = {**SNR_DEFAULTS, **opts}
-    _choice("estimator", o["estimator"], ESTIMATORS)
-    _choice("mode", o["mode"], MODES)
-    _choice("gate", o["gate"], GATE_RULES)
-    _choice("basis_side", o["basis_side"], BASIS_SIDES)
-    _real("tau", o["tau"], 0.0, math.inf, True, True)
-    _real("gate_a", o["gate_a"], 0.0, math.inf, False, True)
-    _real("snr_beta", o["snr_beta"], 0.0, 1.0, False, True)
-    _real("snr_beta2", o["snr_beta2"], 0.0, 1.0, False, True)
-    _real("sketch_beta", o["sketch_beta"], 0.0, 1.0, False, True)
-    _int("warmup_steps", o["warmup_steps"], 0)
-    _int("rank", o["rank"], 1)
-    _int("refresh_every", o["refresh_every"], 1)
-    _int("seed", o["seed"], 0)
-    if o["estimator"] == "temporal" and o["snr_beta"] == 0:
-        # k_t = 1 at every step: one gradient carries no variance estimate.
-        raise ValueError("Invalid snr_beta: 0; allowed range with estimator='temporal': (0.0, 1.0)")
+    SNROptions.parse(opts)
 
 
 def validate_kernels(value: Any, name: str = "kernels") -> None:
@@ -95,12 +178,11 @@ def validate_kernels(value: Any, name: str = "kernels") -> None:
 def validate_adam(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
     """Adam's own hyper-parameters, with the same style of message."""
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
-        # A tensor lr is accepted by torch; we keep it simple and explicit.
         raise ValueError(f"Invalid lr: {lr!r}; allowed: a float >= 0")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r}; allowed: a pair (beta1, beta2)")
-    _real("betas[0]", betas[0], 0.0, 1.0, False, True)
-    _real("betas[1]", betas[1], 0.0, 1.0, False, True)
+    _real("betas[0]", betas[0], *_UNIT)
+    _real("betas[1]", betas[1], *_UNIT)
     _real("eps", eps, 0.0, math.inf, False, True)
     _real("weight_decay", weight_decay, 0.0, math.inf, False, True)
 

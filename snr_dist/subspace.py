@@ -89,14 +89,9 @@ def init_tracker(
     device,
     key: int,
     cross: bool,
-    participant: bool = True,
     sharded_rows: bool = False,
 ) -> None:
-    """Random orthonormal basis (seeded per parameter, identical on every rank) and zero stats.
-
-    Non-participants (DDP ranks that do not own the tracker) keep only what applying the gates
-    needs: the basis, and in cross-sample mode the small replicated statistics.
-    """
+    """Random orthonormal basis (seeded per parameter, identical on every rank) and zero stats."""
     rows = basis_on_rows(global_shape, opts["basis_side"], sharded_rows)
     d = global_shape[0] if rows else math.prod(global_shape[1:])
     o = math.prod(local_shape) // d if d else 0
@@ -111,8 +106,6 @@ def init_tracker(
         state["noise_dir"] = torch.zeros(r, **f32)
         state["raw_energy"] = torch.zeros((), **f32)
         state["noise_energy"] = torch.zeros((), **f32)
-    if not participant:
-        return
     state["sketch"] = torch.zeros(d, r, **f32)
     state["sketch_weight"] = torch.zeros((), **f32)
     state["eigvals"] = torch.zeros(r, **f32)
@@ -362,17 +355,16 @@ def refresh_apply(
             old = state[key]
             fill = _complement_per_dim(state[tot_key], old.sum(), d, r)
             state[key].copy_(weights @ old + fill * (1.0 - weights.sum(dim=1)).clamp(min=0.0))
-    if "sketch" in state:  # a participant
-        if "proj_avg" in state:
-            bc_s2 = (1.0 - beta_s**step) ** 2
-            bc_v = 1.0 - beta_v**step
-            sp = state["proj_avg"]
-            sp.copy_(q_new.T @ matrix_view(mean.float(), bool(state["basis_rows"])))
-            own = cov_rot if share else torch.zeros_like(cov_rot)
-            state["proj_cov"].copy_((own + (sp @ sp.T) / bc_s2) * bc_v)
-        state["sketch"].copy_(q_new * evals if share else torch.zeros_like(q_new))
-        state["sketch_weight"].fill_(1.0)
-        state["eigvals"].copy_(evals)
+    if "proj_avg" in state:
+        bc_s2 = (1.0 - beta_s**step) ** 2
+        bc_v = 1.0 - beta_v**step
+        sp = state["proj_avg"]
+        sp.copy_(q_new.T @ matrix_view(mean.float(), bool(state["basis_rows"])))
+        own = cov_rot if share else torch.zeros_like(cov_rot)
+        state["proj_cov"].copy_((own + (sp @ sp.T) / bc_s2) * bc_v)
+    state["sketch"].copy_(q_new * evals if share else torch.zeros_like(q_new))
+    state["sketch_weight"].fill_(1.0)
+    state["eigvals"].copy_(evals)
     state["basis"].copy_(q_new)
 
 

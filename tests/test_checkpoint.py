@@ -51,18 +51,18 @@ def _build(wrapper, kw):
     model = tiny_mlp()
     if wrapper == "fsdp2":
         return fsdp.wrap(model, lr=1e-2, **kw)
-    shell = DDP(model) if wrapper == "ddp" else model
-    return shell, SNRAdamW(model.parameters(), lr=1e-2, **kw)
+    if wrapper == "ddp":  # the data-parallel group, for cross-sample pooling
+        group = torch.distributed.group.WORLD
+        return DDP(model), SNRAdamW(model.parameters(), lr=1e-2, process_group=group, **kw)
+    return model, SNRAdamW(model.parameters(), lr=1e-2, **kw)
 
 
 def _save_worker(rank, world, wrapper, kw, path):
-    from snr_dist.distributed.state import global_state
-
     model, opt = _build(wrapper, kw)
     _steps(model, opt, 0, K, rank, world)
     checkpoint.save(path, model, opt, step=K)
     names = checkpoint.param_names(model)
-    return sorted((names[p], k) for p, st in global_state(opt, opt._gating).items() for k in st)
+    return sorted((names[p], k) for p, st in opt.global_state().items() for k in st)
 
 
 def _resume_worker(rank, world, wrapper, kw, path):

@@ -31,9 +31,9 @@ def _fsdp_worker(rank: int, world: int, kw: dict, per_block: bool):
         opt.step()
     return {
         "params": [p.full_tensor().detach().clone() for p in model.parameters()],
-        "comm": dict(opt._gating.ctx.comm.bytes),
-        "calls": dict(opt._gating.ctx.comm.calls),
-        "mode": opt._gating.ctx.mode,
+        "comm": dict(opt.distributor.comm.bytes),
+        "calls": dict(opt.distributor.comm.calls),
+        "mode": opt.distributor.name,
         "dtypes": sorted(
             {
                 str(v.dtype)

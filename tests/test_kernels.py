@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import torch
 from conftest import batches, max_diff, run, tiny_mlp
 
 pytest.importorskip("triton")
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("snr_dist.triton_kernels")
 
 from snr_dist import SNRAdamW  # noqa: E402
 from snr_dist import kernels as dispatch  # noqa: E402
@@ -380,3 +382,19 @@ def test_preconditioner_subspace_follows_the_environment_variable(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     run(b, SNRPreconditioner(torch.optim.SGD(b.parameters(), lr=0.1), **kw), data)
     assert max_diff(a, b) <= 1e-5
+
+
+def test_auto_warns_once_when_it_falls_back_from_a_cuda_parameter(monkeypatch):
+    """b673a1b fell back to the torch path for good, silently, when Triton failed to import."""
+    monkeypatch.setattr(dispatch, "_triton_error", None)
+    monkeypatch.setattr(dispatch, "_warned_fallback", False, raising=False)
+    monkeypatch.delenv("SNR_DIST_KERNELS", raising=False)
+    monkeypatch.setitem(sys.modules, "snr_dist.triton_kernels", None)  # import fails
+    with pytest.warns(
+        RuntimeWarning, match="Triton kernels do not import.*(ModuleNotFound|Import)Error"
+    ):
+        assert dispatch.resolve("auto", torch.device("cuda")) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.resolve("auto", torch.device("cuda")) == "torch"  # once
+        assert dispatch.resolve("auto", torch.device("cpu")) == "torch"  # CPU: no warning

@@ -195,7 +195,7 @@ def _layout(tp: int, snr: dict) -> dict:
     model = _model(tp)
     optimizer = get_megatron_snr_optimizer(_config(), [model], snr=snr)
     inner = optimizer.chained_optimizers[0].optimizer
-    ctx = inner._gating.ctx
+    distributor = inner.distributor
     dp_group = ps.get_data_parallel_group(with_context_parallel=True)
     names = {p: n for n, p in model.named_parameters()}
     routing = {
@@ -210,12 +210,12 @@ def _layout(tp: int, snr: dict) -> dict:
         for p in g["params"]
         if "basis" in inner.state[p]
     }
-    owners = {names[p]: ctx.owner(p) for p in ctx.owners}
+    owners = {names[p]: distributor.owner(p) for p in distributor.owners}
     out = {
         "dp_size": dist.get_world_size(dp_group),
-        "ctx_mode": ctx.mode,
-        "ctx_world": ctx.world,
-        "group_is_dp": getattr(ctx.comm, "group", None) is dp_group,
+        "ctx_mode": distributor.name,
+        "ctx_world": distributor.world,
+        "group_is_dp": getattr(distributor.comm, "group", None) is dp_group,
         "routing": routing,
         "bases": bases,
         "owners": owners,
@@ -250,7 +250,7 @@ def test_dp_group_is_parallel_state_not_world(ranks):
     for r in ranks:
         # TP=2 x DP=1: the world has 2 ranks but each DP group 1 -> no SNR communication
         assert r["tp2-subspace"]["dp_size"] == 1
-        assert (r["tp2-subspace"]["ctx_mode"], r["tp2-subspace"]["ctx_world"]) == ("single", 1)
+        assert (r["tp2-subspace"]["ctx_mode"], r["tp2-subspace"]["ctx_world"]) == ("local", 1)
         # TP=1 x DP=2: replicated over Megatron's DP group, trackers shared out between ranks
         tp1 = r["tp1-subspace"]
         assert tp1["dp_size"] == 2 and tp1["group_is_dp"]

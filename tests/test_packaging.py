@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTRUCTIONS = {
@@ -74,3 +78,107 @@ def test_launch_scripts_parse_and_document_their_environment():
         env={"PATH": "/usr/bin:/bin"},
     )
     assert missing.returncode != 0 and "NNODES" in missing.stderr
+
+
+# ---------------------------------------------------------------------- the wheel's modules
+def _package_dirs() -> dict[str, Path]:
+    """Installed package -> its source folder, from pyproject's setuptools settings."""
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = cfg.get("package-dir", {})
+    listed = cfg["packages"]
+    if isinstance(listed, dict):  # packages.find
+        listed = [
+            ".".join(init.parent.relative_to(ROOT).parts)
+            for pattern in listed["find"]["include"]
+            for init in sorted((ROOT / pattern.rstrip("*").rstrip(".")).rglob("__init__.py"))
+        ]
+    return {name: ROOT / mapped.get(name, name.replace(".", "/")) for name in listed}
+
+
+def test_pyproject_lists_every_package_of_the_source_tree():
+    """The package list is explicit (for the kernels/ mapping): a new subpackage must be added."""
+    listed = _package_dirs()
+    on_disk = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "snr_dist").rglob("__init__.py")
+    }
+    assert on_disk <= set(listed), sorted(on_disk - set(listed))
+    for name, folder in listed.items():
+        assert (folder / "__init__.py").is_file(), (name, folder)
+
+
+def test_the_docker_image_copies_every_folder_the_wheel_installs():
+    """b673a1b's image never copied kernels/, so it installed without the Triton kernels."""
+    steps = parse_dockerfile((ROOT / "Dockerfile").read_text())
+    copied = {
+        (ROOT / src).resolve()
+        for word, args in steps
+        if word == "COPY"
+        for src in args.split()[:-1]
+    }
+    for name, folder in _package_dirs().items():
+        assert any(folder.resolve().is_relative_to(c) for c in copied), (
+            f"the Dockerfile does not COPY {folder.relative_to(ROOT)} (package {name})"
+        )
+
+
+def _build_wheel(tmp: Path) -> Path:
+    """Build from a copy of the sources (setuptools writes build/ next to pyproject.toml)."""
+    import shutil
+
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in {p.relative_to(ROOT).parts[0] for p in _package_dirs().values()}:
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*pip, "-w", str(tmp), str(src)], check=True, capture_output=True)
+    (wheel,) = tmp.glob("snr_dist-*.whl")
+    return wheel
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_one_top_level_module_beside_pypis_kernels_package(tmp_path):
+    """Hugging Face's ``kernels`` (used by transformers and diffusers) and snr-dist in one
+    venv: both import, neither overwrites the other (b673a1b installed a top-level
+    ``kernels`` package of its own)."""
+    import sysconfig
+    import zipfile
+
+    wheel = _build_wheel(tmp_path)
+    tops = {
+        n.split("/")[0]
+        for n in zipfile.ZipFile(wheel).namelist()
+        if not n.split("/")[0].endswith((".dist-info", ".data"))
+    }
+    assert tops == {"snr_dist"}, tops
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    # PyPI's kernels with its own dependencies, then snr-dist without its (torch and the
+    # rest come from this interpreter's site-packages, appended below: no second torch)
+    subprocess.run([*pip, "kernels"], check=True, capture_output=True)
+    subprocess.run([*pip, "--no-deps", str(wheel)], check=True, capture_output=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "zz_host_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    probe = (
+        "import os, kernels, snr_dist, snr_dist.triton_kernels as tk\n"
+        "from snr_dist.kernels import triton_available\n"
+        "assert hasattr(kernels, 'kernelize'), kernels.__file__\n"
+        f"assert kernels.__file__.startswith({str(site)!r}), kernels.__file__\n"
+        f"assert snr_dist.__file__.startswith({str(site)!r}), snr_dist.__file__\n"
+        "assert hasattr(tk, 'fused_snr_adamw_step') and triton_available()\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ""}
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -38,7 +38,7 @@ def test_gates_scale_the_base_update_exactly():
         before = p.detach().clone()
         opt.step()
     st = opt.state[p]
-    gate = opt._gating.gates(p, opt.param_groups[0], st, 10)
+    gate = opt.estimator_of(p).gates(p, st, opt.param_groups[0], 10)
     torch.testing.assert_close(p.detach(), before - 0.1 * gate * p.grad, rtol=1e-6, atol=1e-7)
     assert 0.0 < gate.mean() < 1.0
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from snr_dist import SNRAdamW
-from snr_dist.distributed import assign_owners, balance_ratio
+from snr_dist.distributors import assign_owners, balance_ratio
 from snr_dist.experiments.models import GPT
 
 
@@ -27,11 +27,11 @@ def test_assignment_is_deterministic_and_gives_each_job_one_owner():
 def test_trackers_are_balanced_on_the_benchmark_gpt(world):
     model = GPT(vocab=256, seq=128, d_model=256, n_layers=4, n_heads=4)
     opt = SNRAdamW(model.parameters(), mode="subspace", rank=32)
-    costs = list(opt._gating.costs.values())
+    costs = list(opt.distributor.costs.values())
     assert len(costs) == 19  # 2 embeddings, 4 x 4 block matrices, the head
     owners = assign_owners(costs, world)
     assert balance_ratio(costs, owners, world) <= 1.25
     # cost = m * n * r for every tracked matrix
-    first = next(iter(opt._gating.costs))
-    assert opt._gating.costs[first] == first.numel() * 32
+    first = next(iter(opt.distributor.costs))
+    assert opt.distributor.costs[first] == first.numel() * 32
     assert torch.is_tensor(first)

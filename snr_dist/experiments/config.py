@@ -13,8 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from snr_dist.options import BASIS_SIDES, ESTIMATORS, MODES, SNR_DEFAULTS, validate_options
-from snr_dist.snr import GATE_RULES
+from snr_dist.options import SNROptions
 
 
 class ConfigError(ValueError):
@@ -25,37 +24,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SNRConfig(_Strict):
-    """The SNR options of `snr_dist.SNRAdamW` (see `snr_dist.options`)."""
-
-    estimator: Literal[ESTIMATORS] = SNR_DEFAULTS["estimator"]
-    mode: Literal[MODES] = SNR_DEFAULTS["mode"]
-    gate: Literal[GATE_RULES] = SNR_DEFAULTS["gate"]
-    tau: float = SNR_DEFAULTS["tau"]
-    gate_a: float = SNR_DEFAULTS["gate_a"]
-    snr_beta: float = SNR_DEFAULTS["snr_beta"]
-    warmup_steps: int = SNR_DEFAULTS["warmup_steps"]
-    rank: int = SNR_DEFAULTS["rank"]
-    refresh_every: int = SNR_DEFAULTS["refresh_every"]
-    sketch_beta: float = SNR_DEFAULTS["sketch_beta"]
-    basis_side: Literal[BASIS_SIDES] = SNR_DEFAULTS["basis_side"]
-    seed: int = SNR_DEFAULTS["seed"]
-
-    @field_validator("*")
-    @classmethod
-    def _in_range(cls, value: Any, info) -> Any:
-        # One source of truth for the allowed ranges: the optimizer's own validation.
-        validate_options({info.field_name: value})
-        return value
-
-
 class OptimizerConfig(_Strict):
     name: str = Field(min_length=1)
     type: Literal["adamw", "snr_adamw"]
     lr: float = Field(default=1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(default=0.01, ge=0)
-    snr: SNRConfig | None = None
+    snr: SNROptions | None = None
 
     @model_validator(mode="after")
     def _snr_only_for_snr(self) -> OptimizerConfig:

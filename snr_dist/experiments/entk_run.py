@@ -18,12 +18,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from snr_dist.experiments.config import (
-    OptimizerConfig,
-    SNRConfig,
-    _Strict,
-    load_config,
-)
+from snr_dist.experiments.config import OptimizerConfig, _Strict, load_config
+from snr_dist.options import SNROptions
 
 
 class ENTKDataConfig(_Strict):
@@ -54,7 +50,7 @@ class ENTKTrainingConfig(_Strict):
     epochs: int = Field(default=0, ge=0)  # 0: record at initialisation only
     batch_size: int = Field(default=128, ge=1)
     record_every: int = Field(default=10, ge=1)  # epochs
-    snr: SNRConfig | None = None
+    snr: SNROptions | None = None
 
     @model_validator(mode="after")
     def _snr_only_for_snr(self) -> ENTKTrainingConfig:

@@ -82,7 +82,7 @@ def _init_distributed(tp: int) -> None:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            from snr_dist.distributed.utils import free_port
+            from snr_dist.distributors.ports import free_port
 
             os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("RANK", "0")

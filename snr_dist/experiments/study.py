@@ -33,7 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
-from snr_dist.experiments.config import ConfigError, SNRConfig, apply_overrides, format_errors
+from snr_dist.experiments.config import ConfigError, apply_overrides, format_errors
+from snr_dist.options import SNROptions
 
 
 class _Strict(BaseModel):
@@ -48,7 +49,7 @@ class MethodConfig(_Strict):
     lr: list[float] = Field(min_length=1)
     weight_decay: list[float] = Field(default_factory=lambda: [0.01], min_length=1)
     betas: tuple[float, float] = (0.9, 0.999)
-    snr: SNRConfig | None = None
+    snr: SNROptions | None = None
 
     @model_validator(mode="after")
     def _check(self) -> MethodConfig:
@@ -169,7 +170,7 @@ def build_optimizer(method: MethodConfig, point: dict[str, float], params) -> to
     common = dict(lr=point["lr"], weight_decay=point["weight_decay"], betas=method.betas)
     if method.type == "adamw":
         return torch.optim.AdamW(params, foreach=True, **common)
-    return SNRAdamW(params, **common, **(method.snr or SNRConfig()).model_dump())
+    return SNRAdamW(params, **common, snr=method.snr)
 
 
 def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:

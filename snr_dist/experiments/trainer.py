@@ -32,17 +32,18 @@ from tqdm.auto import tqdm
 
 from snr_dist import SNRAdamW
 from snr_dist import checkpoint as ckpt
-from snr_dist.experiments.config import ExperimentConfig, OptimizerConfig, SNRConfig
+from snr_dist.experiments.config import ExperimentConfig, OptimizerConfig
 from snr_dist.experiments.data import NoisyDataset, load_digits_noisy
 from snr_dist.experiments.models import mlp
+from snr_dist.options import SNROptions
 
 
-def build_optimizer(ocfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+def build_optimizer(ocfg: OptimizerConfig, params, process_group="auto") -> torch.optim.Optimizer:
+    """``process_group``: the data-parallel group under DDP (FSDP2 brings its own mesh)."""
     common = dict(lr=ocfg.lr, betas=ocfg.betas, weight_decay=ocfg.weight_decay)
     if ocfg.type == "adamw":
         return torch.optim.AdamW(params, foreach=True, **common)
-    snr = (ocfg.snr or SNRConfig()).model_dump()
-    return SNRAdamW(params, **common, **snr)
+    return SNRAdamW(params, **common, snr=ocfg.snr, process_group=process_group)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def init_world(cfg: ExperimentConfig, deepspeed: bool = False) -> World:
     job of one process when not launched by torchrun)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if deepspeed and size <= 1:
-        from snr_dist.distributed.utils import free_port
+        from snr_dist.distributors.ports import free_port
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -138,7 +139,8 @@ def build_trainable(
 ) -> Trainable:
     if ds_config is None:
         model = world.parallelize(net)
-        return Trainable(model, build_optimizer(ocfg, model.parameters()))
+        group = dist.group.WORLD if world.strategy == "ddp" else "auto"
+        return Trainable(model, build_optimizer(ocfg, model.parameters(), group))
     import deepspeed
 
     from snr_dist import deepspeed as snr_ds
@@ -154,7 +156,8 @@ def build_trainable(
     adam = {"lr": ocfg.lr, "betas": list(ocfg.betas), "weight_decay": ocfg.weight_decay}
     if ocfg.type == "snr_adamw":
         cfg["optimizer"] = {"type": "AdamW", "params": adam}
-        cfg["snr_preconditioner"] = (ocfg.snr or SNRConfig()).model_dump()
+        snr = ocfg.snr or SNROptions()
+        cfg["snr_preconditioner"] = snr.model_dump(exclude={"snr_beta2"})
         engine, opt, _, _ = snr_ds.initialize(model=net, config=cfg)
         opt = getattr(opt, "optimizer", opt) if not isinstance(opt, SNRAdamW) else opt
     else:

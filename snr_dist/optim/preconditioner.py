@@ -12,30 +12,35 @@ ungated decoupled decay, use SNRAdamW, or set the base's ``weight_decay=0`` and 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from snr_dist.distributed.context import local
-from snr_dist.optim.gating import MomentSource, SNRGating, collect_gradients
-from snr_dist.options import SNR_DEFAULTS, validate_options
+from snr_dist.distributors.dtensor import local
+from snr_dist.estimators import Moments, gate_active
+from snr_dist.layout import Kind
+from snr_dist.optim.base import SNROptimizerMixin
+from snr_dist.options import SNROptions
 
 
-class SNRPreconditioner(torch.optim.Optimizer):
+class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
     """Gate the updates of ``base_optimizer`` by their signal-to-noise ratio.
 
-    The SNR options (see `snr_dist.optim.snr_adamw.SNRAdamW`; here also ``snr_beta2``,
-    the EMA factor of the squared gradient) become defaults of every base param group; keys
-    already present in a base group (e.g. ``SGD([{"params": w, "mode": "subspace"}])``) win.
-    ``param_groups`` is the base optimizer's list, so LR schedulers act on the base directly.
-    The state_dict holds the base's state_dict and the SNR statistics.
+    The SNR options (``snr=`` an `snr_dist.options.SNROptions`, or keywords; here also
+    ``snr_beta2``, the EMA factor of the squared gradient) become defaults of every base param
+    group; keys already present in a base group (e.g.
+    ``SGD([{"params": w, "mode": "subspace"}])``) win. ``param_groups`` is the base optimizer's
+    list, so LR schedulers act on the base directly. The state_dict holds the base's state_dict
+    and the SNR statistics. ``process_group``: see `snr_dist.optim.snr_adamw.SNRAdamW`.
     """
 
     def __init__(
         self,
         base_optimizer: torch.optim.Optimizer,
         *,
+        snr: SNROptions | Mapping[str, Any] | None = None,
         foreach: bool = True,
         skip_nonfinite: bool = True,
         process_group="auto",
@@ -50,62 +55,83 @@ class SNRPreconditioner(torch.optim.Optimizer):
                 "SNRPreconditioner cannot wrap LBFGS: it re-evaluates the closure inside its "
                 "step, so a single gradient (and SNR) per step does not exist"
             )
-        validate_options(snr_options)
+        options = SNROptions.parse(snr, **snr_options).model_dump()
         self.base = base_optimizer
         self.foreach = foreach
         self.skip_nonfinite = skip_nonfinite
-        self._snr_defaults = {**SNR_DEFAULTS, **snr_options}
-        for group in base_optimizer.param_groups:
-            self._apply_defaults(group)
-        super().__init__(base_optimizer.param_groups, {**base_optimizer.defaults, **snr_options})
-        self.param_groups = base_optimizer.param_groups  # one list, shared with the base
         self.process_group = process_group
-        self._gating = SNRGating(self, self._moment_source, process_group)
-        self._gating.check_consistent()
-
-    def _apply_defaults(self, group: dict) -> None:
-        for k, v in self._snr_defaults.items():
-            group.setdefault(k, v)
-        validate_options({k: group[k] for k in SNR_DEFAULTS})
+        self._snr_defaults = options
+        for group in base_optimizer.param_groups:
+            self._validate(self._with_defaults(group))
+        for group in base_optimizer.param_groups:
+            group.update(self._with_defaults(group))
+        super().__init__(base_optimizer.param_groups, {**base_optimizer.defaults, **options})
+        self.param_groups = base_optimizer.param_groups  # one list, shared with the base
+        self._start_engine()
 
     @staticmethod
-    def _moment_source(group: dict) -> MomentSource:
-        return MomentSource(
-            mean_key="snr_avg",
-            beta_s=group["snr_beta"],
-            owns_mean=True,
-            sq_key="snr_sq",
-            beta_v=group["snr_beta2"],
-            owns_sq=True,
-        )
+    def _moments() -> Moments:
+        return Moments(adam=False)
+
+    def _with_defaults(self, group: dict) -> dict:
+        return {**self._snr_defaults, **group}
+
+    @staticmethod
+    def _validate(group: dict) -> None:
+        SNROptions.parse({k: group[k] for k in SNROptions.model_fields if k in group})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not hasattr(self, "_gating"):  # called from Optimizer.__init__ for the base's groups
+        """Validate the group, then add it to the base optimizer (and so to this one)."""
+        if not hasattr(self, "_engine"):  # Optimizer.__init__ re-adding the base's groups
             super().add_param_group(param_group)
             return
+        param_group = dict(param_group)
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            param_group["params"] = [params]
+        elif params is not None and not isinstance(params, set):
+            param_group["params"] = list(params)
+        candidate = {**self.base.defaults, **self._with_defaults(param_group)}
+        self._validate(candidate)
+        self._engine.check_group(candidate)
         self.base.add_param_group(param_group)
-        self._apply_defaults(self.base.param_groups[-1])
-        self._gating.refresh_groups()
+        self.base.param_groups[-1].update(self._with_defaults(self.base.param_groups[-1]))
+        self._engine.sync_groups()
 
     def __repr__(self) -> str:
         return f"SNRPreconditioner({self.base!r})"
 
     # ------------------------------------------------------------------ state
+    def _kinds(self, p: Tensor, state: Mapping) -> dict[str, Kind]:
+        kinds = {"step": Kind.SHARED} if "step" in state else {}
+        return {**kinds, **self._engine.state_kinds(p, self._engine.group_of(p), state)}
+
     def state_dict(self) -> dict[str, Any]:
-        """``{"base": base.state_dict(), "snr": {"state": {param index: SNR state}}}``."""
+        """``{"base": base.state_dict(), "snr": {"state": {param index: SNR state}}}``,
+        complete on every rank (under FSDP2 with trackers it raises: use
+        `snr_dist.checkpoint` with SNRAdamW, or a plain base optimizer)."""
+        dist = self._engine.distributor
+        items = [(p, st, self._kinds(p, st)) for p, st in self.state.items()]
+        if any(dist.state_needs_collective(kinds) for _, _, kinds in items):
+            raise RuntimeError(
+                "SNRPreconditioner.state_dict(): under FSDP2 the subspace trackers hold partial "
+                "sums over ranks, which a plain state_dict cannot complete without a "
+                "collective. Use SNRAdamW with snr_dist.checkpoint, or mode='diagonal'."
+            )
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        values = dist.global_state(items)
         snr_state = {
-            index[p]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-            for p, st in self.state.items()
+            index[p]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in vals.items()}
+            for (p, _, _), vals in zip(items, values)
         }
         return {"base": self.base.state_dict(), "snr": {"state": snr_state}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what `state_dict` wrote (the base's state and groups, then the SNR state)."""
-        if set(state_dict) != {"base", "snr"}:
+        if not isinstance(state_dict, Mapping) or set(state_dict) != {"base", "snr"}:
+            got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict)
             raise ValueError(
-                "not an SNRPreconditioner state_dict: expected keys 'base' and 'snr', got "
-                f"{sorted(state_dict)}"
+                f"not an SNRPreconditioner state_dict: expected keys 'base' and 'snr', got {got}"
             )
         params = [p for g in self.param_groups for p in g["params"]]
         snr_state = state_dict["snr"]["state"]
@@ -114,34 +140,35 @@ class SNRPreconditioner(torch.optim.Optimizer):
             raise ValueError(f"SNR state refers to parameter indices {bad} that do not exist")
         self.base.load_state_dict(state_dict["base"])
         self.param_groups = self.base.param_groups
+        self._engine.index()
+        dist = self._engine.distributor
         self.state = defaultdict(dict)
         for i, st in snr_state.items():
             p = params[int(i)]
+            installed = dist.install_state(p, dict(st), self._kinds(p, st))
+            device = local(p).device
             self.state[p] = {
-                k: (v.to(p.device).clone() if torch.is_tensor(v) and k != "step" else v)
-                for k, v in st.items()
+                k: (v.to(device).clone() if torch.is_tensor(v) and k != "step" else v)
+                for k, v in installed.items()
             }
-        self._gating.refresh_groups()
+        self._engine.sync_groups()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(base=self.base, foreach=self.foreach, _snr_defaults=self._snr_defaults)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.base = state.pop("base")
+        self.foreach = state.pop("foreach", True)
+        self._snr_defaults = state.pop("_snr_defaults", {})
+        state["param_groups"] = self.base.param_groups
         super().__setstate__(state)
-        self._gating = SNRGating(self, self._moment_source, getattr(self, "process_group", None))
-
-    # ------------------------------------------------------------------ public extras
-    def microbatch(self, weight: float = 1.0):
-        """See `snr_dist.optim.snr_adamw.SNRAdamW.microbatch`."""
-        return self._gating.microbatch(weight)
-
-    def metrics(self, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
-        """See `snr_dist.optim.snr_adamw.SNRAdamW.metrics`."""
-        from snr_dist.metrics import collect_metrics
-
-        return collect_metrics(self, self._gating, names)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The base's zero_grad; also forgets micro-batch gradients recorded since the last step."""
         self.base.zero_grad(set_to_none=set_to_none)
-        self._gating.discard_microbatches()
+        self._engine.capture.discard()
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -151,19 +178,21 @@ class SNRPreconditioner(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        engine = self._engine
+        engine.begin_step()
         hidden: list[tuple[Tensor, Tensor]] = []  # non-finite grads hidden from the base
         try:
             collected = []
             for group in self.param_groups:
-                params, grads, skipped = collect_gradients(
-                    group, self._gating, self.skip_nonfinite, "SNRPreconditioner"
+                params, grads, skipped = engine.gradients(
+                    group, self.skip_nonfinite, "SNRPreconditioner"
                 )
                 for p in skipped:
                     hidden.append((p, p.grad))
                     p.grad = None
-                self._gating.check_ready(group, params)
+                engine.check_ready(group, params)
                 collected.append((group, params, grads))
-            self._gating.discard_microbatches([p for p, _ in hidden])
+            engine.capture.discard([p for p, _ in hidden])
             work = []
             for group, params, grads in collected:
                 if not params:
@@ -173,29 +202,33 @@ class SNRPreconditioner(torch.optim.Optimizer):
                     st = self.state[p]
                     if "step" not in st:
                         st["step"] = torch.zeros((), dtype=torch.float32)
-                        self._gating.init_state(p, group, st)
+                        engine.init_state(p, group, st)
                     st["step"] += 1
                     steps.append(int(st["step"].item()))
                 grads32 = [g if g.dtype == torch.float32 else g.float() for g in grads]
-                self._gating.update_statistics(group, params, grads32, steps)
-                work.append((group, params, grads32, steps))
-            self._gating.exchange(work)
+                by_est = engine.slots(group, params, grads32, steps)
+                engine.update(group, by_est)
+                work.append((group, by_est))
+            engine.exchange(work)
             snapshots = []
-            for group, params, _, steps in work:
-                active = any(self._gating.gate_active(group, t) for t in steps)
-                before = torch._foreach_mul([local(p) for p in params], 1.0) if active else None
-                snapshots.append(before)
+            for group, by_est in work:
+                slots = [s for ss in by_est.values() for s in ss]
+                active = any(gate_active(group, s.step) for s in slots)
+                before = (
+                    torch._foreach_mul([local(s.param) for s in slots], 1.0) if active else None
+                )
+                snapshots.append((slots, before))
             self.base.step()
         finally:
             for p, g in hidden:
                 p.grad = g
-        for (group, params, _, steps), before in zip(work, snapshots):
+        for (group, _), (slots, before) in zip(work, snapshots):
             if before is None:
                 continue
-            now = [local(p) for p in params]
+            now = [local(s.param) for s in slots]
             delta = [d.float() for d in torch._foreach_sub(now, before)]
-            self._gating.gate_(group, params, delta, steps, self.foreach)
+            engine.gate_(group, slots, delta, foreach=self.foreach)
             torch._foreach_add_(before, [d.to(b.dtype) for d, b in zip(delta, before)])
             torch._foreach_copy_(now, before)
-        self._gating.refresh(work)
+        engine.refresh(work)
         return loss

@@ -3,69 +3,60 @@
 Same shape as ``torch.optim.AdamW``: hyper-parameters validated in ``__init__``, per-tensor and
 multi-tensor (foreach, the default) implementations of one algorithm, a state_dict that
 round-trips bit-exactly. The algorithm is `snr_dist.snr.snr_adamw_reference_step` plus the
-subspace and cross-sample estimators.
+subspace and cross-sample estimators; the step below reads like it: Adam's moments, the
+estimators' statistics, one exchange, the gated update, the tracker refreshes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from snr_dist import kernels as kernel_dispatch
-from snr_dist.distributed.context import local
-from snr_dist.optim.gating import MomentSource, SNRGating, collect_gradients
-from snr_dist.options import SNR_DEFAULTS, validate_adam, validate_kernels, validate_options
+from snr_dist.distributors.dtensor import local
+from snr_dist.estimators import DiagonalTemporal, Moments, Slot, gate_active
+from snr_dist.estimators.base import impl
+from snr_dist.estimators.diagonal_temporal import FOREACH_RULES
+from snr_dist.layout import Kind
+from snr_dist.optim.base import SNROptimizerMixin
+from snr_dist.options import SNROptions, validate_adam, validate_kernels
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+_ADAM_KINDS = {"step": Kind.SHARED, "exp_avg": Kind.PARAM, "exp_avg_sq": Kind.PARAM}
 
 
-class SNRAdamW(torch.optim.Optimizer):
+class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
     """Decoupled-weight-decay Adam with an SNR gate on its update.
 
-    Any SNR option may also be set per param group.
-
     Args:
-        params: parameters or param groups.
+        params: parameters or param groups (a group may set any SNR option of its own).
         lr: learning rate.
         betas: Adam's EMA factors of the gradient and of its square.
         eps: Adam's denominator floor.
         weight_decay: decoupled weight decay (never gated).
-        estimator: "temporal" (EMAs over steps, no extra communication) or "cross_sample"
-            (spread across the micro-batches / data-parallel ranks of one step; needs >= 2
-            backward passes per step).
-        mode: "diagonal" (per coordinate) or "subspace" (per eigen-direction of each matrix's
-            gradient covariance, plus one complement direction). 1-D parameters always use
-            diagonal mode.
-        gate: "wiener" (default), "clamp", "hard", "paper" or "none".
-        tau: gate threshold; the paper gate's lambda.
-        gate_a: the paper gate's a (1 online, `finite_dataset_a(n, b)` for a finite dataset).
-        snr_beta: EMA factor of the SNR statistics. If it equals `betas[0]` the temporal
+        snr: an `snr_dist.options.SNROptions` (or a mapping of its fields).
+        **snr_options: SNR options as keywords (``estimator``, ``mode``, ``gate``, ``tau``,
+            ``gate_a``, ``snr_beta``, ``warmup_steps``, ``rank``, ``refresh_every``,
+            ``sketch_beta``, ``basis_side``, ``seed``; see `SNROptions`), overriding ``snr``.
+            If ``snr_beta`` equals ``betas[0]`` when the state is created, the temporal
             estimator reuses Adam's first moment and needs no extra memory.
-        warmup_steps: gates are 1 for the first `warmup_steps` steps.
-        rank: subspace rank per matrix.
-        refresh_every: steps between basis refreshes (plus refreshes at steps 1, 2, 4, ...).
-        sketch_beta: EMA factor of the subspace sketch.
-        basis_side: "auto" (the smaller side), "rows" or "cols".
-        seed: seed of the random initial bases (identical on every rank).
         maximize: maximise the objective instead.
         foreach: use the multi-tensor path (None or True) or the per-tensor path (False).
         kernels: "auto" (default: the Triton kernels for CUDA parameters when Triton imports,
             unless the SNR_DIST_KERNELS environment variable says "torch" or "triton"),
-            "torch" or "triton" (forced; on the CPU only under TRITON_INTERPRET=1). Diagonal
-            temporal parameters then take one fused step kernel; subspace projections and
-            gated reconstructions use the thin-matmul kernels.
+            "torch" or "triton" (forced; on the CPU only under TRITON_INTERPRET=1).
         skip_nonfinite: skip, and count, parameters whose gradient holds NaN/Inf.
         process_group: the data-parallel group. "auto" (default): the DTensor parameters'
-            mesh (FSDP2), else the default group when torch.distributed is initialised with
-            more than one rank (DDP), else none. None: behave as a single process.
+            mesh under FSDP2, else local to this rank (right for DDP too, where every rank
+            holds the same reduced gradient; the cross-sample estimator, which pools the
+            ranks' own gradients, then asks for the group). A process group: replicated data
+            parallelism over it (DDP). None: local to this rank.
     """
 
     def __init__(
@@ -76,41 +67,29 @@ class SNRAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
-        estimator: str = SNR_DEFAULTS["estimator"],
-        mode: str = SNR_DEFAULTS["mode"],
-        gate: str = SNR_DEFAULTS["gate"],
-        tau: float = SNR_DEFAULTS["tau"],
-        gate_a: float = SNR_DEFAULTS["gate_a"],
-        snr_beta: float = SNR_DEFAULTS["snr_beta"],
-        warmup_steps: int = SNR_DEFAULTS["warmup_steps"],
-        rank: int = SNR_DEFAULTS["rank"],
-        refresh_every: int = SNR_DEFAULTS["refresh_every"],
-        sketch_beta: float = SNR_DEFAULTS["sketch_beta"],
-        basis_side: str = SNR_DEFAULTS["basis_side"],
-        seed: int = SNR_DEFAULTS["seed"],
+        snr: SNROptions | Mapping[str, Any] | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         kernels: str = "auto",
         skip_nonfinite: bool = True,
         process_group: ProcessGroup | str | None = "auto",
+        **snr_options: Any,
     ) -> None:
+        given = set(snr_options) | (
+            set(snr) if isinstance(snr, Mapping) else getattr(snr, "model_fields_set", set())
+        )
+        if "snr_beta2" in given:
+            raise ValueError(
+                "snr_beta2 applies to SNRPreconditioner; SNRAdamW's squared-gradient EMA is "
+                "Adam's own: set betas[1]"
+            )
+        options = SNROptions.parse(snr, **snr_options).model_dump(exclude={"snr_beta2"})
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
             eps=eps,
             weight_decay=weight_decay,
-            estimator=estimator,
-            mode=mode,
-            gate=gate,
-            tau=tau,
-            gate_a=gate_a,
-            snr_beta=snr_beta,
-            warmup_steps=warmup_steps,
-            rank=rank,
-            refresh_every=refresh_every,
-            sketch_beta=sketch_beta,
-            basis_side=basis_side,
-            seed=seed,
+            **options,
             maximize=bool(maximize),
             foreach=foreach,
             kernels=kernels,
@@ -118,101 +97,133 @@ class SNRAdamW(torch.optim.Optimizer):
         self._validate_group(defaults)
         self.skip_nonfinite = skip_nonfinite
         self.process_group = process_group
-        #: When True, ``state_dict()`` is a collective that returns every rank's trackers
-        #: (world-size independent values): for frameworks that call it on every rank and save
-        #: rank 0's copy (DeepSpeed's engine.save_checkpoint). Off by default, so a plain
-        #: ``if rank == 0: torch.save(opt.state_dict())`` never hangs.
-        self.gather_state_dict = False
         super().__init__(params, defaults)
-        self._gating = SNRGating(self, self._moment_source, process_group)
-        self._gating.check_consistent()
+        self._start_engine()
+
+    @staticmethod
+    def _moments() -> Moments:
+        return Moments(adam=True)
 
     # ------------------------------------------------------------------ groups and state
     @staticmethod
     def _validate_group(group: dict) -> None:
         validate_adam(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         validate_kernels(group.get("kernels", "auto"))
-        validate_options({k: group[k] for k in SNR_DEFAULTS if k in group and k != "snr_beta2"})
+        SNROptions.parse({k: group[k] for k in SNROptions.model_fields if k in group})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate the group (options, and what the engine needs) before adding it."""
+        param_group = dict(param_group)
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            param_group["params"] = [params]
+        elif params is not None and not isinstance(params, set):
+            param_group["params"] = list(params)
+        candidate = {**self.defaults, **param_group}
+        self._validate_group(candidate)
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.check_group(candidate)
         super().add_param_group(param_group)
-        self._validate_group(self.param_groups[-1])
-        if hasattr(self, "_gating"):
-            self._gating.refresh_groups()
+        if engine is not None:
+            engine.sync_groups()
 
-    @staticmethod
-    def _moment_source(group: dict) -> MomentSource:
-        beta1, beta2 = group["betas"]
-        shared = group["snr_beta"] == beta1
-        return MomentSource(
-            mean_key="exp_avg" if shared else "snr_avg",
-            beta_s=group["snr_beta"],
-            owns_mean=not shared,
-            sq_key="exp_avg_sq",
-            beta_v=beta2,
-            owns_sq=False,
-        )
+    def init_state(self) -> None:
+        """Allocate every parameter's state now (frameworks that load into existing state,
+        such as Megatron's distributed checkpointing, call this before a load)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p, group)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.skip_nonfinite = getattr(self, "skip_nonfinite", True)
-        self._gating = SNRGating(self, self._moment_source, getattr(self, "process_group", None))
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            lp = local(p)
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(lp.shape, dtype=torch.float32, device=lp.device)
+            state["exp_avg_sq"] = torch.zeros(lp.shape, dtype=torch.float32, device=lp.device)
+            self._engine.init_state(p, group, state)
+        return state
+
+    def state_kinds(self, p: Tensor, keys: Iterable[str] | None = None) -> dict[str, Kind]:
+        """The layout (`snr_dist.layout.Kind`) of each state tensor of ``p`` (or of ``keys``,
+        e.g. the keys a checkpoint holds, before ``p`` has state)."""
+        state = self.state.get(p, {}) if keys is None else dict.fromkeys(keys)
+        group = self._engine.group_of(p)
+        kinds = {k: v for k, v in _ADAM_KINDS.items() if k in state}
+        return {**kinds, **self._engine.state_kinds(p, group, state)}
+
+    # ------------------------------------------------------------------ checkpoint view
+    def global_state(self) -> dict[Tensor, dict[str, Tensor]]:
+        """Each parameter's state with values that do not depend on the world size
+        (DTensors with the global shape where the data is sharded). Under FSDP2 with
+        trackers, a collective: every rank must call it."""
+        items = [(p, st, self.state_kinds(p)) for p, st in self.state.items() if "step" in st]
+        values = self._engine.distributor.global_state(items)
+        return {p: v for (p, _, _), v in zip(items, values)}
+
+    def load_global_state(self, values: Mapping[Tensor, Mapping[str, Tensor]]) -> None:
+        """Make world-size-independent ``values`` (from `global_state`, possibly written by
+        another world size) this rank's state."""
+        dist = self._engine.distributor
+        self._engine.index()
+        for p, st in values.items():
+            kinds = self.state_kinds(p, st.keys())
+            device = local(p).device
+            st = {k: (v.cpu() if k == "step" else v) for k, v in st.items()}
+            installed = dist.install_state(p, st, kinds)
+            self.state[p] = {k: v if k == "step" else v.to(device) for k, v in installed.items()}
+        self._engine.sync_groups()
+
+    def state_template(self, p: Tensor, key: str, size, dtype: torch.dtype) -> Tensor:
+        """An empty tensor to read the global value of ``state[key]`` of ``p`` into (DCP)."""
+        kind = self.state_kinds(p, [key]).get(key, Kind.SHARED)
+        return self._engine.distributor.template(p, kind, size, dtype)
 
     def state_dict(self) -> dict[str, Any]:
+        """Like torch's, with values that do not depend on the world size (DTensors under
+        FSDP2); complete on every rank. Where that needs a collective (FSDP2 with subspace
+        trackers, whose statistics are partial sums), it raises on every rank."""
+        dist = self._engine.distributor
+        if any(dist.state_needs_collective(self.state_kinds(p)) for p in self.state):
+            raise RuntimeError(
+                "SNRAdamW.state_dict(): under FSDP2 the subspace trackers hold partial sums "
+                "over ranks, and a plain state_dict cannot complete them without a "
+                "collective. Save with snr_dist.checkpoint.save(path, model, optimizer, step) "
+                "on every rank (DCP, reshardable), or call optimizer.global_state() on every "
+                "rank."
+            )
         sd = super().state_dict()
-        if self.gather_state_dict and self._gating.ctx.world > 1:
-            from snr_dist.distributed.state import global_state
-
-            index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
-            for p, st in global_state(self, self._gating).items():
-                sd["state"][index[p]] = {
-                    k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in st.items()
-                }
+        index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
+        for p, values in self.global_state().items():
+            sd["state"][index[p]] = values
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters, keeps
-        this optimizer's ``kernels`` choice, and under data parallelism keeps only the trackers
-        this rank owns."""
+        """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters,
+        keeps this optimizer's ``kernels`` choice, and accepts state written by another world
+        size or parallelism."""
         saved = state_dict["state"]
         # Which kernels run is this process's choice (a GPU checkpoint may resume on a CPU).
         impls = [g.get("kernels", "auto") for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, impl in zip(self.param_groups, impls):
-            group["kernels"] = impl
+        for group, choice in zip(self.param_groups, impls):
+            group["kernels"] = choice
         params = [p for g in self.param_groups for p in g["params"]]
+        loaded = {}
         for idx, st in saved.items():
-            cur = self.state[params[idx]]
+            p = params[idx]
+            cur = dict(self.state[p])
             for k, v in st.items():
                 if torch.is_tensor(v) and v.is_floating_point() and cur[k].dtype != v.dtype:
-                    cur[k] = v.to(device=cur[k].device).clone()
-        self._gating.refresh_groups()
-        if self._gating.ctx.mode == "replicated":
-            from snr_dist.distributed.state import drop_unowned
-
-            drop_unowned(self, self._gating)
+                    cur[k] = v.clone()  # torch cast it to the parameter's dtype
+            loaded[p] = cur
+        self.load_global_state(loaded)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Also forgets micro-batch gradients recorded since the last step."""
         super().zero_grad(set_to_none=set_to_none)
-        self._gating.discard_microbatches()
-
-    # ------------------------------------------------------------------ public extras
-    def microbatch(self, weight: float = 1.0) -> contextlib.AbstractContextManager[None]:
-        """Declare the number of samples in the next backward pass(es) (cross-sample estimator).
-
-        Without it every backward pass is one micro-batch of weight 1, which is right when the
-        micro-batches have equal sizes. With unequal sizes, compute each micro-batch loss as a
-        *sum* over its samples (up to a common constant) and wrap its backward in
-        ``with opt.microbatch(len(batch)):``.
-        """
-        return self._gating.microbatch(weight)
-
-    def metrics(self, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
-        """Gate and SNR statistics per group and per parameter; see `snr_dist.metrics`."""
-        from snr_dist.metrics import collect_metrics
-
-        return collect_metrics(self, self._gating, names)
+        self._engine.capture.discard()
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -222,34 +233,25 @@ class SNRAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [
-            (group, *collect_gradients(group, self._gating, self.skip_nonfinite, "SNRAdamW"))
+        engine = self._engine
+        engine.begin_step()
+        collected = [
+            (group, *engine.gradients(group, self.skip_nonfinite, "SNRAdamW"))
             for group in self.param_groups
         ]
-        for group, params, _, _ in work:  # fail before any state changes
-            self._gating.check_ready(group, params)
-        prepared = []
-        for group, params, grads, skipped in work:
-            self._gating.discard_microbatches(skipped)
+        for group, params, _, _ in collected:  # fail before any state changes
+            engine.check_ready(group, params)
+        work = []
+        for group, params, grads, skipped in collected:
+            engine.capture.discard(skipped)
             params, grads = self._fused_step(group, params, grads)
             if params:
-                prepared.append(self._update_moments(group, params, grads))
-        # One all-reduce of SNR statistics for the whole step (nothing in one process).
-        self._gating.exchange([(g, ps, gs, ts) for g, ps, gs, ts in prepared])
-        for group, params, _, steps in prepared:
-            self._apply_update(group, params, steps)
-        self._gating.refresh([(g, ps, gs, ts) for g, ps, gs, ts in prepared])
+                work.append((group, self._update_moments(group, params, grads)))
+        engine.exchange(work)  # one all-reduce of SNR statistics for the whole step
+        for group, by_est in work:
+            self._apply_update(group, [s for slots in by_est.values() for s in slots])
+        engine.refresh(work)
         return loss
-
-    def _init_state(self, p: Tensor, group: dict) -> dict:
-        state = self.state[p]
-        if "step" not in state:
-            lp = local(p)
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(lp.shape, dtype=torch.float32, device=lp.device)
-            state["exp_avg_sq"] = torch.zeros(lp.shape, dtype=torch.float32, device=lp.device)
-            self._gating.init_state(p, group, state)
-        return state
 
     def _fused_step(
         self, group: dict, params: list[Tensor], grads: list[Tensor]
@@ -262,12 +264,11 @@ class SNRAdamW(torch.optim.Optimizer):
         fused = [
             i
             for i, p in enumerate(params)
-            if self._gating.kind(p, group) == "diagonal"
-            and self._gating.impl(group, grads[i].device) == "triton"
+            if isinstance(self._engine.estimator(p, group), DiagonalTemporal)
+            and impl(group, grads[i].device) == "triton"
         ]
         if not fused:
             return params, grads
-        src = self._moment_source(group)
         by_step: dict[int, list[int]] = {}
         for i in fused:
             state = self._init_state(params[i], group)
@@ -275,18 +276,19 @@ class SNRAdamW(torch.optim.Optimizer):
             by_step.setdefault(int(state["step"].item()), []).append(i)
         for t, idx in by_step.items():
             states = [self.state[params[i]] for i in idx]
+            own_mean = "snr_avg" in states[0]
             kernel_dispatch.fused_snr_adamw_step(
                 [local(params[i]) for i in idx],
                 [grads[i] for i in idx],
                 [st["exp_avg"] for st in states],
                 [st["exp_avg_sq"] for st in states],
-                [st[src.mean_key] for st in states] if src.owns_mean else None,
+                [st["snr_avg"] for st in states] if own_mean else None,
                 step=t,
                 lr=group["lr"],
                 betas=group["betas"],
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                snr_beta=group["snr_beta"],
+                snr_beta=group["snr_beta"] if own_mean else group["betas"][0],
                 gate_rule=group["gate"],
                 tau=group["tau"],
                 gate_a=group["gate_a"],
@@ -298,7 +300,8 @@ class SNRAdamW(torch.optim.Optimizer):
         return [params[i] for i in rest], [grads[i] for i in rest]
 
     def _update_moments(self, group: dict, params: list[Tensor], grads: list[Tensor]):
-        """Steps 1-2: Adam's moments and the local SNR statistics. Returns the work item."""
+        """Adam's moments and the estimators' local statistics; returns the step's slots by
+        estimator."""
         states = [self._init_state(p, group) for p in params]
         grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
         if group["maximize"]:
@@ -318,21 +321,21 @@ class SNRAdamW(torch.optim.Optimizer):
             for m, v, g in zip(exp_avgs, exp_avg_sqs, grads):
                 m.lerp_(g, 1.0 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        self._gating.update_statistics(group, params, grads, steps)
-        return group, params, grads, steps
+        by_est = self._engine.slots(group, params, grads, steps)
+        self._engine.update(group, by_est)
+        return by_est
 
-    def _apply_update(self, group: dict, params: list[Tensor], steps: list[int]) -> None:
-        """Steps 3-4: gates, decoupled weight decay (not gated), the gated Adam step."""
+    def _apply_update(self, group: dict, slots: list[Slot]) -> None:
+        """Decoupled weight decay (not gated), then the gated Adam step."""
         foreach = group["foreach"] is None or group["foreach"]
-        states = [self.state[p] for p in params]
-        orig, params = params, [local(p) for p in params]  # keys for state; tensors for maths
+        engine = self._engine
+        params = [local(s.param) for s in slots]
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        exp_avgs = [st["exp_avg"] for st in states]
-        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
-        bc1 = [1.0 - beta1**t for t in steps]
-        bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
-        step_sizes = [-lr / b for b in bc1]
+        exp_avgs = [s.state["exp_avg"] for s in slots]
+        exp_avg_sqs = [s.state["exp_avg_sq"] for s in slots]
+        bc2_sqrt = [math.sqrt(1.0 - beta2**s.step) for s in slots]
+        step_sizes = [-lr / (1.0 - beta1**s.step) for s in slots]
         if wd != 0:
             if foreach:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
@@ -342,7 +345,7 @@ class SNRAdamW(torch.optim.Optimizer):
         if not foreach:
             for i, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):
                 d = m / (v.sqrt() / bc2_sqrt[i] + eps)
-                self._gating.gate_(group, [orig[i]], [d], [steps[i]], foreach=False)
+                engine.gate_(group, [slots[i]], [d], foreach=False)
                 p.add_(d.to(p.dtype), alpha=step_sizes[i])
             return
         denom = torch._foreach_sqrt(exp_avg_sqs)
@@ -350,11 +353,20 @@ class SNRAdamW(torch.optim.Optimizer):
         torch._foreach_add_(denom, eps)
         # Diagonal temporal gates are elementwise: fold them into the numerator, one
         # addcdiv per parameter as in torch's AdamW (no materialised direction).
-        fast: set[int] = set()
-        for idx in self._gating.fast_buckets(group, orig, steps, foreach).values():
-            gates, scale = self._gating.diagonal_gates_foreach(
-                group, [states[i] for i in idx], steps[idx[0]]
-            )
+        fast: dict[int, list[int]] = {}
+        plain, needs_direction = [], []
+        for i, s in enumerate(slots):
+            e = engine.estimator(s.param, group)
+            active = gate_active(group, s.step)
+            if isinstance(e, DiagonalTemporal) and active and group["gate"] in FOREACH_RULES:
+                fast.setdefault(s.step, []).append(i)
+            elif active or e.tracks:
+                needs_direction.append(i)
+            else:
+                plain.append(i)
+        for t, idx in fast.items():
+            e = engine.estimator(slots[idx[0]].param, group)
+            gates, scale = e.gates_foreach(group, [slots[i].state for i in idx], t)
             torch._foreach_mul_(gates, [exp_avgs[i] for i in idx])
             self._addcdiv(
                 [params[i] for i in idx],
@@ -362,15 +374,6 @@ class SNRAdamW(torch.optim.Optimizer):
                 [denom[i] for i in idx],
                 [step_sizes[i] * scale for i in idx],
             )
-            fast.update(idx)
-        rest = [i for i in range(len(params)) if i not in fast]
-        needs_direction = [
-            i
-            for i in rest
-            if self._gating.kind(orig[i], group) == "subspace"
-            or self._gating.gate_active(group, steps[i])
-        ]
-        plain = [i for i in rest if i not in set(needs_direction)]
         if plain:  # no gate: exactly torch's AdamW update
             self._addcdiv(
                 [params[i] for i in plain],
@@ -383,13 +386,12 @@ class SNRAdamW(torch.optim.Optimizer):
             dirs = torch._foreach_div(
                 [exp_avgs[i] for i in needs_direction], [denom[i] for i in needs_direction]
             )
-            sub_steps = [steps[i] for i in needs_direction]
+            sub = [slots[i] for i in needs_direction]
             sizes = [step_sizes[i] for i in needs_direction]
-            keys = [orig[i] for i in needs_direction]
             if all(p.dtype == torch.float32 for p in ps):  # gated step straight into p
-                self._gating.gate_(group, keys, dirs, sub_steps, True, out=ps, alphas=sizes)
+                engine.gate_(group, sub, dirs, out=ps, alphas=sizes)
                 return
-            self._gating.gate_(group, keys, dirs, sub_steps, True)
+            engine.gate_(group, sub, dirs)
             torch._foreach_mul_(dirs, sizes)
             torch._foreach_add_(ps, [d.to(p.dtype) for d, p in zip(dirs, ps)])
 

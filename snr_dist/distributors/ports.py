@@ -1,4 +1,4 @@
-"""Small helpers for launching processes."""
+"""A free TCP port for launching process groups on one host."""
 
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
-r"""Kernel dispatch, input checks and the pure-torch reference of each fused kernel.
-
-Three operations carry the SNR preconditioner's per-step traffic over big tensors:
+"""Pure-torch references of the fused kernels, and the input checks both paths share.
 
 - ``project_with_stats(X, Q) -> (R, col_sq)``: ``R = X Q`` and ``col_sq[j] = sum_i R_ij^2``
   (the per-direction energies the subspace estimators need);
@@ -9,83 +7,22 @@ Three operations carry the SNR preconditioner's per-step traffic over big tensor
 - ``fused_snr_adamw_step``: a whole diagonal temporal SNR-AdamW step (moments, SNR, gate,
   decoupled decay, update) in one read-modify-write of ``p, grad, m, v, s``.
 
-The Triton versions live in the top-level ``kernels`` package; the functions here are their
-readable references (the test oracles) and the CPU path. `resolve` decides which one runs:
-an explicit ``"torch"`` or ``"triton"`` wins; ``"auto"`` reads ``SNR_DIST_KERNELS`` and
-otherwise picks Triton only for CUDA tensors when Triton imports.
+These are the readable versions (the test oracles) and the CPU path; the Triton versions
+(`snr_dist.triton_kernels`, the repository's ``kernels/`` folder) import the checks and the
+per-step scalars from here, and nothing here imports them.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from snr_dist import snr as rule
-from snr_dist.options import validate_kernels
 
-ENV_VAR = "SNR_DIST_KERNELS"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)
-
-_triton_error: str | None = None  # why ``import kernels`` failed, once known
-
-
-# ------------------------------------------------------------------ dispatch
-def validate_choice(value, name: str = "kernels") -> str:
-    validate_kernels(value, name)
-    return value
-
-
-def triton_available() -> bool:
-    """Whether the Triton kernels import (Triton installed, a driver or the interpreter)."""
-    global _triton_error
-    if _triton_error is not None:
-        return False
-    try:
-        import kernels  # noqa: F401
-    except Exception as e:  # ImportError, or a Triton that cannot find a backend
-        _triton_error = f"{type(e).__name__}: {e}"
-        return False
-    return True
-
-
-def interpreting() -> bool:
-    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def resolve(choice: str, device: torch.device | str | None) -> str:
-    """``"torch"`` or ``"triton"`` for tensors on ``device``.
-
-    ``"auto"`` defers to ``SNR_DIST_KERNELS`` when set, else uses Triton for CUDA tensors when
-    it imports. A forced ``"triton"`` that cannot run raises instead of silently falling back,
-    so a benchmark or a test never measures the wrong path.
-    """
-    validate_choice(choice)
-    if choice == "auto":
-        env = os.environ.get(ENV_VAR, "").strip()
-        if env:
-            choice = validate_choice(env, ENV_VAR)
-    if choice == "torch":
-        return "torch"
-    cuda = device is not None and torch.device(device).type == "cuda"
-    if choice == "auto":
-        return "triton" if cuda and triton_available() else "torch"
-    if not triton_available():
-        raise RuntimeError(
-            f"snr-dist: kernels='triton' was requested but the Triton kernels do not import "
-            f"({_triton_error}); install the extra (pip install 'snr-dist[triton]') or use "
-            "kernels='torch'"
-        )
-    if not cuda and not interpreting():
-        raise RuntimeError(
-            f"snr-dist: kernels='triton' on {device} tensors needs Triton's interpreter: set "
-            "TRITON_INTERPRET=1 before triton is imported, or use CUDA tensors"
-        )
-    return "triton"
 
 
 # ------------------------------------------------------------------ input checks
@@ -317,46 +254,3 @@ def fused_snr_adamw_step_torch(
         denom = v.sqrt().mul_(sc["inv_bc2_sqrt"]).add_(eps)
         new = p.float() * sc["decay"] - sc["step_size"] * gate * m / denom
         p.copy_(new)
-
-
-# ------------------------------------------------------------------ dispatching entry points
-def project_with_stats(X: Tensor, Q: Tensor, *, kernels: str = "auto") -> tuple[Tensor, Tensor]:
-    """``(R, col_sq)``: ``R = X Q`` (fp32) and the per-column sums of squares of ``R``."""
-    if resolve(kernels, getattr(X, "device", None)) == "triton":
-        import kernels as _k
-
-        return _k.project_with_stats(X, Q)
-    return project_with_stats_torch(X, Q)
-
-
-def gate_reconstruct(
-    X: Tensor,
-    R: Tensor,
-    Q: Tensor,
-    c: Tensor,
-    a: float | Tensor,
-    *,
-    out: Tensor | None = None,
-    inplace: bool = False,
-    accumulate: bool = False,
-    check_orthonormal: bool = True,
-    kernels: str = "auto",
-) -> Tensor:
-    """``Y = a X + (R * c) Q^T`` in ``X``'s dtype; see `gate_reconstruct_torch`."""
-    kw = dict(out=out, inplace=inplace, accumulate=accumulate, check_orthonormal=check_orthonormal)
-    if resolve(kernels, getattr(X, "device", None)) == "triton":
-        import kernels as _k
-
-        return _k.gate_reconstruct(X, R, Q, c, a, **kw)
-    return gate_reconstruct_torch(X, R, Q, c, a, **kw)
-
-
-def fused_snr_adamw_step(*args, kernels: str = "auto", **kwargs) -> None:
-    """One diagonal temporal SNR-AdamW step; see `fused_snr_adamw_step_torch`."""
-    params = args[0] if args else kwargs["params"]
-    device = params[0].device if len(params) else None
-    if resolve(kernels, device) == "triton":
-        import kernels as _k
-
-        return _k.fused_snr_adamw_step(*args, **kwargs)
-    return fused_snr_adamw_step_torch(*args, **kwargs)

@@ -1,0 +1,60 @@
+"""Diagonal cross-sample estimator: per-coordinate spread of one step's micro-batch gradients.
+
+The micro-batch sums (`snr_dist.cross_sample.MicrobatchStats`, filled by gradient hooks) give
+``raw = g^2`` and the variance of ``g`` around its expectation (``k = 1``); both are smoothed by
+EMAs with ``snr_beta``. Under data parallelism the sums of every rank are added (one all-reduce
+of ``2 + numel`` floats per parameter per step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from snr_dist import cross_sample
+from snr_dist.cross_sample import MicrobatchStats
+from snr_dist.estimators.base import Estimator, Slot
+from snr_dist.layout import Kind
+
+
+class DiagonalCrossSample(Estimator):
+    name = "diagonal_cross_sample"
+    pools_ranks = True
+
+    def init_state(self, p, local_p, state, group, key) -> None:
+        f32 = dict(device=local_p.device, dtype=torch.float32)
+        state["raw_avg"] = torch.zeros(local_p.shape, **f32)
+        state["var_avg"] = torch.zeros(local_p.shape, **f32)
+
+    def state_kinds(self, state: dict) -> dict[str, Kind]:
+        return {"raw_avg": Kind.PARAM, "var_avg": Kind.PARAM}
+
+    def made(self, p: Tensor, state: dict, group: dict) -> bool:
+        return "raw_avg" in state
+
+    def partial_sums(self, group: dict, slots: list[Slot]) -> list[Tensor]:
+        return [s.micro.to_vector(False) for s in slots]
+
+    @torch.no_grad()
+    def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
+        w = 1.0 - group["snr_beta"]
+        for s, vec in zip(slots, sums):
+            stats, c_sq = pooled(s, vec, world, subspace=False)
+            raw, var = cross_sample.diagonal_moments(stats, s.grad, c_sq)
+            s.state["raw_avg"].lerp_(raw, w)
+            s.state["var_avg"].lerp_(var, w)
+
+    def moments(self, p, state, group, step, index=None):
+        bc = 1.0 - group["snr_beta"] ** step
+        raw, var = state["raw_avg"], state["var_avg"]
+        if index is not None:
+            raw, var = raw.reshape(-1)[index], var.reshape(-1)[index]
+        return raw / bc, var / bc, 1.0
+
+
+def pooled(slot: Slot, vec: Tensor, world: int, subspace: bool) -> tuple[MicrobatchStats, float]:
+    """The step's sums and ``c^2`` (``sum_i d_i = c * grad``): measured in one process; under
+    data parallelism the sums are global and the reduction averaged the ranks' gradients."""
+    if world == 1:
+        return slot.micro, slot.micro.unit_scale_sq(slot.grad)
+    return MicrobatchStats.from_vector(vec, subspace, slot.grad.shape), float(world) ** 2

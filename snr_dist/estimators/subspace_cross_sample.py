@@ -1,0 +1,115 @@
+"""Subspace cross-sample estimator: micro-batch spread along each tracked eigen-direction.
+
+Each micro-batch gradient's energy along every basis direction and in total (``r + 1``
+numbers per matrix, `snr_dist.cross_sample`) gives per-direction signal and noise; only those
+energies are kept, so their all-reduce across data-parallel ranks is ``r + 3`` floats per matrix
+per step. The sketch behind the basis is updated from the applied gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from snr_dist import cross_sample, subspace
+from snr_dist.distributors.base import RefreshJob
+from snr_dist.distributors.dtensor import is_row_sharded
+from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
+from snr_dist.estimators.diagonal_cross_sample import pooled
+from snr_dist.estimators.subspace_temporal import (
+    TRACKER_KINDS,
+    refresh_job,
+    tracker_cost,
+    tracker_made,
+)
+from snr_dist.layout import Kind
+
+
+class SubspaceCrossSample(Estimator):
+    name = "subspace_cross_sample"
+    pools_ranks = True
+    tracks = True
+
+    def __init__(self, moments) -> None:
+        super().__init__(moments)
+        self.current: dict[Tensor, Tensor] = {}
+        self.last: dict[Tensor, dict] = {}
+
+    def init_state(self, p, local_p, state, group, key) -> None:
+        subspace.init_tracker(
+            state,
+            tuple(p.shape),
+            tuple(local_p.shape),
+            group,
+            local_p.device,
+            key,
+            cross=True,
+            sharded_rows=is_row_sharded(p),
+        )
+
+    def state_kinds(self, state: dict) -> dict[str, Kind]:
+        own = ("raw_dir", "noise_dir", "raw_energy", "noise_energy")
+        kinds = {**TRACKER_KINDS, **dict.fromkeys(own, Kind.SHARED)}
+        return {k: v for k, v in kinds.items() if k in state}
+
+    def made(self, p: Tensor, state: dict, group: dict) -> bool:
+        return tracker_made(state, tuple(p.shape), group, cross=True)
+
+    def cost(self, p: Tensor, group: dict) -> float:
+        return tracker_cost(p, group)
+
+    @torch.no_grad()
+    def update(self, group: dict, slots: list[Slot]) -> None:
+        for s in slots:
+            device = s.grad.device
+            subspace.observe(s.state, s.grad, 0.0, 0.0, group["sketch_beta"], impl(group, device))
+
+    def partial_sums(self, group: dict, slots: list[Slot]) -> list[Tensor]:
+        return [s.micro.to_vector(True) for s in slots]
+
+    @torch.no_grad()
+    def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
+        beta = group["snr_beta"]
+        for s, vec in zip(slots, sums):
+            st = s.state
+            stats, c_sq = pooled(s, vec, world, subspace=True)
+            raw_d, var_d, raw_e, var_e = cross_sample.subspace_moments(
+                stats, s.grad, c_sq, st, impl(group, s.grad.device)
+            )
+            st["raw_dir"].lerp_(raw_d, 1.0 - beta)
+            st["noise_dir"].lerp_(var_d, 1.0 - beta)
+            st["raw_energy"].lerp_(raw_e, 1.0 - beta)
+            st["noise_energy"].lerp_(var_e, 1.0 - beta)
+            raw, var = subspace.cross_direction_moments(st, s.step, beta)
+            gates = gate_values(group, raw, var, 1.0, s.step)
+            self.current[s.param] = gates
+            self.last[s.param] = {
+                "raw": raw,
+                "var": var,
+                "k": 1.0,
+                "gates": gates,
+                "captured": (st["raw_dir"].sum(), st["raw_energy"]),
+            }
+
+    def moments(self, p, state, group, step, index=None):
+        info = self.last[p]
+        return info["raw"], info["var"], info["k"]
+
+    def gates(self, p, state, group, step, index=None) -> Tensor:
+        return self.current[p]
+
+    def gate_(self, group, slots, directions, out=None, alphas=None, foreach=True) -> None:
+        for i, (s, d) in enumerate(zip(slots, directions)):
+            o = None if out is None else out[i]
+            alpha = 1.0 if out is None else alphas[i]
+            subspace.apply_gates(s.state, d, self.current[s.param], o, alpha, impl(group, d.device))
+
+    def refresh_jobs(self, group: dict, slots: list[Slot]) -> list[RefreshJob]:
+        return [
+            refresh_job(s, None, None)
+            for s in slots
+            if subspace.refresh_due(s.step, group["refresh_every"])
+        ]
+
+    def info(self, p, state, group) -> dict | None:
+        return self.last.get(p)

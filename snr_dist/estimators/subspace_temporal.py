@@ -1,0 +1,188 @@
+"""Subspace temporal estimator: the temporal SNR rule on a tracked eigenbasis of each matrix.
+
+Per step, `snr_dist.subspace.observe` projects the gradient onto the basis ``Q`` and updates the
+sketch and the projected moments (partial sums over the rows a rank holds); ``2r + 2`` numbers
+per matrix (`snr_dist.subspace.temporal_vector`) give the ``r`` direction gates plus one for the
+complement. Refreshes re-fit ``Q`` from the sketch and carry the statistics over.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from snr_dist import subspace
+from snr_dist.distributors.base import RefreshJob
+from snr_dist.distributors.dtensor import is_row_sharded
+from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
+from snr_dist.estimators.diagonal_temporal import update_own_moments
+from snr_dist.layout import Kind
+
+TRACKER_KINDS = {
+    "basis_rows": Kind.SHARED,
+    "basis": Kind.SHARED,
+    "sketch": Kind.PARTIAL,
+    "sketch_weight": Kind.SHARED,
+    "eigvals": Kind.SHARED,
+}
+
+
+def basis_rows(p: Tensor, group: dict) -> bool:
+    return subspace.basis_on_rows(tuple(p.shape), group["basis_side"], is_row_sharded(p))
+
+
+def tracker_cost(p: Tensor, group: dict) -> float:
+    rows = basis_rows(p, group)
+    return float(p.numel() * subspace.effective_rank(tuple(p.shape), rows, group["rank"]))
+
+
+def tracker_made(state: dict, p_shape: tuple, group: dict, cross: bool) -> bool:
+    """A tracker of the group's rank, for the group's estimator."""
+    if "basis" not in state or ("raw_dir" in state) != cross:
+        return False
+    rows = bool(state["basis_rows"])
+    return state["basis"].shape[1] == subspace.effective_rank(p_shape, rows, group["rank"])
+
+
+class SubspaceTemporal(Estimator):
+    name = "subspace_temporal"
+    tracks = True
+
+    def __init__(self, moments) -> None:
+        super().__init__(moments)
+        self.vectors: dict[Tensor, Tensor] = {}  # this step's summed temporal vectors
+        self.current: dict[Tensor, Tensor] = {}  # this step's gates
+        self.last: dict[Tensor, dict] = {}
+
+    def init_state(self, p, local_p, state, group, key) -> None:
+        subspace.init_tracker(
+            state,
+            tuple(p.shape),
+            tuple(local_p.shape),
+            group,
+            local_p.device,
+            key,
+            cross=False,
+            sharded_rows=is_row_sharded(p),
+        )
+        if self.moments_of.own_mean(group):
+            state["snr_avg"] = torch.zeros(
+                local_p.shape, dtype=torch.float32, device=local_p.device
+            )
+
+    def state_kinds(self, state: dict) -> dict[str, Kind]:
+        kinds = {
+            **TRACKER_KINDS,
+            "proj_avg": Kind.COLUMNS,
+            "proj_cov": Kind.PARTIAL,
+            "energy": Kind.PARTIAL,
+            "snr_avg": Kind.PARAM,
+        }
+        return {k: v for k, v in kinds.items() if k in state}
+
+    def made(self, p: Tensor, state: dict, group: dict) -> bool:
+        return tracker_made(state, tuple(p.shape), group, cross=False)
+
+    def cost(self, p: Tensor, group: dict) -> float:
+        return tracker_cost(p, group)
+
+    @torch.no_grad()
+    def update(self, group: dict, slots: list[Slot]) -> None:
+        update_own_moments(self.moments_of, group, slots)
+        beta_v = self.moments_of.beta_v(group)
+        beta_s = self.moments_of.beta_s(slots[0].state, group)
+        for s in slots:
+            subspace.observe(
+                s.state, s.grad, beta_v, beta_s, group["sketch_beta"], impl(group, s.grad.device)
+            )
+
+    def partial_sums(self, group: dict, slots: list[Slot]) -> list[Tensor]:
+        return [
+            subspace.temporal_vector(s.state, self.moments_of.mean(s.state, group)[0])
+            for s in slots
+        ]
+
+    @torch.no_grad()
+    def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
+        """Gates of all trackers of the group with the same rank and step at once (one batch
+        of small ops instead of one per matrix)."""
+        batches: dict[tuple, list[int]] = defaultdict(list)
+        for i, (s, vec) in enumerate(zip(slots, sums)):
+            self.vectors[s.param] = vec
+            batches[(vec.numel(), s.step)].append(i)
+        beta_s = self.moments_of.beta_s(slots[0].state, group)
+        beta_v = self.moments_of.beta_v(group)
+        for (n, t), idx in batches.items():
+            vecs = torch.stack([sums[i] for i in idx])
+            raw, var, k = subspace.temporal_direction_moments(vecs, t, beta_s, beta_v)
+            gates = gate_values(group, raw, var, k, t)
+            r = (n - 2) // 2
+            for j, i in enumerate(idx):
+                p, vec = slots[i].param, sums[i]
+                self.current[p] = gates[j]
+                self.last[p] = {
+                    "raw": raw[j],
+                    "var": var[j],
+                    "k": k,
+                    "gates": gates[j],
+                    "captured": (vec[:r].sum(), vec[2 * r]),
+                }
+
+    def moments(self, p, state, group, step, index=None):
+        info = self.last[p]
+        return info["raw"], info["var"], info["k"]
+
+    def gates(self, p, state, group, step, index=None) -> Tensor:
+        return self.current[p]
+
+    def gate_(self, group, slots, directions, out=None, alphas=None, foreach=True) -> None:
+        for i, (s, d) in enumerate(zip(slots, directions)):
+            o = None if out is None else out[i]
+            alpha = 1.0 if out is None else alphas[i]
+            subspace.apply_gates(s.state, d, self.current[s.param], o, alpha, impl(group, d.device))
+
+    def refresh_jobs(self, group: dict, slots: list[Slot]) -> list[RefreshJob]:
+        beta_s = self.moments_of.beta_s(slots[0].state, group) if slots else 0.0
+        beta_v = self.moments_of.beta_v(group) if slots else 0.0
+        jobs = []
+        for s in slots:
+            if not subspace.refresh_due(s.step, group["refresh_every"]):
+                continue
+            mean = self.moments_of.mean(s.state, group)[0]
+            temporal = (self.vectors[s.param], s.step, beta_s, beta_v)
+            jobs.append(refresh_job(s, mean, temporal))
+        return jobs
+
+    def info(self, p, state, group) -> dict | None:
+        return self.last.get(p)
+
+
+def refresh_job(slot: Slot, mean: Tensor | None, temporal: tuple | None) -> RefreshJob:
+    """A tracker's refresh as callbacks: partial sketches, the owner's Nystrom solve, and what
+    every rank does with the solution."""
+    state, t = slot.state, slot.step
+    q = state["basis"]
+    r = q.shape[1]
+    with_cov = temporal is not None
+    _, _, beta_s, beta_v = temporal if with_cov else (None, t, 0.0, 0.0)
+
+    def solve(partials: list[Tensor]) -> list[Tensor]:
+        q_new, evals, cov = subspace.refresh_solve(
+            q, partials, float(state["sketch_weight"]), temporal
+        )
+        # contiguous, as the ranks that receive the solution hold it: the same memory layout
+        # makes every rank's later matmuls with it round identically
+        return [t.contiguous() for t in [q_new, evals] + ([cov] if with_cov else [])]
+
+    def placeholders() -> list[Tensor]:
+        out = [torch.zeros(q.shape, device=q.device), torch.zeros(r, device=q.device)]
+        return out + ([torch.zeros(r, r, device=q.device)] if with_cov else [])
+
+    def apply(solution: list[Tensor], carries_total: bool) -> None:
+        q_new, evals = solution[0].clone(), solution[1].clone()
+        cov = solution[2] if with_cov else None
+        subspace.refresh_apply(state, q_new, evals, cov, mean, carries_total, t, beta_s, beta_v)
+
+    return RefreshJob(slot.param, subspace.refresh_partials(state), solve, placeholders, apply)

@@ -1,0 +1,169 @@
+r"""Kernel dispatch: which implementation of the three hot loops runs.
+
+The torch references live in `snr_dist.kernels.reference`; the Triton kernels in
+`snr_dist.triton_kernels` (the repository's top-level ``kernels/`` folder, installed under the
+``snr_dist`` namespace). `resolve` decides: an explicit ``"torch"`` or ``"triton"`` wins;
+``"auto"`` reads ``SNR_DIST_KERNELS`` and otherwise picks Triton only for CUDA tensors when it
+imports, and says once, with the import error, when it cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from snr_dist.kernels.reference import (
+    FLOAT_DTYPES,
+    check_orthonormal,
+    check_projection,
+    check_reconstruct,
+    check_step,
+    fused_snr_adamw_step_torch,
+    gate_reconstruct_torch,
+    project_with_stats_torch,
+    snr_adamw_scalars,
+)
+from snr_dist.options import validate_kernels
+
+ENV_VAR = "SNR_DIST_KERNELS"
+
+_triton_error: str | None = None  # why the Triton kernels failed to import, once known
+_warned_fallback = False
+
+__all__ = [
+    "ENV_VAR",
+    "FLOAT_DTYPES",
+    "check_orthonormal",
+    "check_projection",
+    "check_reconstruct",
+    "check_step",
+    "fused_snr_adamw_step",
+    "fused_snr_adamw_step_torch",
+    "gate_reconstruct",
+    "gate_reconstruct_torch",
+    "interpreting",
+    "project_with_stats",
+    "project_with_stats_torch",
+    "resolve",
+    "snr_adamw_scalars",
+    "triton_available",
+]
+
+
+# ------------------------------------------------------------------ dispatch
+def validate_choice(value, name: str = "kernels") -> str:
+    validate_kernels(value, name)
+    return value
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels import (Triton installed, a driver or the interpreter)."""
+    global _triton_error
+    if _triton_error is not None:
+        return False
+    try:
+        import snr_dist.triton_kernels  # noqa: F401
+    except Exception as e:  # ImportError, or a Triton that cannot find a backend
+        _triton_error = f"{type(e).__name__}: {e}"
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve(choice: str, device: torch.device | str | None) -> str:
+    """``"torch"`` or ``"triton"`` for tensors on ``device``.
+
+    ``"auto"`` defers to ``SNR_DIST_KERNELS`` when set, else uses Triton for CUDA tensors when
+    it imports. A forced ``"triton"`` that cannot run raises instead of silently falling back,
+    so a benchmark or a test never measures the wrong path.
+    """
+    validate_choice(choice)
+    if choice == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            choice = validate_choice(env, ENV_VAR)
+    if choice == "torch":
+        return "torch"
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if choice == "auto":
+        if not cuda:
+            return "torch"
+        if triton_available():
+            return "triton"
+        _warn_fallback()
+        return "torch"
+    if not triton_available():
+        raise RuntimeError(
+            f"snr-dist: kernels='triton' was requested but the Triton kernels do not import "
+            f"({_triton_error}); install the extra (pip install 'snr-dist[triton]') or use "
+            "kernels='torch'"
+        )
+    if not cuda and not interpreting():
+        raise RuntimeError(
+            f"snr-dist: kernels='triton' on {device} tensors needs Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported, or use CUDA tensors"
+        )
+    return "triton"
+
+
+def _warn_fallback() -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"snr-dist: the Triton kernels do not import ({_triton_error}); kernels='auto' "
+            "runs the torch path on CUDA tensors instead (slower). Install the extra (pip "
+            "install 'snr-dist[triton]'), or set SNR_DIST_KERNELS=torch to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+# ------------------------------------------------------------------ dispatching entry points
+def project_with_stats(X: Tensor, Q: Tensor, *, kernels: str = "auto") -> tuple[Tensor, Tensor]:
+    """``(R, col_sq)``: ``R = X Q`` (fp32) and the per-column sums of squares of ``R``."""
+    if resolve(kernels, getattr(X, "device", None)) == "triton":
+        from snr_dist import triton_kernels as _k
+
+        return _k.project_with_stats(X, Q)
+    return project_with_stats_torch(X, Q)
+
+
+def gate_reconstruct(
+    X: Tensor,
+    R: Tensor,
+    Q: Tensor,
+    c: Tensor,
+    a: float | Tensor,
+    *,
+    out: Tensor | None = None,
+    inplace: bool = False,
+    accumulate: bool = False,
+    check_orthonormal: bool = True,
+    kernels: str = "auto",
+) -> Tensor:
+    """``Y = a X + (R * c) Q^T`` in ``X``'s dtype; see `gate_reconstruct_torch`."""
+    kw = dict(out=out, inplace=inplace, accumulate=accumulate, check_orthonormal=check_orthonormal)
+    if resolve(kernels, getattr(X, "device", None)) == "triton":
+        from snr_dist import triton_kernels as _k
+
+        return _k.gate_reconstruct(X, R, Q, c, a, **kw)
+    return gate_reconstruct_torch(X, R, Q, c, a, **kw)
+
+
+def fused_snr_adamw_step(*args, kernels: str = "auto", **kwargs) -> None:
+    """One diagonal temporal SNR-AdamW step; see `fused_snr_adamw_step_torch`."""
+    params = args[0] if args else kwargs["params"]
+    device = params[0].device if len(params) else None
+    if resolve(kernels, device) == "triton":
+        from snr_dist import triton_kernels as _k
+
+        return _k.fused_snr_adamw_step(*args, **kwargs)
+    return fused_snr_adamw_step_torch(*args, **kwargs)

@@ -1,0 +1,115 @@
+"""What `SNRAdamW` and `SNRPreconditioner` share as torch optimizers: construction from one
+`SNROptions`, copying and pickling, micro-batches, metrics, ``close()``."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from torch import Tensor
+
+from snr_dist.distributors import Distributor
+from snr_dist.estimators import Estimator, Moments
+from snr_dist.optim.engine import SNREngine
+
+
+class _SharedGroup:
+    """An explicit process group inside a copied optimizer: the copy shares the handle (a
+    process group belongs to the running job, not to one optimizer); pickling refuses."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __deepcopy__(self, memo) -> _SharedGroup:
+        return self
+
+    def __reduce__(self):
+        raise TypeError(
+            "cannot pickle an snr-dist optimizer built with an explicit process_group: process "
+            "groups belong to the running job. Save optimizer.state_dict() instead, or build "
+            "the optimizer with process_group='auto' or None."
+        )
+
+
+class SNROptimizerMixin:
+    """Shared machinery; the class using it sets ``self._engine`` in ``__init__`` and
+    implements ``_moments()`` (where its temporal estimators find their EMAs)."""
+
+    _engine: SNREngine
+    skip_nonfinite: bool
+    process_group: Any
+
+    @staticmethod
+    def _moments() -> Moments:
+        raise TypeError("subclasses say where their moments live")
+
+    def _start_engine(self) -> None:
+        self._engine = SNREngine(self, self._moments(), self.process_group)
+
+    # ------------------------------------------------------------------ public extras
+    @property
+    def distributor(self) -> Distributor:
+        """The parallelism this optimizer runs in: ``.name``, ``.rank``, ``.world``,
+        ``.owner(p)`` (the rank that refreshes ``p``'s tracker), ``.comm`` byte counters."""
+        return self._engine.distributor
+
+    def estimator_of(self, p: Tensor, group: dict | None = None) -> Estimator:
+        """The estimator serving ``p`` (its ``moments``, ``gates``, ``info`` and
+        ``state_kinds``: see `snr_dist.estimators.base.Estimator`)."""
+        engine = self._engine
+        return engine.estimator(p, engine.group_of(p) if group is None else group)
+
+    @property
+    def nonfinite_skips(self) -> dict[Tensor, int]:
+        """Steps skipped per parameter because its gradient held NaN or Inf."""
+        return dict(self._engine.nonfinite.skips)
+
+    def microbatch(self, weight: float = 1.0) -> contextlib.AbstractContextManager[None]:
+        """Declare the number of samples in the next backward pass(es) (cross-sample estimator).
+
+        Without it every backward pass is one micro-batch of weight 1, which is right when the
+        micro-batches have equal sizes. With unequal sizes, compute each micro-batch loss as a
+        *sum* over its samples (up to a common constant) and wrap its backward in
+        ``with opt.microbatch(len(batch)):``.
+        """
+        return self._engine.capture.weighted(weight)
+
+    def metrics(self, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
+        """Gate and SNR statistics per group and per parameter; see `snr_dist.metrics`."""
+        from snr_dist.metrics import collect_metrics
+
+        return collect_metrics(self, names)
+
+    def sync_param_groups(self) -> None:
+        """Re-read ``param_groups`` after a framework swapped the tensors in them (Megatron's
+        fp32 main copies, DeepSpeed's flat partitions): tracker owners, hooks, lookups."""
+        self._engine.sync_groups()
+
+    def close(self) -> None:
+        """Remove the gradient hooks of the cross-sample estimator (idempotent). A deleted
+        optimizer removes them by itself when it is collected."""
+        self._engine.close()
+
+    # ------------------------------------------------------------------ copies and pickles
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        group = self.process_group
+        state["skip_nonfinite"] = self.skip_nonfinite
+        state["process_group"] = (
+            group if group is None or isinstance(group, str) else (_SharedGroup(group))
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's own load_state_dict also ends here, with only "state" and "param_groups":
+        # then the running engine stays (the caller re-syncs it).
+        if "process_group" in state:
+            group = state.pop("process_group")
+            self.process_group = group.group if isinstance(group, _SharedGroup) else group
+        if "skip_nonfinite" in state:
+            self.skip_nonfinite = state.pop("skip_nonfinite")
+        super().__setstate__(state)
+        if "_engine" not in self.__dict__:  # a copy or an unpickled optimizer
+            self.skip_nonfinite = getattr(self, "skip_nonfinite", True)
+            self.process_group = getattr(self, "process_group", None)
+            self._start_engine()

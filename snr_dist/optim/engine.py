@@ -1,0 +1,330 @@
+"""The SNR half of an optimizer step, shared by `SNRAdamW` and `SNRPreconditioner`.
+
+An optimizer owns its parameters, its base update and its state dict; the engine adds, per
+param group, the estimators (`snr_dist.estimators`) and the distributor
+(`snr_dist.distributors`), and runs a step's SNR phases in order:
+
+1. `gradients` -- this rank's gradients, minus non-finite ones (skipped and counted);
+2. `slots` / `update` -- the estimators fold the gradients into their statistics;
+3. `exchange` -- one bucketed all-reduce of every partial statistic of the step, then the
+   estimators finish their per-step statistics;
+4. `gate_` -- the base update directions are multiplied by the gates;
+5. `refresh` -- tracker refreshes due this step, sequenced by the distributor.
+
+It also keeps the state layout fixed: estimator, mode, rank and basis side may not change once
+a parameter has state.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from snr_dist import estimators as est
+from snr_dist import subspace
+from snr_dist.cross_sample import MicrobatchStats
+from snr_dist.distributors import make_distributor
+from snr_dist.distributors.dtensor import is_row_sharded, local
+from snr_dist.estimators.base import Slot, impl
+from snr_dist.layout import Kind
+from snr_dist.optim.capture import MicrobatchCapture
+from snr_dist.optim.nonfinite import NonfiniteCounter, finite_flags
+from snr_dist.options import LAYOUT_KEYS, SNROptions
+
+#: Options that must agree across data-parallel ranks.
+_AGREE = tuple(SNROptions.model_fields) + ("betas",)
+
+Work = list[tuple[dict, dict[tuple[str, str], list[Slot]]]]
+
+
+class SNREngine:
+    """Estimators, distributor, micro-batch capture and non-finite policy of one optimizer."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, moments: est.Moments, process_group: Any):
+        self.opt = optimizer
+        self.estimators = est.build(moments)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        pools = any(g["estimator"] == "cross_sample" for g in optimizer.param_groups)
+        self.distributor = make_distributor(params, process_group, pools_ranks=pools)
+        self.capture = MicrobatchCapture(self.observe)
+        self.nonfinite = NonfiniteCounter()
+        self._layouts: dict[int, tuple] = {}
+        self._keys: dict[Tensor, int] = {}
+        self._group_of: dict[Tensor, dict] = {}
+        self.sync_groups()
+
+    # ------------------------------------------------------------------ groups
+    def estimator(self, p: Tensor, group: dict) -> est.Estimator:
+        return self.estimators[est.estimator_key(p, group)]
+
+    def check_group(self, group: dict) -> None:
+        """What a param group must satisfy beyond its options (before it is added)."""
+        if self.distributor.partial_statistics and group["estimator"] == "cross_sample":
+            raise ValueError(
+                "estimator='cross_sample' is not supported with FSDP2 (DTensor) parameters: "
+                "fully_shard reduce-scatters gradients inside backward, before snr-dist can "
+                "observe a rank's own gradient. Use estimator='temporal' (it needs no "
+                "communication), or DistributedDataParallel."
+            )
+        if group["mode"] == "subspace":
+            for p in group["params"]:
+                if est.estimator_key(p, group)[1] == "subspace":  # fail early on a bad side
+                    subspace.basis_on_rows(tuple(p.shape), group["basis_side"], is_row_sharded(p))
+
+    def index(self) -> None:
+        """Which group each parameter is in (torch's load_state_dict replaces the groups)."""
+        groups = self.opt.param_groups
+        self._keys = {p: i for i, p in enumerate(p for g in groups for p in g["params"])}
+        self._group_of = {p: g for g in groups for p in g["params"]}
+
+    def group_of(self, p: Tensor) -> dict:
+        """``p``'s param group. Frameworks may swap the tensors in ``param_groups`` (DeepSpeed
+        ZeRO hands the optimizer flat partitions), so a miss re-reads the groups."""
+        if p not in self._group_of:
+            self.index()
+        return self._group_of[p]
+
+    def sync_groups(self) -> None:
+        """Re-derive what depends on ``param_groups`` (after add_param_group or a load)."""
+        self.index()
+        groups = self.opt.param_groups
+        trackers, hooked = [], []
+        self._layouts = {}
+        for i, group in enumerate(groups):
+            self.check_group(group)
+            for p in group["params"]:
+                e = self.estimator(p, group)
+                if e.tracks:
+                    trackers.append((p, e.cost(p, group)))
+                if e.pools_ranks:
+                    hooked.append(p)
+            self._check_layout(i, group)
+        self.distributor.assign(trackers)
+        self.capture.attach(hooked)
+
+    def _check_layout(self, index: int, group: dict) -> None:
+        """Layout options are fixed once a parameter of the group has state."""
+        now = tuple(group[k] for k in LAYOUT_KEYS)
+        was = self._layouts.get(index)
+        if was is None:
+            with_state = [p for p in group["params"] if "step" in self.opt.state.get(p, {})]
+            if not with_state:
+                return
+            bad = [
+                p
+                for p in with_state
+                if not self.estimator(p, group).made(p, self.opt.state[p], group)
+            ]
+            if not bad:
+                self._layouts[index] = now
+                return
+            raise ValueError(
+                f"param group {index}: its state was created with other layout options than "
+                f"{', '.join(f'{k}={v!r}' for k, v in zip(LAYOUT_KEYS, now))} (a parameter of "
+                f"shape {tuple(bad[0].shape)} has state keys {sorted(self.opt.state[bad[0]])}); "
+                "estimator, mode, rank and basis_side cannot change after the first step. "
+                "Build the optimizer with the options its state was created with."
+            )
+        if now != was:
+            changed = [(k, a, b) for k, a, b in zip(LAYOUT_KEYS, was, now) if a != b]
+            k, a, b = changed[0]
+            raise ValueError(
+                f"param group {index}: {k} changed from {a!r} to {b!r} after the first step; "
+                f"{', '.join(LAYOUT_KEYS)} decide which state tensors a parameter has and "
+                "are fixed once it has state. Build a new optimizer to change them."
+            )
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, p: Tensor, group: dict, state: dict) -> None:
+        """Allocate the estimator's state of ``p`` (the optimizer's own is not touched)."""
+        self.estimator(p, group).init_state(p, local(p), state, group, self.key(p))
+
+    def state_kinds(self, p: Tensor, group: dict, state: dict) -> dict[str, Kind]:
+        return self.estimator(p, group).state_kinds(state)
+
+    def key(self, p: Tensor) -> int:
+        """A stable per-parameter integer (its position in the optimizer), for seeding."""
+        if p not in self._keys:
+            self.index()
+        return self._keys[p]
+
+    # ------------------------------------------------------------------ phase 1: gradients
+    def begin_step(self) -> None:
+        """Once: every rank runs the same configuration; every step: layouts unchanged."""
+        if not self.distributor._checked:
+            signature = [
+                (
+                    i,
+                    {k: repr(g[k]) for k in sorted(g) if k in _AGREE},
+                    [tuple(p.shape) for p in g["params"]],
+                )
+                for i, g in enumerate(self.opt.param_groups)
+            ]
+            self.distributor.check_consistent(signature, _first_difference)
+        for i, group in enumerate(self.opt.param_groups):
+            self._check_layout(i, group)
+
+    def gradients(
+        self, group: dict, skip_nonfinite: bool, who: str
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """``(params, grads, skipped)``: params with a gradient (grads as this rank's local
+        tensors), minus non-finite ones (counted) when ``skip_nonfinite``. The caller drops
+        the skipped params' micro-batch sums once the step is sure to proceed."""
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{who} does not support sparse gradients (got one for a parameter of "
+                    f"shape {tuple(p.shape)}); use dense gradients, e.g. "
+                    "nn.Embedding(sparse=False)"
+                )
+            params.append(p)
+            grads.append(local(p.grad))
+        skipped: list[Tensor] = []
+        if skip_nonfinite and params:
+            ok = finite_flags(grads)
+            ok = self.distributor.agree_on_skips(ok, grads[0].device)
+            if not all(ok):
+                skipped = [p for p, f in zip(params, ok) if not f]
+                for p in skipped:
+                    self.nonfinite.record(p)
+                params = [p for p, f in zip(params, ok) if f]
+                grads = [g for g, f in zip(grads, ok) if f]
+        return params, grads, skipped
+
+    def check_ready(self, group: dict, params: list[Tensor]) -> None:
+        """Fail before any state changes if a cross-sample step lacks micro-batches."""
+        if group["estimator"] != "cross_sample":
+            return
+        world = self.distributor.world
+        need = 2 if world == 1 else 1  # under data parallelism the ranks add up
+        for p in params:
+            stats = self.capture.stats.get(p)
+            count = 0 if stats is None else stats.count
+            if count < need:
+                raise RuntimeError(
+                    "snr-dist: estimator='cross_sample' needs >= 2 gradient contributions per "
+                    "step (micro-batches of gradient accumulation or data-parallel ranks); a "
+                    f"parameter of shape {tuple(p.shape)} saw {count} since the last step"
+                    + (f" on rank {self.distributor.rank}" if world > 1 else "")
+                    + ". Run several backward passes before step(), or use "
+                    "estimator='temporal'."
+                )
+
+    # ------------------------------------------------------------------ cross-sample capture
+    @torch.no_grad()
+    def observe(self, p: Tensor, grad: Tensor, weight: float | None = None) -> None:
+        """Record one micro-batch gradient contribution of ``p`` (hooks call this)."""
+        if grad.is_sparse:
+            raise RuntimeError("snr-dist does not support sparse gradients")
+        group = self.group_of(p)
+        e = self.estimator(p, group)
+        state = self.opt.state[p]
+        tracker = None
+        if e.tracks:
+            if "basis" not in state:
+                self.init_state(p, group, state)
+            tracker = state
+        stats = self.capture.stats.setdefault(p, MicrobatchStats())
+        prev = None if p.grad is None else local(p.grad)
+        w = self.capture.weight if weight is None else weight
+        kernels = "torch" if tracker is None else impl(group, grad.device)
+        stats.observe(local(grad), w, prev, tracker, kernels)
+
+    # ------------------------------------------------------------------ phase 2: statistics
+    def slots(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], steps: list[int]
+    ) -> dict[tuple[str, str], list[Slot]]:
+        """This step's parameters of ``group`` by estimator (micro-batch sums attached)."""
+        out: dict[tuple[str, str], list[Slot]] = defaultdict(list)
+        for p, g, t in zip(params, grads, steps):
+            micro = self.capture.stats.pop(p, None)
+            out[est.estimator_key(p, group)].append(Slot(p, self.opt.state[p], g, t, micro))
+        return out
+
+    def update(self, group: dict, by_est: dict[tuple[str, str], list[Slot]]) -> None:
+        for key, slots in by_est.items():
+            self.estimators[key].update(group, slots)
+
+    @torch.no_grad()
+    def exchange(self, work: Work) -> None:
+        """One bucketed all-reduce of the step's partial statistics, then the estimators
+        finish. Which vectors are partial: those pooling every rank's own gradients, and,
+        where ranks hold rows of each parameter, all of them."""
+        dist = self.distributor
+        pending, to_sum = [], []
+        for group, by_est in work:
+            for key, slots in by_est.items():
+                e = self.estimators[key]
+                vecs = e.partial_sums(group, slots)
+                if not vecs:
+                    continue
+                partial = dist.world > 1 and (e.pools_ranks or dist.partial_statistics)
+                if partial:
+                    to_sum.extend(vecs)
+                pending.append((e, group, slots, vecs, dist.world if partial else 1))
+        dist.sum_(to_sum)
+        for e, group, slots, vecs, world in pending:
+            e.finish(group, slots, vecs, world)
+
+    # ------------------------------------------------------------------ phase 3: gates
+    @torch.no_grad()
+    def gate_(
+        self,
+        group: dict,
+        slots: list[Slot],
+        directions: list[Tensor],
+        out: list[Tensor] | None = None,
+        alphas: list[float] | None = None,
+        foreach: bool = True,
+    ) -> None:
+        """Gate the base update ``directions`` (local tensors) in place, or, with ``out`` and
+        ``alphas``, add ``alpha * gated direction`` into ``out`` (directions untouched)."""
+        by_est: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, s in enumerate(slots):
+            if est.gate_active(group, s.step):
+                by_est[est.estimator_key(s.param, group)].append(i)
+            elif out is not None:
+                out[i].add_(directions[i], alpha=alphas[i])
+        for key, idx in by_est.items():
+            self.estimators[key].gate_(
+                group,
+                [slots[i] for i in idx],
+                [directions[i] for i in idx],
+                None if out is None else [out[i] for i in idx],
+                None if alphas is None else [alphas[i] for i in idx],
+                foreach,
+            )
+
+    # ------------------------------------------------------------------ phase 4: refresh
+    @torch.no_grad()
+    def refresh(self, work: Work) -> None:
+        jobs = [
+            job
+            for group, by_est in work
+            for key, slots in by_est.items()
+            for job in self.estimators[key].refresh_jobs(group, slots)
+        ]
+        self.distributor.refresh(jobs)
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        self.capture.close()
+
+
+def _first_difference(a, b) -> str:
+    """A short description of where two ranks' configurations differ."""
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} param groups"
+    for (i, oa, sa), (_, ob, sb) in zip(a, b):
+        for k in sorted(set(oa) | set(ob)):
+            if oa.get(k) != ob.get(k):
+                return f"param group {i} option {k!r}: {oa.get(k)} vs {ob.get(k)}"
+        if sa != sb:
+            return f"param group {i} parameter shapes differ"
+    return "unknown"
