@@ -48,11 +48,15 @@ def _snr_adamw_kernel(
     inv_one_k,
     shift,
     tau,
+    inv_bc_prev,
+    var_scale,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     RULE: tl.constexpr,
     GATED: tl.constexpr,
     SHARED_S: tl.constexpr,
+    INNOV: tl.constexpr,
+    UPDATE_X: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -82,22 +86,32 @@ def _snr_adamw_kernel(
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         if MAXIMIZE:
             g = -g
-        m = _lerp(tl.load(m_ptr + idx, mask=mask, other=0.0), g, w1)
+        m_prev = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        if INNOV:  # s holds the innovation EMA x; the innovation uses the previous mean
+            x = tl.load(s_ptr + idx, mask=mask, other=0.0)
+            if UPDATE_X:
+                r = g - m_prev * inv_bc_prev
+                x = x * (1.0 - w1) + w1 * (r * r)
+                tl.store(s_ptr + idx, x, mask=mask)
+        m = _lerp(m_prev, g, w1)
         v = tl.load(v_ptr + idx, mask=mask, other=0.0)
         v = v * beta2 + (1.0 - beta2) * (g * g)
         tl.store(m_ptr + idx, m, mask=mask)
         tl.store(v_ptr + idx, v, mask=mask)
-        if SHARED_S:
+        if INNOV or SHARED_S:
             s = m
         else:
             s = _lerp(tl.load(s_ptr + idx, mask=mask, other=0.0), g, w_s)
             tl.store(s_ptr + idx, s, mask=mask)
         num = m
         if GATED:
-            # snr.temporal_moments + snr.gate, elementwise
+            # snr.temporal_moments / snr.innovation_moments + snr.gate, elementwise
             raw = s * inv_bc_s
             raw = raw * raw
-            var = tl.maximum((v * inv_bc_v - raw) * inv_one_k, 0.0)
+            if INNOV:  # noqa: SIM108 - constexpr branches, not a value choice
+                var = x * var_scale
+            else:
+                var = tl.maximum((v * inv_bc_v - raw) * inv_one_k, 0.0)
             var = tl.maximum(var, GATE_FLOOR)
             sig = tl.maximum(raw - shift * var, 0.0)  # shift: k, or the paper gate's a
             noise = tau * var
@@ -164,7 +178,7 @@ def _tune(args: dict, device: torch.device, numel: int) -> tuple[int, int]:
         bufs = [torch.zeros(size, device=device, dtype=d) for d in (pdt, gdt)]
         bufs += [torch.zeros(size, device=device) for _ in range(3)]
         table, n, c = _table([bufs[0]], [bufs[1]], [bufs[2]], [bufs[3]], [bufs[4]])
-        scratch = {**args, "SHARED_S": False}
+        scratch = {**args, "SHARED_S": False, "INNOV": False, "UPDATE_X": False}
         times = [
             triton.testing.do_bench(lambda cf=cf: _launch(scratch, table, n, c, cf))
             for cf in configs
@@ -192,6 +206,7 @@ def fused_snr_adamw_step(
     gate_a: float = 1.0,
     warmup_steps: int = 0,
     maximize: bool = False,
+    noise: str = "second_moment",
 ) -> None:
     """The Triton version of `snr_dist.kernels.fused_snr_adamw_step_torch` (same arguments).
 
@@ -199,11 +214,13 @@ def fused_snr_adamw_step(
     whose layout differs from their parameter's, or that have gaps, are stepped through
     contiguous copies.
     """
+    if noise == "innovation" and snr_avgs is None:
+        raise ValueError("fused_snr_adamw_step: noise='innovation' needs the innovation EMAs")
     check_step(params, grads, exp_avgs, exp_avg_sqs, snr_avgs, gate_rule)
     if not params:
         return
     sc = snr_adamw_scalars(
-        step, lr, betas, eps, weight_decay, snr_beta, gate_rule, tau, gate_a, warmup_steps
+        step, lr, betas, eps, weight_decay, snr_beta, gate_rule, tau, gate_a, warmup_steps, noise
     )
     beta1, beta2 = betas
     groups: dict[tuple, list[int]] = {}
@@ -237,11 +254,15 @@ def fused_snr_adamw_step(
             inv_one_k=sc["inv_one_k"],
             shift=sc["shift"],
             tau=tau,
+            inv_bc_prev=sc["inv_bc_prev"],
+            var_scale=sc["var_scale"],
             P_DTYPE=TL_DTYPE[pdt],
             G_DTYPE=TL_DTYPE[gdt],
             RULE=_RULE_ID[gate_rule],
             GATED=sc["gated"],
             SHARED_S=snr_avgs is None,
+            INNOV=noise == "innovation",
+            UPDATE_X=sc["update_x"],
             MAXIMIZE=bool(maximize),
             ALIGNED=all(t.data_ptr() % 16 == 0 for ts in work for t in ts),
         )

@@ -22,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from snr_dist.snr import GATE_RULES
 
 ESTIMATORS = ("temporal", "cross_sample")
+NOISE_MODELS = ("innovation", "second_moment")
+"""How the temporal estimator measures noise: ``innovation`` (default; each gradient's spread
+around Adam's previous mean, right under drift) or ``second_moment`` (the 0.1 rule,
+``v - s^2``: exact for stationary gradients, reads a shrinking gradient as noise)."""
 MODES = ("diagonal", "subspace")
 BASIS_SIDES = ("auto", "rows", "cols")
 KERNEL_CHOICES = ("auto", "torch", "triton")
@@ -29,7 +33,7 @@ KERNEL_CHOICES = ("auto", "torch", "triton")
 ``SNR_DIST_KERNELS`` says otherwise), or one forced."""
 
 #: Options that decide which state tensors a parameter has; fixed once its state exists.
-LAYOUT_KEYS = ("estimator", "mode", "rank", "basis_side")
+LAYOUT_KEYS = ("estimator", "noise", "mode", "rank", "basis_side")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...], quote: bool = False) -> None:
@@ -55,6 +59,7 @@ def _int(name: str, value: Any, lo: int) -> None:
 _UNIT = (0.0, 1.0, False, True)  # [0, 1)
 _CHECKS = {
     "estimator": lambda n, v: _choice(n, v, ESTIMATORS, quote=True),
+    "noise": lambda n, v: _choice(n, v, NOISE_MODELS, quote=True),
     "mode": lambda n, v: _choice(n, v, MODES, quote=True),
     "gate": lambda n, v: _choice(n, v, GATE_RULES, quote=True),
     "basis_side": lambda n, v: _choice(n, v, BASIS_SIDES, quote=True),
@@ -77,12 +82,19 @@ class SNROptions(BaseModel):
         estimator: "temporal" (EMAs over steps, no communication) or "cross_sample" (spread
             across the micro-batches / data-parallel ranks of one step; needs >= 2 backward
             passes per step).
+        noise: the temporal estimator's noise model: "innovation" (default: the spread of each
+            gradient around Adam's previous mean, averaged over Adam's ``betas[0]`` window;
+            right when gradients drift) or "second_moment" (the rule of snr-dist 0.1,
+            ``v - s^2`` over ``snr_beta`` / ``betas[1]`` windows, kept so earlier results
+            reproduce).
         mode: "diagonal" (per coordinate) or "subspace" (per eigen-direction of each matrix's
             gradient covariance, plus one complement direction); 1-D parameters are diagonal.
         gate: "wiener" (``SNR / (SNR + tau)``), "clamp", "hard", "paper" or "none".
         tau: gate threshold; the paper gate's lambda.
         gate_a: the paper gate's a (1 online, `snr_dist.finite_dataset_a` for a finite set).
-        snr_beta: EMA factor of the SNR statistics.
+        snr_beta: EMA factor of the cross-sample statistics, of the second-moment rule's mean,
+            and of SNRPreconditioner's own mean (the innovation rule in SNRAdamW averages with
+            Adam's ``betas[0]``).
         snr_beta2: EMA factor of the squared gradient where the base optimizer keeps none
             (SNRPreconditioner); SNRAdamW uses ``betas[1]``.
         warmup_steps: gates are 1 for the first ``warmup_steps`` steps.
@@ -96,6 +108,7 @@ class SNROptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     estimator: Literal[ESTIMATORS] = "temporal"
+    noise: Literal[NOISE_MODELS] = "innovation"
     mode: Literal[MODES] = "diagonal"
     gate: Literal[GATE_RULES] = "wiener"
     tau: float = 1.0

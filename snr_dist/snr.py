@@ -18,11 +18,24 @@ The bias matters: a noise-only coordinate has ``E[raw] = k sigma^2 > 0``, and a 
 biased ``raw / var`` never closes. So every gate sees the *debiased* signal
 ``sig = relu(raw - k var)``.
 
-Temporal estimator (one extra state vector in SNRAdamW, none when ``snr_beta == beta1``).
-With ``s = EMA_{beta_s}(g)`` and the Adam second moment ``v = EMA_{beta_v}(g^2)``, both
-bias-corrected, and EMA weights ``w_i`` that sum to one:
-``E[s^2] = mu^2 + k_t sigma^2`` with ``k_t = sum_i w_i^2 = (1-b)(1+b^t) / ((1+b)(1-b^t))`` and
-``E[v - s^2] = (1 - k_t) sigma^2``. Hence ``raw = s^2``, ``var = (v - s^2) / (1 - k_t)``.
+Temporal estimator, ``noise="innovation"`` (the default; one extra state vector in SNRAdamW).
+The signal is Adam's own mean ``m_hat = EMA_{b1}(g)`` (bias-corrected): ``E[m_hat^2] = mu^2 +
+k_t sigma^2`` with ``k_t = sum_i w_i^2 = (1-b)(1+b^t) / ((1+b)(1-b^t))`` for EMA weights ``w_i``
+that sum to one. The noise is the *innovation* of each new gradient around the previous mean,
+``r_t = g_t - m_hat_{t-1}``: the previous mean does not contain ``g_t``'s noise, so
+``E[r_t^2] = sigma^2 (1 + k_{t-1})`` plus the mean's lag behind a drifting ``mu``. Averaged by
+``x = EMA_rho(r^2)`` with ``rho = b1`` (the mean's own window, so that first-order drift biases
+of signal and noise cancel): ``var = x_hat / (1 + kappa_t)`` with ``kappa_t`` the same EMA of
+``k_{t-1}``. Smooth drift only enters through the lag, ``~ (b1 / (1 - b1) dmu/dt)^2``: a gradient
+that shrinks as the loss falls keeps its gate near 1.
+
+Temporal estimator, ``noise="second_moment"`` (the 0.1 rule, kept by name so earlier results
+reproduce). With ``s = EMA_{beta_s}(g)`` and the Adam second moment ``v = EMA_{beta_v}(g^2)``,
+both bias-corrected: ``E[v - s^2] = (1 - k_t) sigma^2``, hence ``raw = s^2``,
+``var = (v - s^2) / (1 - k_t)``. Right for stationary gradients only: ``v`` remembers ~1000
+steps of ``mu^2``, so a gradient that shrinks over that window reads as noise and its gate
+closes (a noiseless gradient decaying as ``exp(-t/100)`` gets a gate of 0.05 at step 400).
+
 ``k_1 = 1``: one gradient carries no variance estimate, so the gate is 1 at a parameter's first
 step.
 
@@ -49,6 +62,7 @@ eigenbasis ``Q`` plus one "reservoir" direction for the orthogonal complement; s
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -83,6 +97,45 @@ def finite_dataset_a(dataset_size: int, batch_size: int) -> float:
             f"dataset_size={dataset_size}"
         )
     return batch_size / (dataset_size - batch_size)
+
+
+@functools.cache
+def _innovation_k_table(beta: float, rho: float) -> list[float]:
+    return [0.0, 0.0]  # kappa at steps 0 and 1 (no innovation before step 2)
+
+
+def innovation_kappa(beta: float, rho: float, step: int) -> float:
+    """``kappa_t / (1 - rho^(t-1))``: the bias-corrected ``EMA_rho`` of ``k_{i-1}`` over the
+    innovations ``i = 2..t`` (``k`` with the mean's ``beta``); the noise inflation of ``x``."""
+    table = _innovation_k_table(beta, rho)
+    while len(table) <= step:
+        n = len(table)  # the innovation of step n uses the mean after n - 1 gradients
+        table.append(rho * table[-1] + (1.0 - rho) * ema_noise_factor(beta, n - 1))
+    if step < 2:
+        return 0.0
+    return table[step] / (1.0 - rho ** (step - 1))
+
+
+def innovation_(x: Tensor, grad: Tensor, mean: Tensor, step: int, beta: float, rho: float) -> None:
+    """Fold this step's innovation ``g - m_hat_{t-1}`` into ``x = EMA_rho(r^2)``, in place;
+    ``mean`` is the raw EMA *before* it takes ``grad`` (nothing to do at step 1)."""
+    if step < 2:
+        return
+    r = grad - mean / (1.0 - beta ** (step - 1))
+    x.mul_(rho).addcmul_(r, r, value=1.0 - rho)
+
+
+def innovation_moments(
+    mean: Tensor, x: Tensor, step: int, beta: float, rho: float
+) -> tuple[Tensor, Tensor, float]:
+    """``(raw, var, k)`` from Adam's raw mean (after this step's gradient) and the innovation
+    EMA ``x`` (see the module docstring)."""
+    k = ema_noise_factor(beta, step)
+    raw = (mean / (1.0 - beta**step)).square()
+    if step < 2:  # no innovation yet: no noise estimate (the gate is 1 at the first step)
+        return raw, torch.zeros_like(x), k
+    scale = 1.0 / ((1.0 - rho ** (step - 1)) * (1.0 + innovation_kappa(beta, rho, step)))
+    return raw, x * scale, k
 
 
 def temporal_moments(
@@ -165,30 +218,38 @@ def snr_adamw_reference_step(
     tau: float,
     gate_a: float = 1.0,
     warmup_steps: int = 0,
+    noise: str = "innovation",
 ) -> Tensor:
     """One SNR-AdamW step for one tensor, diagonal temporal mode, written for reading.
 
     The optimizer's per-tensor and foreach paths are alternative implementations of this
-    function and are tested against it. Returns the gate that was applied.
+    function and are tested against it. Returns the gate that was applied. ``snr_beta`` is
+    used by ``noise="second_moment"`` only (the innovation rule averages with ``betas[0]``).
     """
     beta1, beta2 = betas
     if not state:
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(param)
         state["exp_avg_sq"] = torch.zeros_like(param)
-        state["snr_avg"] = torch.zeros_like(param)
+        state["noise_avg" if noise == "innovation" else "snr_avg"] = torch.zeros_like(param)
     state["step"] += 1
     t = state["step"]
-    m, v, s = state["exp_avg"], state["exp_avg_sq"], state["snr_avg"]
-    # 1. moments
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    # 1. moments (the innovation is measured against the mean *before* this gradient)
+    if noise == "innovation":
+        innovation_(state["noise_avg"], grad, m, t, beta1, beta1)
+    else:
+        state["snr_avg"].lerp_(grad, 1.0 - snr_beta)
     m.lerp_(grad, 1.0 - beta1)
     v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    s.lerp_(grad, 1.0 - snr_beta)
     # 2. signal and noise, 3. gate
     if t < 2 or t <= warmup_steps:
         g = torch.ones_like(param)
     else:
-        raw, var, k = temporal_moments(s, v, t, snr_beta, beta2)
+        if noise == "innovation":
+            raw, var, k = innovation_moments(m, state["noise_avg"], t, beta1, beta1)
+        else:
+            raw, var, k = temporal_moments(state["snr_avg"], v, t, snr_beta, beta2)
         g = gate(raw, var, k, gate_rule, tau, gate_a)
     # 4. update: decoupled weight decay is not gated
     bc1, bc2_sqrt = bias_corrections(t, beta1, beta2)

@@ -88,10 +88,12 @@ def init_tracker(
     opts: dict,
     device,
     key: int,
-    cross: bool,
+    stats: str,
     sharded_rows: bool = False,
 ) -> None:
-    """Random orthonormal basis (seeded per parameter, identical on every rank) and zero stats."""
+    """Random orthonormal basis (seeded per parameter, identical on every rank) and the zero
+    statistics of one estimator: ``stats`` is "cross_sample", "second_moment" or
+    "innovation"."""
     rows = basis_on_rows(global_shape, opts["basis_side"], sharded_rows)
     d = global_shape[0] if rows else math.prod(global_shape[1:])
     o = math.prod(local_shape) // d if d else 0
@@ -101,18 +103,20 @@ def init_tracker(
     f32 = dict(device=device, dtype=torch.float32)
     state["basis_rows"] = torch.tensor(rows)
     state["basis"] = q.to(**f32)
-    if cross:
-        state["raw_dir"] = torch.zeros(r, **f32)
-        state["noise_dir"] = torch.zeros(r, **f32)
-        state["raw_energy"] = torch.zeros((), **f32)
-        state["noise_energy"] = torch.zeros((), **f32)
     state["sketch"] = torch.zeros(d, r, **f32)
     state["sketch_weight"] = torch.zeros((), **f32)
     state["eigvals"] = torch.zeros(r, **f32)
-    if not cross:
+    if stats == "cross_sample":
+        state["raw_dir"] = torch.zeros(r, **f32)
+        state["raw_energy"] = torch.zeros((), **f32)
+    else:
         state["proj_avg"] = torch.zeros(r, o, **f32)
+    if stats == "second_moment":
         state["proj_cov"] = torch.zeros(r, r, **f32)
         state["energy"] = torch.zeros((), **f32)
+    else:
+        state["noise_dir"] = torch.zeros(r, **f32)
+        state["noise_energy"] = torch.zeros((), **f32)
 
 
 def refresh_due(step: int, refresh_every: int) -> bool:
@@ -152,11 +156,81 @@ def observe(
     p, _ = project(q, g, kernels)
     state["sketch"].mul_(sketch_beta).addmm_(g, p.T, alpha=1.0 - sketch_beta)
     state["sketch_weight"].mul_(sketch_beta).add_(1.0 - sketch_beta)
-    if "proj_avg" in state:
+    if "proj_cov" in state:
         state["proj_avg"].lerp_(p, 1.0 - beta_s)
         state["proj_cov"].mul_(beta_v).addmm_(p, p.T, alpha=1.0 - beta_v)
         state["energy"].mul_(beta_v).add_(squared_norm(grad), alpha=1.0 - beta_v)
     return p
+
+
+@torch.no_grad()
+def observe_innovation(
+    state: dict,
+    grad: Tensor,
+    mean: Tensor,
+    step: int,
+    beta: float,
+    rho: float,
+    sketch_beta: float,
+    kernels: str = "torch",
+) -> None:
+    """The innovation rule on the tracker: sketch, innovation energies, projected mean.
+
+    ``mean`` is the full-space raw EMA of the gradient (factor ``beta``) *before* it takes
+    ``grad``; ``proj_avg`` holds ``Q^T mean`` (it is the same EMA of ``Q^T G``, exact between
+    refreshes). The innovation ``G - mean_hat_{t-1}`` is measured along each direction
+    (``r`` energies) and in total, all as partial sums over the columns this rank holds.
+    """
+    q = state["basis"]
+    rows = bool(state["basis_rows"])
+    g = matrix_view(grad, rows)
+    p, _ = project(q, g, kernels)
+    state["sketch"].mul_(sketch_beta).addmm_(g, p.T, alpha=1.0 - sketch_beta)
+    state["sketch_weight"].mul_(sketch_beta).add_(1.0 - sketch_beta)
+    if step >= 2:
+        c = 1.0 / (1.0 - beta ** (step - 1))
+        r_dir = (p - state["proj_avg"] * c).square_().sum(dim=1)
+        flat_g, flat_m = grad.reshape(-1), mean.reshape(-1)
+        total = (
+            torch.dot(flat_g, flat_g)
+            - (2.0 * c) * torch.dot(flat_g, flat_m)
+            + (c * c) * torch.dot(flat_m, flat_m)
+        )
+        state["noise_dir"].mul_(rho).add_(r_dir, alpha=1.0 - rho)
+        state["noise_energy"].mul_(rho).add_(total.clamp(min=0.0), alpha=1.0 - rho)
+    state["proj_avg"].lerp_(p, 1.0 - beta)
+
+
+def innovation_vector(state: dict, mean: Tensor) -> Tensor:
+    """The ``2r + 2`` partial sums the innovation gates need: the squared norm of each row of
+    ``proj_avg`` (= ``Q^T mean``), the innovation energies, their total and ``||mean||^2``."""
+    return torch.cat(
+        [
+            state["proj_avg"].square().sum(dim=1),
+            state["noise_dir"],
+            state["noise_energy"].reshape(1),
+            squared_norm(mean.float()).reshape(1),
+        ]
+    )
+
+
+def innovation_direction_moments(
+    vec: Tensor, step: int, beta: float, rho: float
+) -> tuple[Tensor, Tensor, float]:
+    """``(raw, var, k)`` for the ``r`` tracked directions followed by the complement, from the
+    (all-reduced) `innovation_vector` (or a stack of them)."""
+    r = (vec.shape[-1] - 2) // 2
+    mean_dir, noise_dir = vec[..., :r], vec[..., r : 2 * r]
+    noise_total, mean_energy = vec[..., 2 * r : 2 * r + 1], vec[..., 2 * r + 1 :]
+    bc2 = (1.0 - beta**step) ** 2
+    k = rule.ema_noise_factor(beta, step)
+    scale = 1.0 / ((1.0 - rho ** (step - 1)) * (1.0 + rule.innovation_kappa(beta, rho, step)))
+    raw_dir = mean_dir / bc2
+    raw_perp = (mean_energy / bc2 - raw_dir.sum(-1, keepdim=True)).clamp(min=0.0)
+    var_perp = (noise_total - noise_dir.sum(-1, keepdim=True)).clamp(min=0.0)
+    raw = torch.cat([raw_dir, raw_perp], dim=-1)
+    var = torch.cat([noise_dir, var_perp], dim=-1) * scale
+    return raw, var, k
 
 
 def temporal_vector(state: dict, mean: Tensor) -> Tensor:
@@ -267,10 +341,11 @@ def _complement_per_dim(total: Tensor, cov_trace: Tensor, d: int, r: int) -> Ten
 
 
 def refresh_partials(state: dict) -> list[Tensor]:
-    """What a refresh sums over the ranks sharing a tracker: the sketch and, in temporal
-    mode, ``proj_cov`` and ``proj_avg proj_avg^T`` (copies: reductions may clobber)."""
+    """What a refresh sums over the ranks sharing a tracker: the sketch and, for the
+    second-moment rule, ``proj_cov`` and ``proj_avg proj_avg^T`` (copies: reductions may
+    clobber)."""
     out = [state["sketch"].clone()]
-    if "proj_avg" in state:
+    if "proj_cov" in state:
         sp = state["proj_avg"]
         out += [state["proj_cov"].clone(), sp @ sp.T]
     return out
@@ -346,20 +421,22 @@ def refresh_apply(
     """
     q_old = state["basis"]
     rot = q_new.T @ q_old
-    if "raw_dir" in state:
-        # Only per-direction energies are kept (their all-reduce stays O(r) per matrix), so
-        # they are rotated as a diagonal second moment.
-        d, r = q_old.shape
-        weights = rot.square()
-        for key, tot_key in (("raw_dir", "raw_energy"), ("noise_dir", "noise_energy")):
+    # Per-direction energies (cross-sample sums, innovation energies) are kept as a diagonal
+    # (their all-reduce stays O(r) per matrix), so they are rotated as a diagonal second
+    # moment; the rotation is linear, so partial sums over ranks stay right.
+    d, r = q_old.shape
+    weights = rot.square()
+    for key, tot_key in (("raw_dir", "raw_energy"), ("noise_dir", "noise_energy")):
+        if key in state:
             old = state[key]
             fill = _complement_per_dim(state[tot_key], old.sum(), d, r)
             state[key].copy_(weights @ old + fill * (1.0 - weights.sum(dim=1)).clamp(min=0.0))
-    if "proj_avg" in state:
-        bc_s2 = (1.0 - beta_s**step) ** 2
-        bc_v = 1.0 - beta_v**step
+    if "proj_avg" in state:  # the projected mean: re-projected exactly from the full space
         sp = state["proj_avg"]
         sp.copy_(q_new.T @ matrix_view(mean.float(), bool(state["basis_rows"])))
+    if "proj_cov" in state:
+        bc_s2 = (1.0 - beta_s**step) ** 2
+        bc_v = 1.0 - beta_v**step
         own = cov_rot if share else torch.zeros_like(cov_rot)
         state["proj_cov"].copy_((own + (sp @ sp.T) / bc_s2) * bc_v)
     state["sketch"].copy_(q_new * evals if share else torch.zeros_like(q_new))
@@ -371,7 +448,7 @@ def refresh_apply(
 def refresh(state: dict, mean: Tensor | None, step: int, beta_s: float, beta_v: float) -> None:
     """A whole refresh in one process (one shard that owns the tracker)."""
     temporal = None
-    if "proj_avg" in state:
+    if "proj_cov" in state:
         temporal = (temporal_vector(state, mean), step, beta_s, beta_v)
     q_new, evals, cov_rot = refresh_solve(
         state["basis"], refresh_partials(state), float(state["sketch_weight"]), temporal

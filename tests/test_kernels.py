@@ -144,15 +144,16 @@ def step_tensors(pdt, gdt, seed, layout="contiguous"):
     return [list(col) for col in zip(*out)]
 
 
+@pytest.mark.parametrize("noise", ["innovation", "second_moment"])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize(
     "pdt,gdt",
     [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
     ids=["fp32", "bf16"],
 )
-def test_fused_step_matches_torch(rule, pdt, gdt):
+def test_fused_step_matches_torch(rule, pdt, gdt, noise):
     kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, snr_beta=0.99)
-    kw.update(gate_rule=rule, tau=0.7, gate_a=0.5, warmup_steps=2)
+    kw.update(gate_rule=rule, tau=0.7, gate_a=0.5, warmup_steps=2, noise=noise)
     variants = [
         dict(step=7, layout="contiguous"),
         dict(step=7, layout="transposed", maximize=True),
@@ -161,9 +162,11 @@ def test_fused_step_matches_torch(rule, pdt, gdt):
         dict(step=1, layout="contiguous"),  # first step: no variance estimate, gate 1
     ]
     for i, var in enumerate(variants):
-        shared = var.pop("shared", False)
+        shared = var.pop("shared", False) and noise == "second_moment"
         layout = var.pop("layout")
         ref = step_tensors(pdt, gdt, seed=i, layout=layout)
+        if noise == "innovation":  # the fifth tensor is the innovation EMA: a variance
+            ref[4] = [x.abs() for x in ref[4]]
         mine = [
             [
                 t.clone()

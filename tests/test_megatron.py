@@ -303,8 +303,8 @@ def test_sharded_state_dict_round_trip(ranks):
     for r in ranks:
         for layout in ("tp2-diagonal", "tp2-subspace", "tp1-diagonal", "tp1-subspace"):
             assert r[layout]["resumed_equal"], layout
-        assert {"exp_avg", "exp_avg_sq", "snr_avg", "step"} <= set(r["tp1-diagonal"]["keys"])
-        assert {"basis", "sketch", "proj_avg", "proj_cov"} <= set(r["tp1-subspace"]["keys"])
+        assert {"exp_avg", "exp_avg_sq", "noise_avg", "step"} <= set(r["tp1-diagonal"]["keys"])
+        assert {"basis", "sketch", "proj_avg", "noise_dir"} <= set(r["tp1-subspace"]["keys"])
 
 
 def test_refusals_name_the_setting():

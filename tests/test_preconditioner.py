@@ -43,14 +43,18 @@ def test_gates_scale_the_base_update_exactly():
     assert 0.0 < gate.mean() < 1.0
 
 
-def test_wrapped_adamw_temporal_matches_snr_adamw_when_statistics_agree():
-    """SNRAdamW(snr_beta=b, betas=(.., b2)) gates AdamW's step like the wrapper with
-    snr_beta=b, snr_beta2=b2 (both keep EMA(g) and EMA(g^2) with those betas)."""
+@pytest.mark.parametrize("noise", ["innovation", "second_moment"])
+def test_wrapped_adamw_temporal_matches_snr_adamw_when_statistics_agree(noise):
+    """SNRAdamW gates AdamW's step like the wrapper whose own statistics use the same betas:
+    second moment, SNRAdamW(snr_beta=b, betas=(.., b2)) == wrapper(snr_beta=b, snr_beta2=b2);
+    innovation, the wrapper's own mean with snr_beta = Adam's betas[0]."""
     a, b = tiny_mlp(), tiny_mlp()
     data = batches(25)
-    run(a, SNRAdamW(a.parameters(), lr=1e-2, weight_decay=0.0, snr_beta=0.95), data)
+    snr_beta = 0.95 if noise == "second_moment" else 0.9
+    opt = SNRAdamW(a.parameters(), lr=1e-2, weight_decay=0.0, snr_beta=snr_beta, noise=noise)
+    run(a, opt, data)
     base = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.0)
-    run(b, SNRPreconditioner(base, snr_beta=0.95, snr_beta2=0.999), data)
+    run(b, SNRPreconditioner(base, snr_beta=snr_beta, snr_beta2=0.999, noise=noise), data)
     assert max_diff(a, b) < 1e-5
 
 

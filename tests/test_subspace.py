@@ -70,11 +70,19 @@ def test_apply_gates_matches_dense_projector_formula():
     torch.testing.assert_close(out, expected)
 
 
-def _tracked(estimator="temporal", steps=30, signal=1.0, seed=0):
+def _tracked(estimator="temporal", steps=30, signal=1.0, seed=0, noise="innovation"):
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(12, 30, generator=gen)
     p = torch.nn.Parameter(torch.zeros(12, 30))
-    opt = SNRAdamW([p], lr=1e-3, mode="subspace", rank=3, refresh_every=1000, estimator=estimator)
+    opt = SNRAdamW(
+        [p],
+        lr=1e-3,
+        mode="subspace",
+        rank=3,
+        refresh_every=1000,
+        estimator=estimator,
+        noise=noise,
+    )
     for _ in range(steps):
         if estimator == "cross_sample":
             p.grad = None
@@ -89,7 +97,7 @@ def _tracked(estimator="temporal", steps=30, signal=1.0, seed=0):
 def test_temporal_refresh_within_the_same_span_preserves_statistics():
     """Re-expressing the basis by a rotation inside its span must not change the statistics as
     operators on parameter space (Q M Q^T), nor the complement's energies."""
-    p, opt = _tracked("temporal")
+    p, opt = _tracked("temporal", noise="second_moment")
     st = opt.state[p]
     group = opt.param_groups[0]
     t = int(st["step"])
@@ -112,6 +120,30 @@ def test_temporal_refresh_within_the_same_span_preserves_statistics():
     torch.testing.assert_close(raw_a.sum(), raw_b.sum(), rtol=1e-4, atol=1e-4)
 
 
+def test_innovation_refresh_within_the_same_span_conserves_its_statistics():
+    """The innovation rule keeps the projected mean (re-projected exactly: the same operator
+    Q P on parameter space) and per-direction innovation energies (rotated as a diagonal:
+    totals inside the basis and in the complement conserved)."""
+    p, opt = _tracked("temporal", noise="innovation")
+    st = opt.state[p]
+    group = opt.param_groups[0]
+    t = int(st["step"])
+    assert "proj_cov" not in st and "snr_avg" not in st
+
+    def moments():
+        vec = subspace.innovation_vector(st, st["exp_avg"])
+        raw, var, _ = subspace.innovation_direction_moments(vec, t, 0.9, 0.9)
+        return st["basis"] @ st["proj_avg"], raw, var
+
+    op_b, raw_b, var_b = moments()
+    _refresh_to_rotated_copy(st, group, t)
+    op_a, raw_a, var_a = moments()
+    torch.testing.assert_close(op_a, op_b, rtol=1e-4, atol=1e-4)
+    for a, b in ((raw_a, raw_b), (var_a, var_b)):
+        torch.testing.assert_close(a[:-1].sum(), b[:-1].sum(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a[-1], b[-1], rtol=1e-4, atol=1e-4)
+
+
 def test_cross_sample_refresh_within_the_same_span_conserves_energy():
     """Cross-sample keeps per-direction energies only (O(r) to all-reduce), rotated as a
     diagonal: totals inside the basis and the complement are conserved exactly."""
@@ -132,7 +164,8 @@ def _refresh_to_rotated_copy(st, group, t):
     rot = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(5))).Q
     st["sketch"].copy_(st["basis"] @ rot @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ rot.T)
     st["sketch_weight"].fill_(1.0)
-    subspace.refresh(st, st.get("snr_avg"), t, group["snr_beta"], group["betas"][1])
+    mean = st.get("snr_avg", st.get("exp_avg"))
+    subspace.refresh(st, mean, t, group["snr_beta"], group["betas"][1])
 
 
 def test_refresh_keeps_coherent_signal_exact_after_large_rotation():

@@ -4,7 +4,8 @@ An estimator owns its state keys (and their `Kind`, for the checkpoint view), it
 a step's gradient, the moments its gates come from and, for eigen-trackers, its refreshes. A
 step calls, for the parameters ("slots") of one param group that it serves:
 
-1. `update` -- fold this step's local gradient into the local statistics;
+1. `update` -- fold this step's local gradient into the local statistics (before the
+   optimizer folds it into its own moments, so an estimator sees the previous mean);
 2. `partial_sums` -- vectors that may be partial on this rank (the engine all-reduces the
    ones that are, for the whole step at once), then `finish` with the summed vectors;
 3. `gate_` -- multiply the base optimizer's update directions by the gates;
@@ -49,9 +50,10 @@ class Moments:
     """Where the temporal estimators read ``EMA(g)`` (the mean) and ``EMA(g^2)``.
 
     ``adam=True`` (SNRAdamW): ``EMA(g^2)`` is Adam's ``exp_avg_sq`` (``betas[1]``); the mean is
-    Adam's ``exp_avg`` if ``snr_beta == betas[0]`` when the state is created (no extra memory),
-    else an own ``snr_avg`` (``snr_beta``). That choice is made once: a scheduler that later
-    cycles ``betas[0]`` changes the shared mean's EMA factor, not the layout.
+    Adam's ``exp_avg`` for the innovation rule, and for the second-moment rule too if
+    ``snr_beta == betas[0]`` when the state is created (no extra memory), else an own
+    ``snr_avg`` (``snr_beta``). That choice is made once: a scheduler that later cycles
+    ``betas[0]`` changes the shared mean's EMA factor, not the layout.
     ``adam=False`` (SNRPreconditioner): own ``snr_avg`` (``snr_beta``) and ``snr_sq``
     (``snr_beta2``), the base optimizer's state being opaque.
     """
@@ -128,7 +130,8 @@ class Estimator(ABC):
 
     # ------------------------------------------------------------------ step
     def update(self, group: dict, slots: list[Slot]) -> None:  # noqa: B027 - optional
-        """Fold this step's local gradients into the local statistics."""
+        """Fold this step's local gradients into the local statistics; runs before the
+        optimizer updates its own moments."""
 
     def partial_sums(self, group: dict, slots: list[Slot]) -> list[Tensor]:
         """One vector per slot that `finish` needs summed over the ranks holding parts of it

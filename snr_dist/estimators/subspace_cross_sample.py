@@ -16,12 +16,7 @@ from snr_dist.distributors.base import RefreshJob
 from snr_dist.distributors.dtensor import is_row_sharded
 from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
 from snr_dist.estimators.diagonal_cross_sample import pooled
-from snr_dist.estimators.subspace_temporal import (
-    TRACKER_KINDS,
-    refresh_job,
-    tracker_cost,
-    tracker_made,
-)
+from snr_dist.estimators.tracker import TRACKER_KINDS, refresh_job, tracker_cost, tracker_made
 from snr_dist.layout import Kind
 
 
@@ -43,7 +38,7 @@ class SubspaceCrossSample(Estimator):
             group,
             local_p.device,
             key,
-            cross=True,
+            stats="cross_sample",
             sharded_rows=is_row_sharded(p),
         )
 
@@ -53,7 +48,7 @@ class SubspaceCrossSample(Estimator):
         return {k: v for k, v in kinds.items() if k in state}
 
     def made(self, p: Tensor, state: dict, group: dict) -> bool:
-        return tracker_made(state, tuple(p.shape), group, cross=True)
+        return tracker_made(state, tuple(p.shape), group, "raw_dir")
 
     def cost(self, p: Tensor, group: dict) -> float:
         return tracker_cost(p, group)

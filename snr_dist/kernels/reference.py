@@ -192,20 +192,33 @@ def snr_adamw_scalars(
     tau: float,
     gate_a: float,
     warmup_steps: int,
+    noise: str = "second_moment",
 ) -> dict:
-    """The per-step constants of a diagonal temporal step (host floats, computed once)."""
+    """The per-step constants of a diagonal temporal step (host floats, computed once).
+
+    ``noise="innovation"``: the mean is Adam's (``beta1``, also the innovation EMA's factor);
+    ``inv_bc_s`` is then ``1 / (1 - beta1^t)``, ``inv_bc_prev`` the previous step's, and
+    ``var_scale`` turns the innovation EMA into the noise variance."""
     beta1, beta2 = betas
-    k = rule.ema_noise_factor(snr_beta, step)
-    return dict(
+    beta_s = beta1 if noise == "innovation" else snr_beta
+    k = rule.ema_noise_factor(beta_s, step)
+    out = dict(
         gated=gate_rule != "none" and step >= 2 and step > warmup_steps,
         decay=1.0 - lr * weight_decay,
         step_size=lr / (1.0 - beta1**step),
         inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2**step),
-        inv_bc_s=1.0 / (1.0 - snr_beta**step),
+        inv_bc_s=1.0 / (1.0 - beta_s**step),
         inv_bc_v=1.0 / (1.0 - beta2**step),
         inv_one_k=1.0 / max(1.0 - k, 1e-12),
         shift=gate_a if gate_rule == "paper" else k,
+        update_x=noise == "innovation" and step >= 2,
+        inv_bc_prev=1.0 / (1.0 - beta1 ** (step - 1)) if step >= 2 else 0.0,
+        var_scale=0.0,
     )
+    if noise == "innovation" and step >= 2:
+        kappa = rule.innovation_kappa(beta1, beta1, step)
+        out["var_scale"] = 1.0 / ((1.0 - beta1 ** (step - 1)) * (1.0 + kappa))
+    return out
 
 
 @torch.no_grad()
@@ -227,27 +240,40 @@ def fused_snr_adamw_step_torch(
     gate_a: float = 1.0,
     warmup_steps: int = 0,
     maximize: bool = False,
+    noise: str = "second_moment",
 ) -> None:
     """`snr_dist.snr.snr_adamw_reference_step` for a list of tensors that share ``step``.
 
-    ``snr_avgs=None``: the SNR mean is Adam's first moment (``snr_beta == betas[0]``). The new
-    parameter is computed in fp32 and rounded once to the parameter's dtype.
+    ``noise="second_moment"``: ``snr_avgs`` is the SNR mean, or None when it is Adam's first
+    moment (``snr_beta == betas[0]``). ``noise="innovation"``: ``snr_avgs`` is the innovation
+    EMA (required). The new parameter is computed in fp32 and rounded once to the parameter's
+    dtype.
     """
+    if noise == "innovation" and snr_avgs is None:
+        raise ValueError("fused_snr_adamw_step: noise='innovation' needs the innovation EMAs")
     check_step(params, grads, exp_avgs, exp_avg_sqs, snr_avgs, gate_rule)
     beta1, beta2 = betas
     sc = snr_adamw_scalars(
-        step, lr, betas, eps, weight_decay, snr_beta, gate_rule, tau, gate_a, warmup_steps
+        step, lr, betas, eps, weight_decay, snr_beta, gate_rule, tau, gate_a, warmup_steps, noise
     )
     for i, p in enumerate(params):
         g = grads[i].float()
         if maximize:
             g = -g
         m, v = exp_avgs[i], exp_avg_sqs[i]
+        if noise == "innovation":
+            rule.innovation_(snr_avgs[i], g, m, step, beta1, beta1)
         m.lerp_(g, 1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        s = m if snr_avgs is None else snr_avgs[i].lerp_(g, 1.0 - snr_beta)
+        if noise == "innovation":
+            s = None
+        else:
+            s = m if snr_avgs is None else snr_avgs[i].lerp_(g, 1.0 - snr_beta)
         if sc["gated"]:
-            raw, var, k = rule.temporal_moments(s, v, step, snr_beta, beta2)
+            if noise == "innovation":
+                raw, var, k = rule.innovation_moments(m, snr_avgs[i], step, beta1, beta1)
+            else:
+                raw, var, k = rule.temporal_moments(s, v, step, snr_beta, beta2)
             gate = rule.gate(raw, var, k, gate_rule, tau, gate_a)
         else:
             gate = torch.ones_like(m)

@@ -18,9 +18,15 @@ from torch import Tensor
 
 from snr_dist import kernels as kernel_dispatch
 from snr_dist.distributors.dtensor import local
-from snr_dist.estimators import DiagonalTemporal, Moments, Slot, gate_active
+from snr_dist.estimators import (
+    DiagonalInnovation,
+    DiagonalSecondMoment,
+    Moments,
+    Slot,
+    gate_active,
+)
 from snr_dist.estimators.base import impl
-from snr_dist.estimators.diagonal_temporal import FOREACH_RULES
+from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES
 from snr_dist.layout import Kind
 from snr_dist.optim.base import SNROptimizerMixin
 from snr_dist.options import SNROptions, validate_adam, validate_kernels
@@ -264,7 +270,9 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         fused = [
             i
             for i, p in enumerate(params)
-            if isinstance(self._engine.estimator(p, group), DiagonalTemporal)
+            if isinstance(
+                self._engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
+            )
             and impl(group, grads[i].device) == "triton"
         ]
         if not fused:
@@ -276,13 +284,15 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             by_step.setdefault(int(state["step"].item()), []).append(i)
         for t, idx in by_step.items():
             states = [self.state[params[i]] for i in idx]
+            innovation = "noise_avg" in states[0]
             own_mean = "snr_avg" in states[0]
+            extra = "noise_avg" if innovation else "snr_avg"
             kernel_dispatch.fused_snr_adamw_step(
                 [local(params[i]) for i in idx],
                 [grads[i] for i in idx],
                 [st["exp_avg"] for st in states],
                 [st["exp_avg_sq"] for st in states],
-                [st["snr_avg"] for st in states] if own_mean else None,
+                [st[extra] for st in states] if innovation or own_mean else None,
                 step=t,
                 lr=group["lr"],
                 betas=group["betas"],
@@ -295,12 +305,14 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 warmup_steps=group["warmup_steps"],
                 maximize=group["maximize"],
                 kernels="triton",
+                noise="innovation" if innovation else "second_moment",
             )
         rest = sorted(set(range(len(params))) - set(fused))
         return [params[i] for i in rest], [grads[i] for i in rest]
 
     def _update_moments(self, group: dict, params: list[Tensor], grads: list[Tensor]):
-        """Adam's moments and the estimators' local statistics; returns the step's slots by
+        """The estimators' local statistics, then Adam's moments (the innovation rule measures
+        each gradient against the mean of the previous step); returns the step's slots by
         estimator."""
         states = [self._init_state(p, group) for p in params]
         grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
@@ -310,6 +322,8 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         for st in states:
             st["step"] += 1
             steps.append(int(st["step"].item()))
+        by_est = self._engine.slots(group, params, grads, steps)
+        self._engine.update(group, by_est)
         beta1, beta2 = group["betas"]
         exp_avgs = [st["exp_avg"] for st in states]
         exp_avg_sqs = [st["exp_avg_sq"] for st in states]
@@ -321,8 +335,6 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             for m, v, g in zip(exp_avgs, exp_avg_sqs, grads):
                 m.lerp_(g, 1.0 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        by_est = self._engine.slots(group, params, grads, steps)
-        self._engine.update(group, by_est)
         return by_est
 
     def _apply_update(self, group: dict, slots: list[Slot]) -> None:
@@ -353,18 +365,19 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         torch._foreach_add_(denom, eps)
         # Diagonal temporal gates are elementwise: fold them into the numerator, one
         # addcdiv per parameter as in torch's AdamW (no materialised direction).
-        fast: dict[int, list[int]] = {}
+        fast: dict[tuple[int, str], list[int]] = {}
         plain, needs_direction = [], []
         for i, s in enumerate(slots):
             e = engine.estimator(s.param, group)
             active = gate_active(group, s.step)
-            if isinstance(e, DiagonalTemporal) and active and group["gate"] in FOREACH_RULES:
-                fast.setdefault(s.step, []).append(i)
+            diagonal_temporal = isinstance(e, (DiagonalInnovation, DiagonalSecondMoment))
+            if diagonal_temporal and active and group["gate"] in FOREACH_RULES:
+                fast.setdefault((s.step, e.name), []).append(i)
             elif active or e.tracks:
                 needs_direction.append(i)
             else:
                 plain.append(i)
-        for t, idx in fast.items():
+        for (t, _), idx in fast.items():
             e = engine.estimator(slots[idx[0]].param, group)
             gates, scale = e.gates_foreach(group, [slots[i].state for i in idx], t)
             torch._foreach_mul_(gates, [exp_avgs[i] for i in idx])

@@ -1,9 +1,10 @@
-"""Subspace temporal estimator: the temporal SNR rule on a tracked eigenbasis of each matrix.
+"""Subspace temporal estimator, ``noise="second_moment"`` (the rule of snr-dist 0.1).
 
 Per step, `snr_dist.subspace.observe` projects the gradient onto the basis ``Q`` and updates the
 sketch and the projected moments (partial sums over the rows a rank holds); ``2r + 2`` numbers
 per matrix (`snr_dist.subspace.temporal_vector`) give the ``r`` direction gates plus one for the
-complement. Refreshes re-fit ``Q`` from the sketch and carry the statistics over.
+complement: ``var = (second moment - mean^2) / (1 - k)`` per direction. Refreshes re-fit ``Q``
+from the sketch and carry the statistics over (the covariance rotated by the owner).
 """
 
 from __future__ import annotations
@@ -17,37 +18,13 @@ from snr_dist import subspace
 from snr_dist.distributors.base import RefreshJob
 from snr_dist.distributors.dtensor import is_row_sharded
 from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
-from snr_dist.estimators.diagonal_temporal import update_own_moments
+from snr_dist.estimators.diagonal_second_moment import update_own_moments
+from snr_dist.estimators.tracker import TRACKER_KINDS, refresh_job, tracker_cost, tracker_made
 from snr_dist.layout import Kind
 
-TRACKER_KINDS = {
-    "basis_rows": Kind.SHARED,
-    "basis": Kind.SHARED,
-    "sketch": Kind.PARTIAL,
-    "sketch_weight": Kind.SHARED,
-    "eigvals": Kind.SHARED,
-}
 
-
-def basis_rows(p: Tensor, group: dict) -> bool:
-    return subspace.basis_on_rows(tuple(p.shape), group["basis_side"], is_row_sharded(p))
-
-
-def tracker_cost(p: Tensor, group: dict) -> float:
-    rows = basis_rows(p, group)
-    return float(p.numel() * subspace.effective_rank(tuple(p.shape), rows, group["rank"]))
-
-
-def tracker_made(state: dict, p_shape: tuple, group: dict, cross: bool) -> bool:
-    """A tracker of the group's rank, for the group's estimator."""
-    if "basis" not in state or ("raw_dir" in state) != cross:
-        return False
-    rows = bool(state["basis_rows"])
-    return state["basis"].shape[1] == subspace.effective_rank(p_shape, rows, group["rank"])
-
-
-class SubspaceTemporal(Estimator):
-    name = "subspace_temporal"
+class SubspaceSecondMoment(Estimator):
+    name = "subspace_second_moment"
     tracks = True
 
     def __init__(self, moments) -> None:
@@ -64,7 +41,7 @@ class SubspaceTemporal(Estimator):
             group,
             local_p.device,
             key,
-            cross=False,
+            stats="second_moment",
             sharded_rows=is_row_sharded(p),
         )
         if self.moments_of.own_mean(group):
@@ -83,7 +60,7 @@ class SubspaceTemporal(Estimator):
         return {k: v for k, v in kinds.items() if k in state}
 
     def made(self, p: Tensor, state: dict, group: dict) -> bool:
-        return tracker_made(state, tuple(p.shape), group, cross=False)
+        return tracker_made(state, tuple(p.shape), group, "proj_cov")
 
     def cost(self, p: Tensor, group: dict) -> float:
         return tracker_cost(p, group)
@@ -157,32 +134,3 @@ class SubspaceTemporal(Estimator):
 
     def info(self, p, state, group) -> dict | None:
         return self.last.get(p)
-
-
-def refresh_job(slot: Slot, mean: Tensor | None, temporal: tuple | None) -> RefreshJob:
-    """A tracker's refresh as callbacks: partial sketches, the owner's Nystrom solve, and what
-    every rank does with the solution."""
-    state, t = slot.state, slot.step
-    q = state["basis"]
-    r = q.shape[1]
-    with_cov = temporal is not None
-    _, _, beta_s, beta_v = temporal if with_cov else (None, t, 0.0, 0.0)
-
-    def solve(partials: list[Tensor]) -> list[Tensor]:
-        q_new, evals, cov = subspace.refresh_solve(
-            q, partials, float(state["sketch_weight"]), temporal
-        )
-        # contiguous, as the ranks that receive the solution hold it: the same memory layout
-        # makes every rank's later matmuls with it round identically
-        return [t.contiguous() for t in [q_new, evals] + ([cov] if with_cov else [])]
-
-    def placeholders() -> list[Tensor]:
-        out = [torch.zeros(q.shape, device=q.device), torch.zeros(r, device=q.device)]
-        return out + ([torch.zeros(r, r, device=q.device)] if with_cov else [])
-
-    def apply(solution: list[Tensor], carries_total: bool) -> None:
-        q_new, evals = solution[0].clone(), solution[1].clone()
-        cov = solution[2] if with_cov else None
-        subspace.refresh_apply(state, q_new, evals, cov, mean, carries_total, t, beta_s, beta_v)
-
-    return RefreshJob(slot.param, subspace.refresh_partials(state), solve, placeholders, apply)

@@ -1,8 +1,9 @@
-"""Diagonal temporal estimator: per-coordinate EMAs over steps, no communication.
+"""Diagonal temporal estimator, ``noise="second_moment"`` (the rule of snr-dist 0.1).
 
 ``raw = s_hat^2`` and ``var = (v_hat - s_hat^2) / (1 - k_t)`` from ``s = EMA(g)`` and
 ``v = EMA(g^2)`` (`snr_dist.snr.temporal_moments`). In SNRAdamW ``v`` is Adam's second moment
-and ``s`` is Adam's first moment or one extra tensor (`Moments`).
+and ``s`` is Adam's first moment or one extra tensor (`Moments`). Exact for stationary
+gradients; a gradient that shrinks within ``v``'s window reads as noise.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from snr_dist.layout import Kind
 OWN_KEYS = ("snr_avg", "snr_sq")
 
 
-class DiagonalTemporal(Estimator):
-    name = "diagonal_temporal"
+class DiagonalSecondMoment(Estimator):
+    name = "diagonal_second_moment"
 
     def init_state(self, p, local_p, state, group, key) -> None:
         f32 = dict(device=local_p.device, dtype=torch.float32)
@@ -31,7 +32,7 @@ class DiagonalTemporal(Estimator):
         return {k: Kind.PARAM for k in OWN_KEYS if k in state}
 
     def made(self, p: Tensor, state: dict, group: dict) -> bool:
-        return "basis" not in state and "raw_avg" not in state
+        return not ({"basis", "raw_avg", "noise_avg"} & set(state))
 
     @torch.no_grad()
     def update(self, group: dict, slots: list[Slot]) -> None:
@@ -96,7 +97,7 @@ class DiagonalTemporal(Estimator):
 
 
 FOREACH_RULES = ("wiener", "clamp", "paper")
-"""Gate rules `DiagonalTemporal.gates_foreach` computes."""
+"""Gate rules the diagonal temporal estimators' ``gates_foreach`` compute."""
 
 
 def update_own_moments(moments, group: dict, slots: list[Slot]) -> None:

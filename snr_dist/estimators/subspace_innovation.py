@@ -1,0 +1,141 @@
+"""Subspace temporal estimator, ``noise="innovation"`` (the default): the drift-correct rule on
+a tracked eigenbasis of each matrix.
+
+Per direction ``k`` of the basis ``Q``: signal ``||row_k(Q^T m_hat)||^2`` from the projected
+mean (``proj_avg``, the same EMA as Adam's mean, exact between refreshes), noise the
+innovation energy ``||row_k(Q^T (G - m_hat_{t-1}))||^2`` averaged over the mean's window; the
+complement of the span is one more direction (totals minus the tracked parts). ``2r + 2``
+numbers per matrix (`snr_dist.subspace.innovation_vector`), partial sums over the rows a rank
+holds. A refresh re-projects the mean exactly and rotates the innovation energies as a
+diagonal second moment (linear, so partial sums stay right); nothing needs the owner's
+covariance, so a refresh broadcasts only the basis and its eigenvalues.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from snr_dist import subspace
+from snr_dist.distributors.base import RefreshJob
+from snr_dist.distributors.dtensor import is_row_sharded
+from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
+from snr_dist.estimators.tracker import TRACKER_KINDS, refresh_job, tracker_cost, tracker_made
+from snr_dist.layout import Kind
+
+
+class SubspaceInnovation(Estimator):
+    name = "subspace_innovation"
+    tracks = True
+
+    def __init__(self, moments) -> None:
+        super().__init__(moments)
+        self.current: dict[Tensor, Tensor] = {}  # this step's gates
+        self.last: dict[Tensor, dict] = {}
+
+    def init_state(self, p, local_p, state, group, key) -> None:
+        subspace.init_tracker(
+            state,
+            tuple(p.shape),
+            tuple(local_p.shape),
+            group,
+            local_p.device,
+            key,
+            stats="innovation",
+            sharded_rows=is_row_sharded(p),
+        )
+        if not self.moments_of.adam:
+            f32 = dict(dtype=torch.float32, device=local_p.device)
+            state["snr_avg"] = torch.zeros(local_p.shape, **f32)
+
+    def state_kinds(self, state: dict) -> dict[str, Kind]:
+        kinds = {
+            **TRACKER_KINDS,
+            "proj_avg": Kind.COLUMNS,
+            "noise_dir": Kind.PARTIAL,
+            "noise_energy": Kind.PARTIAL,
+            "snr_avg": Kind.PARAM,
+        }
+        return {k: v for k, v in kinds.items() if k in state}
+
+    def made(self, p: Tensor, state: dict, group: dict) -> bool:
+        return tracker_made(state, tuple(p.shape), group, "proj_avg") and "proj_cov" not in state
+
+    def cost(self, p: Tensor, group: dict) -> float:
+        return tracker_cost(p, group)
+
+    @torch.no_grad()
+    def update(self, group: dict, slots: list[Slot]) -> None:
+        for s in slots:
+            mean, beta = self.moments_of.mean(s.state, group)
+            subspace.observe_innovation(
+                s.state,
+                s.grad,
+                mean,
+                s.step,
+                beta,
+                beta,
+                group["sketch_beta"],
+                impl(group, s.grad.device),
+            )
+            if "snr_avg" in s.state:  # SNRPreconditioner's own mean, after its innovation
+                s.state["snr_avg"].lerp_(s.grad, 1.0 - beta)
+
+    def partial_sums(self, group: dict, slots: list[Slot]) -> list[Tensor]:
+        return [
+            subspace.innovation_vector(s.state, self.moments_of.mean(s.state, group)[0])
+            for s in slots
+        ]
+
+    @torch.no_grad()
+    def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
+        """Gates of all trackers of the group with the same rank and step at once."""
+        batches: dict[tuple, list[int]] = defaultdict(list)
+        for i, (s, vec) in enumerate(zip(slots, sums)):
+            batches[(vec.numel(), s.step)].append(i)
+        beta = self.moments_of.beta_s(slots[0].state, group)
+        for (n, t), idx in batches.items():
+            vecs = torch.stack([sums[i] for i in idx])
+            r = (n - 2) // 2
+            if t >= 2:
+                raw, var, k = subspace.innovation_direction_moments(vecs, t, beta, beta)
+            else:  # one gradient carries no noise estimate (the gate is 1 at step 1)
+                raw = var = torch.zeros(len(idx), r + 1, device=vecs.device)
+                k = 1.0
+            gates = gate_values(group, raw, var, k, t)
+            energy = raw + var  # E||G||^2 = ||mu||^2 + tr(Sigma), by direction
+            for j, i in enumerate(idx):
+                p = slots[i].param
+                self.current[p] = gates[j]
+                self.last[p] = {
+                    "raw": raw[j],
+                    "var": var[j],
+                    "k": k,
+                    "gates": gates[j],
+                    "captured": (energy[j, :r].sum(), energy[j].sum()),
+                }
+
+    def moments(self, p, state, group, step, index=None):
+        info = self.last[p]
+        return info["raw"], info["var"], info["k"]
+
+    def gates(self, p, state, group, step, index=None) -> Tensor:
+        return self.current[p]
+
+    def gate_(self, group, slots, directions, out=None, alphas=None, foreach=True) -> None:
+        for i, (s, d) in enumerate(zip(slots, directions)):
+            o = None if out is None else out[i]
+            alpha = 1.0 if out is None else alphas[i]
+            subspace.apply_gates(s.state, d, self.current[s.param], o, alpha, impl(group, d.device))
+
+    def refresh_jobs(self, group: dict, slots: list[Slot]) -> list[RefreshJob]:
+        return [
+            refresh_job(s, self.moments_of.mean(s.state, group)[0], None)
+            for s in slots
+            if subspace.refresh_due(s.step, group["refresh_every"])
+        ]
+
+    def info(self, p, state, group) -> dict | None:
+        return self.last.get(p)
