@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from snr_dist.experiments.config import ConfigError
-from snr_dist.experiments.study import Job, StudyConfig, load_study, run_study, select
+from snr_dist.experiments.study import (
+    Job,
+    StudyConfig,
+    load_study,
+    method_hash,
+    run_study,
+    select,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = [
@@ -82,6 +89,16 @@ def test_rerun_reuses_finished_runs_and_fresh_reruns(tmp_path):
     changed = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"steps": 20})})
     third = run_study(changed, tmp_path, progress=False)
     assert all(rec["history"][-1]["step"] <= 20 for rec in third.values())
+    # a changed method reruns that method's jobs only (each job carries its method's hash)
+    run_study(cfg, tmp_path, progress=False, fresh=True)
+    before = (tmp_path / "results.jsonl").read_text().splitlines()
+    methods = list(cfg.methods)
+    methods[0] = methods[0].model_copy(update={"lr": [2e-3]})
+    fourth = run_study(cfg.model_copy(update={"methods": methods}), tmp_path, progress=False)
+    after = (tmp_path / "results.jsonl").read_text().splitlines()
+    added = [json.loads(line) for line in after[len(before) :]]
+    assert {json.loads(r["key"])[1] for r in added} == {methods[0].name}
+    assert len(fourth) == len(first)
 
 
 def test_runs_are_deterministic_and_same_batches_for_every_method(tmp_path):
@@ -124,7 +141,8 @@ def _fake_records(cfg: StudyConfig, val: dict, test: dict) -> dict:
                         "test_loss": 2.0,
                     },
                 ]
-                recs[Job(0.4, m.name, i, s).key] = {"history": hist, "stopped": None}
+                job = Job(0.4, m.name, i, s, method_hash(m))
+                recs[job.key] = {"history": hist, "stopped": None}
     return recs
 
 
@@ -152,6 +170,43 @@ def test_selection_uses_validation_not_test_and_oracle_uses_test():
     assert oracle.point["lr"] == 1e-3  # the oracle picks by test accuracy, at its best step
     assert oracle.stat("final_test_acc")[0] == pytest.approx(1.0)
     assert oracle.stat("final_memorised")[0] == 0.0
+
+
+def test_convergence_picks_by_steps_to_the_validation_target_and_reports_test_targets():
+    raw = {
+        "name": "conv",
+        "study": "convergence",
+        "seeds": [0],
+        "task": {"test_targets": [0.95, 0.97], "val_target": 0.9, "target_loss": 0.05},
+        "budget": {"steps": 40, "batch_size": 8, "eval_every": 10},
+        "methods": [{"name": "A", "type": "adamw", "lr": [1e-3, 3e-3]}],
+    }
+    cfg = StudyConfig.model_validate(raw)
+
+    def hist(val_at: int, test_at: int) -> list[dict]:
+        return [
+            {
+                "step": s,
+                "wall_s": s / 10,
+                "val_acc": 0.95 if s >= val_at else 0.5,
+                "test_acc": 0.98 if s >= test_at else 0.5,
+                "train_loss": 0.01 if s >= 30 else 1.0,
+            }
+            for s in (10, 20, 30, 40)
+        ]
+
+    m = cfg.methods[0]
+    # point 0 reaches the test targets first, point 1 the validation target: 1 is chosen
+    recs = {
+        Job("clean digits", "A", i, 0, method_hash(m)).key: {"history": h, "stopped": None}
+        for i, h in enumerate([hist(30, 10), hist(20, 40)])
+    }
+    (row,) = select(cfg, recs)["clean digits"]
+    assert row.point["lr"] == 3e-3
+    assert row.stat("steps_to_val")[0] == 20
+    assert row.stat("steps_to_test_95")[0] == 40 and row.stat("steps_to_test_97")[0] == 40
+    assert row.stat("wall_to_test_97")[0] == pytest.approx(4.0)
+    assert row.stat("steps_to_target")[0] == 30
 
 
 def test_bad_study_configs_name_the_key(tmp_path):

@@ -65,8 +65,11 @@ class GrokkingTask(_Strict):
     p: int = Field(default=97, ge=3)
     ops: list[Literal["add", "div"]] = Field(default_factory=lambda: ["div", "add"], min_length=1)
     train_fraction: float = Field(default=0.25, gt=0, lt=1)
-    embed: int = Field(default=128, ge=1)
-    hidden: int = Field(default=512, ge=1)
+    embed: int = Field(default=128, ge=1)  # the transformer's width
+    hidden: int = Field(default=512, ge=1)  # the MLP's hidden layer
+    model: Literal["mlp", "transformer"] = "mlp"
+    layers: int = Field(default=2, ge=1)  # transformer only
+    heads: int = Field(default=4, ge=1)  # transformer only
     target_acc: float = Field(default=0.95, gt=0, le=1)
 
 
@@ -90,19 +93,53 @@ class ConvergenceTask(_Strict):
     hidden: list[int] = Field(default_factory=lambda: [256, 256], min_length=1)
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     target_loss: float = Field(default=0.05, gt=0)
+    # Generalisation speed: steps to these clean test accuracies (reported only) and to the
+    # validation accuracy that selects each method's grid point (fewest steps wins).
+    test_targets: list[float] = Field(default_factory=lambda: [0.95, 0.97], min_length=1)
+    val_target: float = Field(default=0.94, gt=0, le=1)
+
+
+def _first(history: list[dict], key: str, ok) -> int | None:
+    return next((h["step"] for h in history if ok(h[key])), None)
+
+
+def _conv_reached(cfg: ConvergenceTask, history: list[dict]) -> dict:
+    return {
+        "target": _first(history, "train_loss", lambda v: v <= cfg.target_loss),
+        "val": _first(history, "val_acc", lambda v: v >= cfg.val_target),
+        **{
+            f"test_{round(100 * a)}": _first(history, "test_acc", lambda v, a=a: v >= a)
+            for a in cfg.test_targets
+        },
+    }
+
+
+def _conv_stop(cfg: ConvergenceTask, rec: dict, history: list[dict]) -> bool:
+    """Run until every target was reached (train loss, validation and test accuracies)."""
+    return all(step is not None for step in _conv_reached(cfg, history).values())
 
 
 def _conv_summary(cfg: ConvergenceTask, history: list[dict], stopped: int | None) -> dict:
     last = history[-1]
-    return {
-        "steps_to_target": _steps_to(history, stopped),
-        "wall_to_target": _wall_at(history, stopped),
-        "reached": 1.0 if stopped is not None else 0.0,
+    out = {
+        "reached": 1.0 if _conv_reached(cfg, history)["target"] is not None else 0.0,
         "final_test_acc": last["test_acc"],
         "final_val_acc": last["val_acc"],
         "final_train_loss": last["train_loss"],
         "last_step": float(last["step"]),
     }
+    for name, step in _conv_reached(cfg, history).items():
+        key = "target" if name == "target" else name
+        out[f"steps_to_{key}"] = None if step is None else float(step)
+        out[f"wall_to_{key}"] = _wall_at(history, step)
+    return out
+
+
+def _val_speed_score(s: dict) -> float:
+    """Fewest steps to the validation target; runs that never reach it count as twice their
+    length."""
+    steps = s["steps_to_val"]
+    return -(steps if steps is not None else 2.0 * s["last_step"])
 
 
 def _speed_score(s: dict) -> float:
@@ -173,7 +210,7 @@ class Study:
     task_model: type[BaseModel]
     settings: Callable[[Any], list]
     make_task: Callable[[Any, Any, int], Any]
-    stop: Callable[[Any, dict], bool]
+    stop: Callable[[Any, dict, list[dict]], bool]
     summarise: Callable[[Any, list[dict], int | None], dict]
     score: Callable[[dict], float]
     columns: list[tuple[str, str, str]]
@@ -194,7 +231,7 @@ STUDIES: dict[str, Study] = {
         task_model=LabelNoiseTask,
         settings=lambda c: list(c.noise_levels),
         make_task=lambda c, noise, seed: DigitsTask(noise, c.hidden, seed, c.activation),
-        stop=lambda c, rec: False,
+        stop=lambda c, rec, h: False,
         summarise=lambda c, h, stopped: _digits_summary(h),
         score=lambda s: s["final_val_acc"],
         columns=_DIGITS_COLUMNS,
@@ -204,7 +241,7 @@ STUDIES: dict[str, Study] = {
         task_model=DoubleDescentTask,
         settings=lambda c: list(c.widths),
         make_task=lambda c, width, seed: DigitsTask(c.label_noise, [width], seed, c.activation),
-        stop=lambda c, rec: False,
+        stop=lambda c, rec, h: False,
         summarise=lambda c, h, stopped: _digits_summary(h),
         score=lambda s: s["final_val_acc"],
         columns=[
@@ -219,9 +256,9 @@ STUDIES: dict[str, Study] = {
         task_model=GrokkingTask,
         settings=lambda c: list(c.ops),
         make_task=lambda c, op, seed: ModularTask(
-            c.p, op, c.train_fraction, c.embed, c.hidden, seed
+            c.p, op, c.train_fraction, c.embed, c.hidden, seed, c.model, c.layers, c.heads
         ),
-        stop=lambda c, rec: rec["val_acc"] >= c.target_acc,
+        stop=lambda c, rec, h: rec["val_acc"] >= c.target_acc,
         summarise=_grok_summary,
         score=_speed_score,
         columns=[
@@ -236,7 +273,7 @@ STUDIES: dict[str, Study] = {
         task_model=ENTKPartitionTask,
         settings=lambda c: list(c.noise_levels),
         make_task=lambda c, noise, seed: DigitsTask(noise, c.hidden, seed, c.activation),
-        stop=lambda c, rec: False,
+        stop=lambda c, rec, h: False,
         summarise=_entk_summary,
         score=lambda s: s["final_val_acc"],
         columns=[
@@ -255,12 +292,17 @@ STUDIES: dict[str, Study] = {
         task_model=ConvergenceTask,
         settings=lambda c: ["clean digits"],
         make_task=lambda c, _, seed: DigitsTask(0.0, c.hidden, seed, c.activation),
-        stop=lambda c, rec: rec["train_loss"] <= c.target_loss,
+        stop=_conv_stop,
         summarise=_conv_summary,
-        score=_speed_score,
+        score=_val_speed_score,
         columns=[
+            ("steps_to_test_95", "steps to 0.95 test acc", "{:.0f}"),
+            ("wall_to_test_95", "s to 0.95", "{:.2f}"),
+            ("steps_to_test_97", "steps to 0.97 test acc", "{:.0f}"),
+            ("wall_to_test_97", "s to 0.97", "{:.2f}"),
             ("steps_to_target", "steps to target train loss", "{:.0f}"),
-            ("wall_to_target", "train s to target", "{:.2f}"),
+            ("wall_to_target", "s to target", "{:.2f}"),
+            ("steps_to_val", "steps to val target", "{:.0f}"),
             ("final_test_acc", "test acc at stop", "{:.3f}"),
         ],
         setting_label="task",

@@ -67,6 +67,9 @@ class BudgetConfig(_Strict):
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     eval_every: int = Field(ge=1)
+    # Record each SNR optimizer's per-parameter gate mean and SNR quantiles at every evaluation
+    # (``history[i]["gates"]``; a picture in the report).
+    trace_gates: bool = False
 
 
 class StudyConfig(_Strict):
@@ -148,20 +151,32 @@ class Job:
     method: str
     point: int
     seed: int
+    method_hash: str = ""
 
     @property
     def key(self) -> str:
-        return json.dumps([self.setting, self.method, self.point, self.seed])
+        return json.dumps([self.setting, self.method, self.point, self.seed, self.method_hash])
+
+
+def _digest(d: Any) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_hash(cfg: StudyConfig) -> str:
-    """What makes results comparable: everything but where and how fast they are produced,
-    plus the package version (results of other code are not reused)."""
+    """What makes results comparable: everything but where and how fast they are produced and
+    which methods run (each job's key carries its own method's definition), plus the package
+    version (results of other code are not reused). So adding or changing one method reruns
+    only that method's jobs."""
     from snr_dist import __version__
 
-    d = cfg.model_dump(mode="json", exclude={"output_dir", "workers", "smoke"})
+    exclude = {"output_dir", "workers", "smoke", "methods", "oracle_early_stopping"}
+    d = cfg.model_dump(mode="json", exclude=exclude)
     d["snr_dist_version"] = __version__
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return _digest(d)
+
+
+def method_hash(method: MethodConfig) -> str:
+    return _digest(method.model_dump(mode="json"))
 
 
 def build_optimizer(method: MethodConfig, point: dict[str, float], params) -> torch.optim.Optimizer:
@@ -187,6 +202,7 @@ def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
     order = torch.Generator().manual_seed(10_000 + job.seed)
     budget = cfg.budget
     callback = study.callback(task_cfg, task, job) if study.callback else None
+    names = {p: n for n, p in model.named_parameters()}
     history: list[dict[str, Any]] = []
     perm, cursor, wall, stopped = torch.randperm(task.n_train, generator=order), 0, 0.0, None
     if callback is not None:
@@ -206,13 +222,23 @@ def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
             rec = {"step": step, "wall_s": wall, **task.evaluate(model)}
             if not torch.isfinite(torch.tensor(rec["train_loss"])):
                 rec["diverged"] = True
+            if budget.trace_gates and hasattr(opt, "metrics"):
+                rec["gates"] = gate_trace(opt, names)
             history.append(rec)
             if callback is not None:
                 callback(model, step, history)
-            if study.stop(task_cfg, rec) or rec.get("diverged"):
+            if study.stop(task_cfg, rec, history) or rec.get("diverged"):
                 stopped = step
                 break
     return {"key": job.key, "history": history, "wall_s": wall, "stopped": stopped}
+
+
+def gate_trace(opt, names: dict) -> dict[str, dict[str, float]]:
+    """Per parameter: gate mean, share of gates below 0.1, SNR quantiles (``opt.metrics``)."""
+    keep = ("gate_mean", "frac_gate_below_0.1", "snr_q10", "snr_q50", "snr_q90")
+    return {
+        name: {k: m[k] for k in keep if k in m} for name, m in opt.metrics(names)["params"].items()
+    }
 
 
 def _worker(args: tuple[dict, Job]) -> dict[str, Any]:
@@ -227,7 +253,7 @@ def all_jobs(cfg: StudyConfig) -> list[Job]:
     study = STUDIES[cfg.study]
     settings = study.settings(study.task_model.model_validate(cfg.task))
     return [
-        Job(s, m.name, i, seed)
+        Job(s, m.name, i, seed, method_hash(m))
         for s in settings
         for seed in cfg.seeds
         for m in cfg.methods
@@ -250,6 +276,8 @@ def run_study(
                 done[rec["key"]] = rec
     elif path.is_file():
         path.unlink()
+    wanted = {j.key for j in all_jobs(cfg)}
+    done = {k: v for k, v in done.items() if k in wanted}  # other methods' or old grids' runs
     jobs = [j for j in all_jobs(cfg) if j.key not in done]
     if done and progress:
         print(f"{len(done)} finished runs reused from {path} (--fresh to rerun)", flush=True)
@@ -314,9 +342,11 @@ def select(cfg: StudyConfig, records: dict[str, dict]) -> dict[Any, list[Row]]:
     for setting in study.settings(task_cfg):
         for m in cfg.methods:
             candidates = []
+            mh = method_hash(m)
             for i, point in enumerate(m.grid()):
-                hists = [records[Job(setting, m.name, i, s).key]["history"] for s in cfg.seeds]
-                stops = [records[Job(setting, m.name, i, s).key]["stopped"] for s in cfg.seeds]
+                recs = [records[Job(setting, m.name, i, s, mh).key] for s in cfg.seeds]
+                hists = [r["history"] for r in recs]
+                stops = [r["stopped"] for r in recs]
                 sums = [study.summarise(task_cfg, h, st) for h, st in zip(hists, stops)]
                 score = statistics.fmean(study.score(s) for s in sums)
                 candidates.append((score, i, point, sums, hists))

@@ -20,7 +20,22 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def headline(cfg: StudyConfig, selected: dict[Any, list[Row]]) -> dict[str, Any]:
     """Study-specific derived numbers (speed-ups vs AdamW, double-descent peaks)."""
     out: dict[str, Any] = {}
-    if cfg.study in ("grokking", "convergence"):
+    if cfg.study == "convergence":  # each method's steps as a multiple of AdamW's (the first)
+        for setting, rows in selected.items():
+            base = next((r for r in rows if r.method == cfg.methods[0].name), None)
+            if base is None:
+                continue
+            keys = ("steps_to_test_95", "steps_to_test_97", "steps_to_target", "steps_to_val")
+            out[str(setting)] = {
+                r.method: {
+                    f"{k}_x_{base.method}": _ratio(r.stat(k)[0], base.stat(k)[0])
+                    for k in keys
+                    if any(s.get(k) is not None for s in r.summaries)
+                }
+                for r in rows
+            }
+        return out
+    if cfg.study == "grokking":
         for setting, rows in selected.items():
             base = next((r for r in rows if r.method == cfg.methods[0].name), None)
             if base is None:
@@ -135,6 +150,46 @@ def plot(cfg: StudyConfig, selected: dict[Any, list[Row]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_gates(cfg: StudyConfig, selected: dict[Any, list[Row]], path: Path) -> bool:
+    """Per-parameter gate mean against step, for each SNR method's first seed (runs recorded
+    with ``budget.trace_gates``); False when nothing was traced."""
+    traced = [
+        (setting, row)
+        for setting, rows in selected.items()
+        for row in rows
+        if row.histories and any("gates" in h for h in row.histories[0])
+    ]
+    if not traced:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        2, len(traced), figsize=(4.5 * len(traced), 6.4), squeeze=False, sharex="col"
+    )
+    for j, (setting, row) in enumerate(traced):
+        hist = [h for h in row.histories[0] if "gates" in h]
+        names = [n for n in hist[-1]["gates"] if not n.endswith("bias") and ".ln" not in n]
+        for name in names:
+            steps = [h["step"] for h in hist if name in h["gates"]]
+            for k, key in enumerate(("gate_mean", "snr_q50")):
+                ys = [h["gates"][name].get(key) for h in hist if name in h["gates"]]
+                axes[k][j].plot(steps, ys, lw=1, label=name)
+        axes[0][j].set_title(f"{row.method} ({setting}), gate mean", fontsize=9)
+        axes[1][j].set_title("median SNR", fontsize=9)
+        axes[1][j].set_yscale("symlog", linthresh=1e-3)
+        axes[1][j].set_xlabel("step")
+        for k in (0, 1):
+            axes[k][j].grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write(
     cfg: StudyConfig, selected: dict[Any, list[Row]], out_dir: Path, command: str, total_wall: float
 ) -> str:
@@ -180,6 +235,9 @@ def write(
         },
         "derived": head,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(cfg, selected, out_dir / "curves.png")
+    if plot_gates(cfg, selected, out_dir / "gates.png"):
+        text += "\n![gate traces](gates.png)\n"
+        (out_dir / "report.md").write_text(text)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return text

@@ -8,7 +8,8 @@ order for every optimizer), and evaluates a model into a flat dict of floats.
   on train *and* validation (a practitioner's validation set is as noisy as the training set);
   the test set stays clean. ``memorised``: share of flipped training labels the model predicts.
 - `ModularTask`: ``a + b`` or ``a / b`` mod ``p`` (the grokking task), a fraction of all pairs for
-  training, the rest held out.
+  training, the rest held out; an embedding MLP, or the grokking literature's small decoder-only
+  transformer reading ``a b =`` and predicting the result at ``=``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snr_dist.experiments.data import symmetric_label_noise
-from snr_dist.experiments.models import mlp
+from snr_dist.experiments.models import GPT, mlp
 
 
 @dataclass
@@ -121,6 +122,20 @@ class ModularMLP(nn.Module):
         return self.out(F.relu(self.hidden(e)))
 
 
+class ModularTransformer(nn.Module):
+    """``a b =`` as three tokens (``=`` is token ``p``), a causal decoder (`GPT`), the logits of
+    the ``p`` residues at the last position."""
+
+    def __init__(self, p: int, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.p = p
+        self.gpt = GPT(p + 1, 3, width, layers, heads)
+
+    def forward(self, pairs: Tensor) -> Tensor:
+        eq = torch.full((pairs.shape[0], 1), self.p, dtype=pairs.dtype, device=pairs.device)
+        return self.gpt(torch.cat([pairs, eq], 1))[:, -1, : self.p]
+
+
 def modular_pairs(p: int, op: str) -> tuple[Tensor, Tensor]:
     """All ``(a, b)`` pairs and ``a op b mod p``; division skips ``b = 0``."""
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
@@ -137,7 +152,16 @@ def modular_pairs(p: int, op: str) -> tuple[Tensor, Tensor]:
 
 class ModularTask:
     def __init__(
-        self, p: int, op: str, train_fraction: float, embed: int, hidden: int, seed: int
+        self,
+        p: int,
+        op: str,
+        train_fraction: float,
+        embed: int,
+        hidden: int,
+        seed: int,
+        model: str = "mlp",
+        layers: int = 2,
+        heads: int = 4,
     ) -> None:
         pairs, y = modular_pairs(p, op)
         g = torch.Generator().manual_seed(seed)
@@ -147,11 +171,14 @@ class ModularTask:
         self.train = Split(pairs[train], y[train])
         self.val = Split(pairs[val], y[val])
         self.p, self.embed, self.hidden = p, embed, hidden
+        self.kind, self.layers, self.heads = model, layers, heads
         self.n_train = n_train
         self.num_classes = p
 
     def model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
+        if self.kind == "transformer":  # width = embed
+            return ModularTransformer(self.p, self.embed, self.layers, self.heads)
         return ModularMLP(self.p, self.embed, self.hidden)
 
     def loss(self, model: nn.Module, idx: Tensor) -> Tensor:

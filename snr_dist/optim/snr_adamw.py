@@ -81,9 +81,9 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         process_group: ProcessGroup | str | None = "auto",
         **snr_options: Any,
     ) -> None:
-        given = set(snr_options) | (
-            set(snr) if isinstance(snr, Mapping) else getattr(snr, "model_fields_set", set())
-        )
+        given = set(snr_options) | (set(snr) if isinstance(snr, Mapping) else set())
+        if isinstance(snr, SNROptions) and snr.snr_beta2 != SNROptions().snr_beta2:
+            given.add("snr_beta2")
         if "snr_beta2" in given:
             raise ValueError(
                 "snr_beta2 applies to SNRPreconditioner; SNRAdamW's squared-gradient EMA is "
