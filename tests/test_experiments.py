@@ -25,6 +25,8 @@ EXPERIMENTS = [
     "label_noise",
     "grokking",
     "grokking_long",
+    "grokking_paper",
+    "rule_candidates",
     "double_descent",
     "convergence",
     "entk_partition",
@@ -59,6 +61,8 @@ def test_smoke_run_writes_a_complete_report(name, tmp_path):
     report = (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "curves.png").stat().st_size > 1000
+    if cfg.budget.trace_gates:  # per-layer gate traces of the SNR rows
+        assert (out / "gates.png").stat().st_size > 1000 and "gates.png" in report
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     n_runs = sum(len(m.grid()) for m in cfg.methods) * len(cfg.seeds)
     assert len(lines) == n_runs * len(summary["settings"])

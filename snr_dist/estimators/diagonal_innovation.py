@@ -18,7 +18,7 @@ from torch import Tensor
 
 from snr_dist import snr as rule
 from snr_dist.estimators.base import Estimator, Slot
-from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES
+from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES, gate_foreach_
 from snr_dist.layout import Kind
 
 
@@ -51,19 +51,7 @@ class DiagonalInnovation(Estimator):
     def gate_(self, group, slots, directions, out=None, alphas=None, foreach=True) -> None:
         if not foreach or group["gate"] not in FOREACH_RULES:
             return super().gate_(group, slots, directions, out, alphas)
-        by_step: dict[int, list[int]] = {}
-        for i, s in enumerate(slots):
-            by_step.setdefault(s.step, []).append(i)
-        for t, idx in by_step.items():
-            gates, scale = self.gates_foreach(group, [slots[i].state for i in idx], t)
-            dirs = [directions[i] for i in idx]
-            if out is None:
-                torch._foreach_mul_(dirs, gates)
-                torch._foreach_mul_(dirs, scale)
-            else:
-                torch._foreach_mul_(gates, dirs)
-                torch._foreach_mul_(gates, [alphas[i] * scale for i in idx])
-                torch._foreach_add_([out[i] for i in idx], gates)
+        gate_foreach_(self, group, slots, directions, out, alphas)
 
     def gates_foreach(self, group: dict, states: list[dict], t: int) -> tuple[list[Tensor], float]:
         """Multi-tensor `moments` + gate (wiener/clamp/paper) at step ``t``: ``(gates, scale)``

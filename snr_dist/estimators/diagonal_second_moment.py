@@ -48,19 +48,7 @@ class DiagonalSecondMoment(Estimator):
     def gate_(self, group, slots, directions, out=None, alphas=None, foreach=True) -> None:
         if not foreach or group["gate"] not in FOREACH_RULES:
             return super().gate_(group, slots, directions, out, alphas)
-        by_step: dict[int, list[int]] = {}
-        for i, s in enumerate(slots):
-            by_step.setdefault(s.step, []).append(i)
-        for t, idx in by_step.items():
-            gates, scale = self.gates_foreach(group, [slots[i].state for i in idx], t)
-            dirs = [directions[i] for i in idx]
-            if out is None:
-                torch._foreach_mul_(dirs, gates)
-                torch._foreach_mul_(dirs, scale)
-            else:
-                torch._foreach_mul_(gates, dirs)
-                torch._foreach_mul_(gates, [alphas[i] * scale for i in idx])
-                torch._foreach_add_([out[i] for i in idx], gates)
+        gate_foreach_(self, group, slots, directions, out, alphas)
 
     def gates_foreach(self, group: dict, states: list[dict], t: int) -> tuple[list[Tensor], float]:
         """Multi-tensor `moments` + gate (wiener/clamp/paper) for states at step ``t``:
@@ -98,6 +86,24 @@ class DiagonalSecondMoment(Estimator):
 
 FOREACH_RULES = ("wiener", "clamp", "paper")
 """Gate rules the diagonal temporal estimators' ``gates_foreach`` compute."""
+
+
+def gate_foreach_(estimator, group, slots, directions, out=None, alphas=None) -> None:
+    """`Estimator.gate_` for a diagonal temporal estimator, multi-tensor: gates from its
+    ``gates_foreach`` per step count, multiplied into the directions (or added into ``out``)."""
+    by_step: dict[int, list[int]] = {}
+    for i, s in enumerate(slots):
+        by_step.setdefault(s.step, []).append(i)
+    for t, idx in by_step.items():
+        gates, scale = estimator.gates_foreach(group, [slots[i].state for i in idx], t)
+        dirs = [directions[i] for i in idx]
+        if out is None:
+            torch._foreach_mul_(dirs, gates)
+            torch._foreach_mul_(dirs, scale)
+        else:
+            torch._foreach_mul_(gates, dirs)
+            torch._foreach_mul_(gates, [alphas[i] * scale for i in idx])
+            torch._foreach_add_([out[i] for i in idx], gates)
 
 
 def update_own_moments(moments, group: dict, slots: list[Slot]) -> None:

@@ -4,7 +4,9 @@ what the commands produced).
 ``python -m snr_dist.experiments.publish [runs/experiments] [docs]`` replaces, for every study
 folder with a ``report.md``, the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``
 in ``docs/results.md`` with that report's tables (and the derived numbers), and copies its
-``curves.png`` to ``docs/results/NAME.png``. Hand-written text outside the markers is kept.
+``curves.png`` to ``docs/results/NAME.png`` (and ``gates.png``, the per-layer gate traces, to
+``docs/results/NAME-gates.png`` when the study recorded them). Hand-written text outside the
+markers is kept.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ def publish(runs: Path, docs: Path) -> list[str]:
             continue
         (docs / "results").mkdir(exist_ok=True)
         shutil.copyfile(report.parent / "curves.png", docs / "results" / f"{name}.png")
-        block = (
-            f"{begin}\n{report_body(report.read_text())}\n\n![{name}](results/{name}.png)\n{end}"
-        )
+        pictures = f"![{name}](results/{name}.png)"
+        if (report.parent / "gates.png").is_file():  # per-layer gate traces
+            shutil.copyfile(report.parent / "gates.png", docs / "results" / f"{name}-gates.png")
+            pictures += f"\n\n![{name} gate traces](results/{name}-gates.png)"
+        block = f"{begin}\n{report_body(report.read_text())}\n\n{pictures}\n{end}"
         start, stop = text.index(begin), text.index(end) + len(end)
         text = text[:start] + block + text[stop:]
         done.append(name)
