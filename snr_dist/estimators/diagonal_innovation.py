@@ -67,9 +67,8 @@ class DiagonalInnovation(Estimator):
         var = torch._foreach_clamp_min(
             [st["noise_avg"] for st in states], rule.GATE_FLOOR / var_scale
         )
-        sig = torch._foreach_mul(means, means)
-        torch._foreach_mul_(sig, c)
-        torch._foreach_add_(sig, var, alpha=-shift)
+        sig = torch._foreach_mul(var, -shift)
+        torch._foreach_addcmul_(sig, means, means, value=c)
         torch._foreach_clamp_min_(sig, 0.0)  # sig' (or the paper's p')
         if group["gate"] == "clamp":
             torch._foreach_div_(sig, var)
