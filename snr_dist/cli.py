@@ -33,10 +33,6 @@ def _train(args: argparse.Namespace) -> int:
             for o in cfg.optimizers:  # fail before any work on an unsupported stage/mode pair
                 if o.snr is not None:
                     check_support(ds_config, o.snr)
-            if cfg.train.checkpoint_every:
-                raise DeepSpeedConfigError(
-                    "train.checkpoint_every is not supported with --deepspeed"
-                )
         except DeepSpeedConfigError as e:
             print(f"snr-dist: {args.deepspeed}: {e}", file=sys.stderr)
             return 2

@@ -128,30 +128,66 @@ def test_killed_rank_resumes_from_checkpoint_to_the_same_parameters(one_node_two
     assert epochs == [(o, e) for o in ("AdamW", "SNRAdamW") for e in (1, 2, 3, 4)]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_main_job_matches_the_ddp_job(one_node_two_procs, tmp_path, stage):
+def _deepspeed(out_dir: Path, stage: int, *extra: str, **env) -> str:
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
     proc = subprocess.run(
         [
             "bash",
             str(ROOT / "launch" / "torchrun.sh"),
             *ARGS,
-            "--set",
-            "train.checkpoint_every=0",
+            *extra,
             "--deepspeed",
             str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json"),
             "--output-dir",
-            str(tmp_path),
+            str(out_dir),
         ],
-        env=_env(NPROC_PER_NODE=2),
+        env=_env(NPROC_PER_NODE=2, **env),
         capture_output=True,
         text=True,
         timeout=300,
     )
     _check(proc, proc.stdout + proc.stderr)
     assert f"through DeepSpeed ZeRO-{stage}" in proc.stdout
-    ds, ddp = _records(tmp_path / "quickstart"), _records(one_node_two_procs)
-    assert [(r["optimizer"], r["epoch"]) for r in ds] == [(r["optimizer"], r["epoch"]) for r in ddp]
-    for a, b in zip(ds, ddp):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def deepspeed_zero2(tmp_path_factory) -> Path:
+    """An uninterrupted ZeRO-2 job that checkpoints every epoch (DeepSpeed's own format)."""
+    out = tmp_path_factory.mktemp("zero2")
+    _deepspeed(out, 2)
+    return out / "quickstart"
+
+
+def _same_records(a: list[dict], b: list[dict], rel: float) -> None:
+    assert [(r["optimizer"], r["epoch"]) for r in a] == [(r["optimizer"], r["epoch"]) for r in b]
+    for x, y in zip(a, b):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=rel), (x, y)
+        assert x["test_loss"] == pytest.approx(y["test_loss"], rel=rel), (x, y)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_main_job_matches_the_ddp_job(one_node_two_procs, tmp_path, stage, request):
+    if stage == 2:  # the checkpointing job: the same maths, files on the side
+        ds = _records(request.getfixturevalue("deepspeed_zero2"))
+    else:
+        _deepspeed(tmp_path, stage, "--set", "train.checkpoint_every=0")
+        ds = _records(tmp_path / "quickstart")
+    _same_records(ds, _records(one_node_two_procs), rel=1e-4)
+
+
+def test_deepspeed_killed_rank_resumes_from_its_checkpoint(deepspeed_zero2, tmp_path):
+    """`--deepspeed` with `train.checkpoint_every` (refused before 0.2): a rank killed at the
+    start of epoch 3 restarts, every run resumes from DeepSpeed's checkpoint (model, ZeRO
+    optimizer shards with the SNR state, batch order) and ends where the uninterrupted job
+    did."""
+    log = _deepspeed(tmp_path, 2, MAX_RESTARTS=1, SNR_DIST_FAIL_AT_EPOCH=3, SNR_DIST_FAIL_RANK=1)
+    assert "exitcode  : 17" in log or "exitcode: 17" in log.replace("  ", " ")  # it did fail
+    resumed = tmp_path / "quickstart"
+    epochs = [(r["optimizer"], r["epoch"]) for r in _records(resumed)]
+    assert epochs == [(o, e) for o in ("AdamW", "SNRAdamW") for e in (1, 2, 3, 4)]
+    _same_records(_records(resumed), _records(deepspeed_zero2), rel=1e-6)
+    for run in ("AdamW-seed0", "SNRAdamW-seed0"):  # one checkpoint kept: the last
+        folder = resumed / "checkpoints" / run
+        assert (folder / "latest").read_text().strip() == "epoch4"
+        assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["epoch4"]

@@ -6,9 +6,10 @@ model is wrapped in DDP or sharded with FSDP2, and the loss is scaled so that th
 gradient is exactly the one-process gradient of the whole batch. Only rank 0 writes files.
 
 Each (optimizer, seed) run appends its evaluations to ``metrics.jsonl`` as it goes. With
-``train.checkpoint_every`` the run checkpoints (DCP, `snr_dist.checkpoint`) every that many
-epochs and at its end, and a restarted job (e.g. ``torchrun --max-restarts``) resumes every run
-from its last checkpoint. Wall time counts training only.
+``train.checkpoint_every`` the run checkpoints every that many epochs and at its end (DCP,
+`snr_dist.checkpoint`; DeepSpeed's ``engine.save_checkpoint`` under ``--deepspeed``), and a
+restarted job (e.g. ``torchrun --max-restarts``) resumes every run from its last checkpoint.
+Wall time counts training only.
 
 Testing hook: ``SNR_DIST_FAIL_AT_EPOCH=k`` (with ``SNR_DIST_FAIL_RANK``, default 1) kills that
 rank with ``os._exit`` at the start of epoch ``k`` of the first run, in the first attempt of a
@@ -260,9 +261,9 @@ def train_run(
     n = len(data.x_train)
     result = RunResult(ocfg.name, seed)
     steps, start = 0, 1
-    if ckpt_dir is not None and tc.resume and (ckpt_dir / ckpt.META).is_file():
-        steps = ckpt.load(ckpt_dir, model, opt)
-        extra = ckpt.read_meta(ckpt_dir)["extra"]
+    extra = _resume(run, ckpt_dir) if ckpt_dir is not None and tc.resume else None
+    if extra is not None:
+        steps = extra["steps"]
         start = extra["epoch"] + 1
         result.history, result.wall_s = extra["history"], extra["wall_s"]
         order.set_state(torch.tensor(extra["order_rng"], dtype=torch.uint8))
@@ -333,13 +334,55 @@ def train_run(
         ):
             extra = {
                 "epoch": epoch,
+                "steps": steps,
                 "history": result.history,
                 "wall_s": result.wall_s,
                 "order_rng": order.get_state().tolist(),
             }
-            ckpt.save(ckpt_dir, model, opt, steps, extra=extra)
+            _save(run, ckpt_dir, steps, extra, world)
     bar.close()
     return result
+
+
+_DS_CLIENT_KEY = "snr_dist_run"  # the run's own state inside a DeepSpeed checkpoint
+
+
+def _save(run: Trainable, ckpt_dir: Path, steps: int, extra: dict, world: World) -> None:
+    """DCP (`snr_dist.checkpoint`) for plain / DDP / FSDP2 runs; DeepSpeed's own
+    ``save_checkpoint`` (which carries the SNR state) for engine runs. A DeepSpeed checkpoint
+    goes to a new tag and ``latest`` moves to it only once it is written; the previous tag is
+    removed after that, so a failure mid-save leaves the last good checkpoint."""
+    if run.engine is None:
+        ckpt.save(ckpt_dir, run.module, run.opt, steps, extra=extra)
+        return
+    tag = f"epoch{extra['epoch']}"
+    before = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    run.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={_DS_CLIENT_KEY: extra})
+    world.barrier()
+    if world.main and before not in (None, tag):
+        import shutil
+
+        shutil.rmtree(ckpt_dir / before, ignore_errors=True)
+
+
+def _resume(run: Trainable, ckpt_dir: Path) -> dict | None:
+    """The saved run state (``epoch``, ``steps``, ``history``, ...) after loading the model and
+    optimizer from ``ckpt_dir``, or None when there is nothing to resume from."""
+    if run.engine is None:
+        if not (ckpt_dir / ckpt.META).is_file():
+            return None
+        steps = ckpt.load(ckpt_dir, run.module, run.opt)
+        extra = ckpt.read_meta(ckpt_dir)["extra"]
+        return {"steps": steps, **extra}
+    if not (ckpt_dir / "latest").is_file():
+        return None
+    path, client = run.engine.load_checkpoint(str(ckpt_dir))
+    if path is None or _DS_CLIENT_KEY not in (client or {}):
+        raise RuntimeError(
+            f"{ckpt_dir}: a DeepSpeed checkpoint without snr-dist's run state "
+            f"(client_state key {_DS_CLIENT_KEY!r}); remove the folder to start over"
+        )
+    return client[_DS_CLIENT_KEY]
 
 
 def run_experiment(
@@ -351,11 +394,6 @@ def run_experiment(
 ) -> list[RunResult]:
     """Every optimizer x seed; rank 0 writes ``metrics.jsonl`` under ``out_dir`` when given.
     ``ds_config``: a DeepSpeed JSON config (the optimizers still come from ``cfg``)."""
-    if ds_config is not None and cfg.train.checkpoint_every:
-        raise ValueError(
-            "train.checkpoint_every is not supported with --deepspeed: use DeepSpeed's "
-            "engine.save_checkpoint in your own loop (see docs/deepspeed.md)"
-        )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     world = world or World()
