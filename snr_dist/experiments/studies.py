@@ -221,6 +221,7 @@ class Study:
 _DIGITS_COLUMNS = [
     ("best_test_acc", "best test acc", "{:.3f}"),
     ("final_test_acc", "final test acc", "{:.3f}"),
+    ("final_val_acc", "final val acc (selects)", "{:.3f}"),
     ("final_memorised", "noisy labels memorised", "{:.1%}"),
     ("val_loss_rise", "val-loss rise after min", "{:.3f}"),
     ("wall_s", "train s", "{:.1f}"),
