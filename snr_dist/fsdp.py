@@ -115,4 +115,6 @@ def wrap(
     for block in _blocks(model, modules):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    return model, SNRAdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **snr_options)
+    opt = SNRAdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **snr_options)
+    opt.attach_fsdp(model)  # the cross-sample estimator observes each rank's own gradient
+    return model, opt

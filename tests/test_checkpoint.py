@@ -108,7 +108,10 @@ def test_ddp_two_ranks_to_one_and_two_and_one_to_two(tmp_path, kw):
             torch.testing.assert_close(got, w, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw", MODES[:2], ids=lambda kw: kw["mode"])
+FSDP2_MODES = [*MODES[:2], dict(estimator="cross_sample", mode="diagonal")]
+
+
+@pytest.mark.parametrize("kw", FSDP2_MODES, ids=lambda kw: f"{kw['estimator']}-{kw['mode']}")
 def test_fsdp2_two_ranks_to_one_and_back(tmp_path, kw):
     want = _uninterrupted(kw)
     path = str(tmp_path / "ck")

@@ -13,6 +13,7 @@ from snr_dist import SNRAdamW, fsdp
 MODES = [
     dict(estimator="temporal", mode="diagonal"),
     dict(estimator="temporal", mode="subspace", rank=3, refresh_every=4, basis_side="cols"),
+    dict(estimator="cross_sample", mode="diagonal"),
 ]
 
 
@@ -46,7 +47,7 @@ def _fsdp_worker(rank: int, world: int, kw: dict, per_block: bool):
 
 
 @pytest.mark.parametrize("per_block", [True, False], ids=["per-block", "root-only"])
-@pytest.mark.parametrize("kw", MODES, ids=lambda kw: kw["mode"])
+@pytest.mark.parametrize("kw", MODES, ids=lambda kw: f"{kw['estimator']}-{kw['mode']}")
 def test_fsdp2_two_ranks_equal_one_process(kw, per_block):
     ranks = run_distributed(_fsdp_worker, 2, kw, per_block)
     ref = _single_process(kw)
@@ -96,7 +97,7 @@ def _refusals(rank: int, world: int):
     out = {}
     model, _ = fsdp.wrap(tiny_mlp())
     for name, kw in {
-        "cross": dict(estimator="cross_sample"),
+        "cross": dict(estimator="cross_sample", mode="subspace", basis_side="cols"),
         "rows": dict(mode="subspace", basis_side="rows"),
     }.items():
         try:
@@ -134,3 +135,55 @@ def test_real_fsdp1_is_refused_on_gpu():
         model = FSDP1(tiny_mlp().cuda(), use_orig_params=use_orig)
         with pytest.raises(ValueError, match="does not support FSDP1"):
             SNRAdamW(model.parameters())
+
+
+def _accumulating_worker(rank: int, world: int, sync_each: bool):
+    """Each rank accumulates 2 micro-batches of 4 samples per step (4 in all per step)."""
+    model, opt = fsdp.wrap(tiny_mlp(), lr=1e-2, estimator="cross_sample", mode="diagonal")
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        parts = (slice(rank * 8, rank * 8 + 4), slice(rank * 8 + 4, rank * 8 + 8))
+        for i, part in enumerate(parts):
+            model.set_requires_gradient_sync(sync_each or i == 1)  # reduce once, or each time
+            loss = torch.nn.functional.cross_entropy(model(x[part]), y[part]) / 2
+            loss.backward()
+        opt.step()
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("sync_each", [False, True], ids=["no-sync", "sync-each"])
+def test_fsdp2_cross_sample_with_gradient_accumulation_equals_one_process(sync_each):
+    """Cross-sample statistics under FSDP2 come from the unsharded parameters' gradients, per
+    backward pass and per rank: 2 ranks x 2 micro-batches equal one process with 4."""
+    model = tiny_mlp()
+    opt = SNRAdamW(model.parameters(), lr=1e-2, estimator="cross_sample", mode="diagonal")
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        for k in range(4):
+            part = slice(4 * k, 4 * k + 4)
+            (torch.nn.functional.cross_entropy(model(x[part]), y[part]) / 4).backward()
+        opt.step()
+    ref = [p.detach().clone() for p in model.parameters()]
+    for out in run_distributed(_accumulating_worker, 2, sync_each):
+        for p, q in zip(out, ref):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+
+
+def test_cross_sample_under_fsdp2_without_attach_says_what_to_do():
+    out = run_distributed(_unattached_worker, 2)
+    for msg in out:
+        assert "opt.attach_fsdp(model)" in msg
+
+
+def _unattached_worker(rank: int, world: int):
+    model = fsdp.shard(tiny_mlp())
+    opt = SNRAdamW(model.parameters(), lr=1e-2, estimator="cross_sample")
+    x, y = _data(0)
+    torch.nn.functional.cross_entropy(model(x[rank::2]), y[rank::2]).backward()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        return str(e)
+    return "no error"

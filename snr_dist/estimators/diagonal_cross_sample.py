@@ -3,7 +3,9 @@
 The micro-batch sums (`snr_dist.cross_sample.MicrobatchStats`, filled by gradient hooks) give
 ``raw = g^2`` and the variance of ``g`` around its expectation (``k = 1``); both are smoothed by
 EMAs with ``snr_beta``. Under data parallelism the sums of every rank are added (one all-reduce
-of ``2 + numel`` floats per parameter per step).
+of ``2 + numel`` floats per parameter per step). Under FSDP2 each rank observes its gradient on
+FSDP2's unsharded parameter, so the sums cover the whole parameter; after the all-reduce each
+rank keeps the rows it holds (a reduce-scatter would move 1/world of those bytes: not done yet).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import Tensor
 
 from snr_dist import cross_sample
 from snr_dist.cross_sample import MicrobatchStats
+from snr_dist.distributors.dtensor import row_chunk
 from snr_dist.estimators.base import Estimator, Slot
 from snr_dist.layout import Kind
 
@@ -39,6 +42,9 @@ class DiagonalCrossSample(Estimator):
     def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
         w = 1.0 - group["snr_beta"]
         for s, vec in zip(slots, sums):
+            if vec.numel() != 2 + s.grad.numel():  # FSDP2: sums over whole parameters
+                rows = row_chunk(vec[2:].reshape(s.param.shape), s.param)
+                vec = torch.cat([vec[:2], rows.reshape(-1)])
             stats, c_sq = pooled(s, vec, world, subspace=False)
             raw, var = cross_sample.diagonal_moments(stats, s.grad, c_sq)
             s.state["raw_avg"].lerp_(raw, w)

@@ -141,7 +141,10 @@ def build_trainable(
     if ds_config is None:
         model = world.parallelize(net)
         group = dist.group.WORLD if world.strategy == "ddp" else "auto"
-        return Trainable(model, build_optimizer(ocfg, model.parameters(), group))
+        opt = build_optimizer(ocfg, model.parameters(), group)
+        if world.strategy == "fsdp2" and isinstance(opt, SNRAdamW):
+            opt.attach_fsdp(model)  # cross-sample: each rank's gradient before the reduction
+        return Trainable(model, opt)
     import deepspeed
 
     from snr_dist import deepspeed as snr_ds

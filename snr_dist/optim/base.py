@@ -85,6 +85,13 @@ class SNROptimizerMixin:
         fp32 main copies, DeepSpeed's flat partitions): tracker owners, hooks, lookups."""
         self._engine.sync_groups()
 
+    def attach_fsdp(self, model) -> None:
+        """Let the cross-sample estimator see each rank's own gradient under FSDP2: call once,
+        after ``fully_shard`` and before the first backward (`snr_dist.fsdp.wrap` does it).
+        FSDP2 hands the optimizer reduced gradient shards only; this hooks its unsharded
+        parameters instead. A no-op without cross-sample FSDP2 parameters."""
+        self._engine.attach_fsdp(model)
+
     def close(self) -> None:
         """Remove the gradient hooks of the cross-sample estimator (idempotent). A deleted
         optimizer removes them by itself when it is collected."""

@@ -12,16 +12,34 @@ import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from snr_dist.cross_sample import MicrobatchStats
+from snr_dist.distributors.dtensor import is_dtensor
 
 
-def _remove_all(handles: dict[Tensor, RemovableHandle]) -> None:
-    for h in handles.values():
-        h.remove()
-    handles.clear()
+def _remove_all(*handle_dicts: dict) -> None:
+    for handles in handle_dicts:
+        for h in handles.values():
+            h.remove()
+        handles.clear()
+
+
+def _fsdp_forward_hook(capture: MicrobatchCapture, get_state, wanted: dict[int, Tensor]):
+    ref = weakref.ref(capture)
+
+    def hook(module, args, output) -> None:  # after FSDP2's pre-forward all-gather
+        owner = ref()
+        if owner is None:
+            return
+        for group in get_state()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                sharded = wanted.get(id(fsdp_param.sharded_param))
+                if sharded is not None:
+                    owner._hook_unsharded(fsdp_param, sharded)
+
+    return hook
 
 
 def _hook(target: weakref.WeakMethod, p: Tensor) -> Callable[[Tensor], None]:
@@ -40,21 +58,51 @@ class MicrobatchCapture:
         """``observe``: a bound method (held weakly) called as ``observe(param, grad)``."""
         self._target = weakref.WeakMethod(observe)
         self.handles: dict[Tensor, RemovableHandle] = {}
+        self.fsdp_handles: dict[object, RemovableHandle] = {}  # module and unsharded-param hooks
         self.stats: dict[Tensor, MicrobatchStats] = {}
         self.weight = 1.0
-        self._finalizer = weakref.finalize(observe.__self__, _remove_all, self.handles)
+        self._finalizer = weakref.finalize(
+            observe.__self__, _remove_all, self.handles, self.fsdp_handles
+        )
 
     def attach(self, params: Iterable[Tensor]) -> None:
-        """Hook exactly ``params`` (those with ``requires_grad``); unhook any others."""
-        wanted = {p for p in params if p.requires_grad}
+        """Hook exactly ``params`` (those with ``requires_grad``); unhook any others. FSDP2's
+        sharded (DTensor) parameters only ever see reduced gradients: see `attach_fsdp`."""
+        wanted = {p for p in params if p.requires_grad and not is_dtensor(p)}
         for p in [p for p in self.handles if p not in wanted]:
             self.handles.pop(p).remove()
         for p in wanted:
             if p not in self.handles:
                 self.handles[p] = p.register_hook(_hook(self._target, p))
 
+    def attach_fsdp(self, model: nn.Module, wanted: Iterable[Tensor]) -> int:
+        """Observe ``wanted`` sharded FSDP2 parameters through their *unsharded* counterparts.
+
+        ``fully_shard`` reduce-scatters each gradient inside backward and hands the optimizer
+        only the reduced shard, so a rank's own gradient exists only on FSDP2's unsharded
+        parameter (one `nn.Parameter` per sharded one, created at its first all-gather and
+        reused after). A forward hook on every FSDP module hooks those as they appear; the
+        hook reports each contribution under the sharded parameter. Returns how many FSDP
+        modules were found."""
+        wanted = {id(p): p for p in wanted}
+        found = 0
+        for module in model.modules():
+            get_state = getattr(module, "_get_fsdp_state", None)
+            if get_state is None:
+                continue
+            found += 1
+            handle = module.register_forward_hook(_fsdp_forward_hook(self, get_state, wanted))
+            self.fsdp_handles[handle] = handle
+        return found
+
+    def _hook_unsharded(self, fsdp_param, sharded: Tensor) -> None:
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        if unsharded is not None and unsharded not in self.fsdp_handles:
+            self.fsdp_handles[unsharded] = unsharded.register_hook(_hook(self._target, sharded))
+
     def close(self) -> None:
         _remove_all(self.handles)
+        _remove_all(self.fsdp_handles)
         self.stats.clear()
 
     @contextlib.contextmanager

@@ -27,7 +27,7 @@ from snr_dist import estimators as est
 from snr_dist import subspace
 from snr_dist.cross_sample import MicrobatchStats
 from snr_dist.distributors import make_distributor
-from snr_dist.distributors.dtensor import is_row_sharded, local
+from snr_dist.distributors.dtensor import is_dtensor, is_row_sharded, local
 from snr_dist.estimators.base import Slot, impl
 from snr_dist.layout import Kind
 from snr_dist.optim.capture import MicrobatchCapture
@@ -62,12 +62,17 @@ class SNREngine:
 
     def check_group(self, group: dict) -> None:
         """What a param group must satisfy beyond its options (before it is added)."""
-        if self.distributor.partial_statistics and group["estimator"] == "cross_sample":
+        if (
+            self.distributor.partial_statistics
+            and group["estimator"] == "cross_sample"
+            and group["mode"] == "subspace"
+        ):
             raise ValueError(
-                "estimator='cross_sample' is not supported with FSDP2 (DTensor) parameters: "
-                "fully_shard reduce-scatters gradients inside backward, before snr-dist can "
-                "observe a rank's own gradient. Use estimator='temporal' (it needs no "
-                "communication), or DistributedDataParallel."
+                "estimator='cross_sample' with mode='subspace' is not supported with FSDP2 "
+                "(DTensor) parameters yet; mode='diagonal' is (it observes each rank's gradient "
+                "on FSDP2's unsharded parameters: snr_dist.fsdp.wrap, or "
+                "opt.attach_fsdp(model)). Or use estimator='temporal', or "
+                "DistributedDataParallel."
             )
         if group["mode"] == "subspace":
             for p in group["params"]:
@@ -207,14 +212,38 @@ class SNREngine:
             stats = self.capture.stats.get(p)
             count = 0 if stats is None else stats.count
             if count < need:
+                fsdp = is_dtensor(p) and not self.capture.fsdp_handles
                 raise RuntimeError(
                     "snr-dist: estimator='cross_sample' needs >= 2 gradient contributions per "
                     "step (micro-batches of gradient accumulation or data-parallel ranks); a "
                     f"parameter of shape {tuple(p.shape)} saw {count} since the last step"
                     + (f" on rank {self.distributor.rank}" if world > 1 else "")
-                    + ". Run several backward passes before step(), or use "
-                    "estimator='temporal'."
+                    + (
+                        ". Under FSDP2 call opt.attach_fsdp(model) once before training "
+                        "(snr_dist.fsdp.wrap does it), so that each rank's own gradient is seen."
+                        if fsdp
+                        else ". Run several backward passes before step(), or use "
+                        "estimator='temporal'."
+                    )
                 )
+
+    def attach_fsdp(self, model) -> None:
+        """Observe the cross-sample parameters' per-rank gradients on ``model``'s FSDP2
+        modules (see `MicrobatchCapture.attach_fsdp`)."""
+        wanted = [
+            p
+            for g in self.opt.param_groups
+            if g["estimator"] == "cross_sample"
+            for p in g["params"]
+            if is_dtensor(p)
+        ]
+        if not wanted:
+            return
+        if self.capture.attach_fsdp(model, wanted) == 0:
+            raise ValueError(
+                f"attach_fsdp: {type(model).__name__} has no fully_shard modules; shard it "
+                "first (snr_dist.fsdp.shard or torch.distributed.fsdp.fully_shard)"
+            )
 
     # ------------------------------------------------------------------ cross-sample capture
     @torch.no_grad()
@@ -231,10 +260,13 @@ class SNREngine:
                 self.init_state(p, group, state)
             tracker = state
         stats = self.capture.stats.setdefault(p, MicrobatchStats())
-        prev = None if p.grad is None else local(p.grad)
+        sharded = is_dtensor(p)  # FSDP2: ``grad`` is the unsharded parameter's, p.grad a shard
+        prev = None if p.grad is None or sharded else local(p.grad)
         w = self.capture.weight if weight is None else weight
         kernels = "torch" if tracker is None else impl(group, grad.device)
         stats.observe(local(grad), w, prev, tracker, kernels)
+        if sharded:  # no running sum to measure a rescaling against: c is the world size
+            stats.total_sq = None
 
     # ------------------------------------------------------------------ phase 2: statistics
     def slots(
