@@ -117,14 +117,25 @@ def _direction_energies(tracker: dict, g: Tensor, kernels: str) -> Tensor:
     return p.square().sum(dim=1) if sq is None else sq
 
 
-def subspace_moments(
-    stats: MicrobatchStats, grad: Tensor, c_sq: float, tracker: dict, kernels: str = "torch"
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(raw_dir, var_dir, raw_energy, var_energy)``: per basis direction, and in total."""
-    _check(stats)
+def applied_energies(grad: Tensor, tracker: dict, kernels: str = "torch") -> tuple[Tensor, Tensor]:
+    """The applied gradient's energy along each basis direction and in total (``grad``: this
+    rank's part; sums over rows, so partial where ranks hold rows of the matrix)."""
     g = grad.float()
-    raw_dir = _direction_energies(tracker, g, kernels)
-    raw_e = squared_norm(g)
+    return _direction_energies(tracker, g, kernels), squared_norm(g)
+
+
+def subspace_moments(
+    stats: MicrobatchStats,
+    grad: Tensor,
+    c_sq: float,
+    tracker: dict,
+    kernels: str = "torch",
+    energies: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(raw_dir, var_dir, raw_energy, var_energy)``: per basis direction, and in total.
+    ``energies``: the applied gradient's (`applied_energies`), when summed over ranks first."""
+    _check(stats)
+    raw_dir, raw_e = applied_energies(grad, tracker, kernels) if energies is None else energies
     scale = stats.weight / c_sq
     m1 = stats.count - 1
     var_dir = (stats.dir_sq * scale - raw_dir).div_(m1).clamp_(min=0.0)

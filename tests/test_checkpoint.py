@@ -108,7 +108,11 @@ def test_ddp_two_ranks_to_one_and_two_and_one_to_two(tmp_path, kw):
             torch.testing.assert_close(got, w, rtol=0, atol=1e-6)
 
 
-FSDP2_MODES = [*MODES[:2], dict(estimator="cross_sample", mode="diagonal")]
+FSDP2_MODES = [
+    *MODES[:2],
+    dict(estimator="cross_sample", mode="diagonal"),
+    dict(estimator="cross_sample", mode="subspace", rank=3, refresh_every=4, basis_side="cols"),
+]
 
 
 @pytest.mark.parametrize("kw", FSDP2_MODES, ids=lambda kw: f"{kw['estimator']}-{kw['mode']}")

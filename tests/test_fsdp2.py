@@ -14,6 +14,7 @@ MODES = [
     dict(estimator="temporal", mode="diagonal"),
     dict(estimator="temporal", mode="subspace", rank=3, refresh_every=4, basis_side="cols"),
     dict(estimator="cross_sample", mode="diagonal"),
+    dict(estimator="cross_sample", mode="subspace", rank=3, refresh_every=4, basis_side="cols"),
 ]
 
 
@@ -55,7 +56,7 @@ def test_fsdp2_two_ranks_equal_one_process(kw, per_block):
         assert out["mode"] == "sharded"
         for p, q in zip(out["params"], ref):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
-    if kw["mode"] == "subspace":
+    if kw == MODES[1]:  # temporal subspace
         # one all-reduce of 2r + 2 partial sums per tracked matrix per step, plus the
         # agreement on non-finite gradients (one float per parameter)
         per_step = (2 * 3 + 2) * 2 * 4 + 4 * 4
@@ -97,7 +98,6 @@ def _refusals(rank: int, world: int):
     out = {}
     model, _ = fsdp.wrap(tiny_mlp())
     for name, kw in {
-        "cross": dict(estimator="cross_sample", mode="subspace", basis_side="cols"),
         "rows": dict(mode="subspace", basis_side="rows"),
     }.items():
         try:
@@ -109,7 +109,6 @@ def _refusals(rank: int, world: int):
 
 def test_fsdp2_refuses_what_it_cannot_do_with_a_clear_message():
     for out in run_distributed(_refusals, 2):
-        assert "not supported with FSDP2" in out["cross"]
         assert "Invalid basis_side: 'rows'" in out["rows"]
 
 
@@ -137,9 +136,9 @@ def test_real_fsdp1_is_refused_on_gpu():
             SNRAdamW(model.parameters())
 
 
-def _accumulating_worker(rank: int, world: int, sync_each: bool):
+def _accumulating_worker(rank: int, world: int, sync_each: bool, kw: dict):
     """Each rank accumulates 2 micro-batches of 4 samples per step (4 in all per step)."""
-    model, opt = fsdp.wrap(tiny_mlp(), lr=1e-2, estimator="cross_sample", mode="diagonal")
+    model, opt = fsdp.wrap(tiny_mlp(), lr=1e-2, **kw)
     for step in range(STEPS):
         x, y = _data(step)
         opt.zero_grad()
@@ -152,12 +151,13 @@ def _accumulating_worker(rank: int, world: int, sync_each: bool):
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("kw", MODES[2:], ids=lambda kw: kw["mode"])
 @pytest.mark.parametrize("sync_each", [False, True], ids=["no-sync", "sync-each"])
-def test_fsdp2_cross_sample_with_gradient_accumulation_equals_one_process(sync_each):
+def test_fsdp2_cross_sample_with_gradient_accumulation_equals_one_process(sync_each, kw):
     """Cross-sample statistics under FSDP2 come from the unsharded parameters' gradients, per
     backward pass and per rank: 2 ranks x 2 micro-batches equal one process with 4."""
     model = tiny_mlp()
-    opt = SNRAdamW(model.parameters(), lr=1e-2, estimator="cross_sample", mode="diagonal")
+    opt = SNRAdamW(model.parameters(), lr=1e-2, **kw)
     for step in range(STEPS):
         x, y = _data(step)
         opt.zero_grad()
@@ -166,7 +166,7 @@ def test_fsdp2_cross_sample_with_gradient_accumulation_equals_one_process(sync_e
             (torch.nn.functional.cross_entropy(model(x[part]), y[part]) / 4).backward()
         opt.step()
     ref = [p.detach().clone() for p in model.parameters()]
-    for out in run_distributed(_accumulating_worker, 2, sync_each):
+    for out in run_distributed(_accumulating_worker, 2, sync_each, kw):
         for p, q in zip(out, ref):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
 

@@ -3,7 +3,10 @@
 Each micro-batch gradient's energy along every basis direction and in total (``r + 1``
 numbers per matrix, `snr_dist.cross_sample`) gives per-direction signal and noise; only those
 energies are kept, so their all-reduce across data-parallel ranks is ``r + 3`` floats per matrix
-per step. The sketch behind the basis is updated from the applied gradient.
+per step. Under FSDP2 the micro-batch energies come from each rank's whole gradient (hooks on
+the unsharded parameters) while the applied gradient is a shard of rows, so its energies are
+partial sums and join the all-reduce (``2r + 4`` floats per matrix). The sketch behind the
+basis is updated from the applied gradient.
 """
 
 from __future__ import annotations
@@ -60,16 +63,29 @@ class SubspaceCrossSample(Estimator):
             subspace.observe(s.state, s.grad, 0.0, 0.0, group["sketch_beta"], impl(group, device))
 
     def partial_sums(self, group: dict, slots: list[Slot]) -> list[Tensor]:
-        return [s.micro.to_vector(True) for s in slots]
+        out = []
+        for s in slots:
+            vec = s.micro.to_vector(True)
+            if is_row_sharded(s.param):  # FSDP2: the applied gradient's energies are partial too
+                raw_d, raw_e = cross_sample.applied_energies(
+                    s.grad, s.state, impl(group, s.grad.device)
+                )
+                vec = torch.cat([vec, raw_d, raw_e.reshape(1)])
+            out.append(vec)
+        return out
 
     @torch.no_grad()
     def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
         beta = group["snr_beta"]
         for s, vec in zip(slots, sums):
             st = s.state
+            energies = None
+            if is_row_sharded(s.param):  # [micro-batch sums, applied energies (r + 1)]
+                r = st["basis"].shape[1]
+                vec, energies = vec[: -(r + 1)], (vec[-(r + 1) : -1], vec[-1])
             stats, c_sq = pooled(s, vec, world, subspace=True)
             raw_d, var_d, raw_e, var_e = cross_sample.subspace_moments(
-                stats, s.grad, c_sq, st, impl(group, s.grad.device)
+                stats, s.grad, c_sq, st, impl(group, s.grad.device), energies
             )
             st["raw_dir"].lerp_(raw_d, 1.0 - beta)
             st["noise_dir"].lerp_(var_d, 1.0 - beta)

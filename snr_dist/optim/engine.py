@@ -62,18 +62,6 @@ class SNREngine:
 
     def check_group(self, group: dict) -> None:
         """What a param group must satisfy beyond its options (before it is added)."""
-        if (
-            self.distributor.partial_statistics
-            and group["estimator"] == "cross_sample"
-            and group["mode"] == "subspace"
-        ):
-            raise ValueError(
-                "estimator='cross_sample' with mode='subspace' is not supported with FSDP2 "
-                "(DTensor) parameters yet; mode='diagonal' is (it observes each rank's gradient "
-                "on FSDP2's unsharded parameters: snr_dist.fsdp.wrap, or "
-                "opt.attach_fsdp(model)). Or use estimator='temporal', or "
-                "DistributedDataParallel."
-            )
         if group["mode"] == "subspace":
             for p in group["params"]:
                 if est.estimator_key(p, group)[1] == "subspace":  # fail early on a bad side
