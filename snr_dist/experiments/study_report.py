@@ -235,9 +235,9 @@ def write(
         },
         "derived": head,
     }
-    plot(cfg, selected, out_dir / "curves.png")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(cfg, selected, out_dir / "curves.png")  # the tables are on disk if plotting fails
     if plot_gates(cfg, selected, out_dir / "gates.png"):
         text += "\n![gate traces](gates.png)\n"
         (out_dir / "report.md").write_text(text)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return text
