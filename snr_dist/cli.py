@@ -25,14 +25,19 @@ def _train(args: argparse.Namespace) -> int:
 
     ds_config = None
     if args.deepspeed:
-        from snr_dist.deepspeed import DeepSpeedConfigError, _load, check_support
+        from snr_dist.deepspeed import (
+            DeepSpeedConfigError,
+            _load,
+            check_support,
+            experiment_options,
+        )
 
         try:
             ds_config = _load(args.deepspeed)
             ds_config.setdefault("zero_optimization", {})
             for o in cfg.optimizers:  # fail before any work on an unsupported stage/mode pair
-                if o.snr is not None:
-                    check_support(ds_config, o.snr)
+                if o.type == "snr_adamw":
+                    check_support(ds_config, experiment_options(o.snr, ds_config))
         except DeepSpeedConfigError as e:
             print(f"snr-dist: {args.deepspeed}: {e}", file=sys.stderr)
             return 2
@@ -45,6 +50,10 @@ def _train(args: argparse.Namespace) -> int:
             stage = ds_config["zero_optimization"].get("stage", 0)
             where += f" through DeepSpeed ZeRO-{stage}"
         print(f"snr-dist {__version__}: {cfg.name}{where} -> {out_dir}/", flush=True)
+        block = (ds_config or {}).get("snr_preconditioner")
+        if block:
+            given = ", ".join(f"{k}={v}" for k, v in block.items())
+            print(f"  SNRAdamW options from {args.deepspeed}: {given}", flush=True)
     try:
         results = run_experiment(
             cfg, out_dir, False if args.no_progress else None, world, ds_config

@@ -20,15 +20,16 @@ dataloader, lr_scheduler)``. A ``"scheduler"`` block keeps working.
 
 What each ZeRO stage allows, and why:
 
-- Diagonal temporal mode (the default) is elementwise: it runs on the flat fp32 partitions
-  that ZeRO 1-3 hand the client optimizer, in fp32, bf16 and fp16 configs, and adds no
-  communication.
-- Subspace mode and the cross-sample estimator need whole matrices and each rank's own
-  micro-batch gradients. Under ZeRO 1-3 (and under DeepSpeed's bf16/fp16 optimizer wrappers)
-  the client optimizer only sees flat partitions that cut across tensors, and running matrix
-  maths on them would be wrong, so these combinations are refused at initialize. Stage 0 in
-  fp32 keeps the model's parameters and supports every mode, with snr-dist's own sharded
-  trackers and per-step all-reduce (as under DDP).
+- Diagonal temporal mode is elementwise: it runs on the flat fp32 partitions that ZeRO 1-3
+  hand the client optimizer, in fp32, bf16 and fp16 configs, and adds no communication.
+- Subspace mode and the cross-sample estimator need whole rows of each matrix and each rank's
+  own micro-batch gradients. Stage 0 in fp32 keeps the model's parameters (replicated, as under
+  DDP); bf16 at stage 0 keeps whole fp32 copies of them. Under ZeRO 1-3 the partitions cut
+  across tensors, so `initialize` attaches `snr_dist.optim.zero_view`: each rank steps the rows
+  whose first element its partition holds, rows cut by a partition boundary are completed by a
+  small exchange, and the per-rank gradients come from tensor hooks on the model's parameters
+  (they run before accumulation, so before ZeRO's reduction hooks). fp16 is refused for these
+  (not tested), and so is ``basis_side="rows"`` (bases live on the column side of row shards).
 - ``offload_optimizer`` needs DeepSpeed's own CPU Adam and is refused.
 """
 
@@ -87,6 +88,14 @@ def _snr_block(cfg: dict) -> SNROptions:
         ) from None
 
 
+def experiment_options(snr: SNROptions | None, ds_config: dict) -> SNROptions:
+    """An experiment's SNRAdamW options under ``snr-dist train --deepspeed``: the JSON's
+    ``"snr_preconditioner"`` block, when present, overrides the keys it names."""
+    base = (snr or SNROptions()).model_dump()
+    block = _snr_block({"snr_preconditioner": ds_config.get("snr_preconditioner", {})})
+    return SNROptions.model_validate({**base, **block.model_dump(exclude_unset=True)})
+
+
 def _adam_options(cfg: dict) -> dict[str, Any]:
     block = cfg.pop("optimizer", None)
     if block is None:
@@ -130,19 +139,30 @@ def check_support(cfg: dict, snr: SNROptions) -> int:
             "DeepSpeed's own CPU Adam, not a client optimizer such as SNRAdamW; remove the "
             "offload_optimizer block"
         )
-    low_precision = [k for k in ("bf16", "fp16") if (cfg.get(k) or {}).get("enabled")]
-    needs_shapes = snr.mode == "subspace" or snr.estimator == "cross_sample"
-    if needs_shapes and (stage > 0 or low_precision):
+    fp16 = (cfg.get("fp16") or {}).get("enabled")
+    if needs_rows(snr) and fp16:
         what = f"mode='{snr.mode}'" if snr.mode == "subspace" else f"estimator='{snr.estimator}'"
-        where = f"ZeRO stage {stage}" if stage > 0 else f"{low_precision[0]} (DeepSpeed's "
-        where += "" if stage > 0 else "mixed-precision optimizer wrapper)"
         raise DeepSpeedConfigError(
-            f"snr_preconditioner {what} is not supported with {where}: the optimizer would "
-            "only see flat parameter partitions that cut across tensors, and per-matrix "
-            "statistics on them would be wrong. Supported: ZeRO stage 0 in fp32, or "
-            "mode='diagonal' with estimator='temporal' on any stage and dtype."
+            f"snr_preconditioner {what} with fp16.enabled = true: not supported yet (DeepSpeed's "
+            "fp16 optimizers skip loss-scale overflow steps in ways snr-dist's row shards are "
+            "not tested against). Use bf16 (every ZeRO stage), or mode='diagonal' with "
+            "estimator='temporal', which runs under fp16."
+        )
+    bf16 = (cfg.get("bf16") or {}).get("enabled")
+    if needs_rows(snr) and snr.mode == "subspace" and snr.basis_side == "rows" and (stage or bf16):
+        raise DeepSpeedConfigError(
+            "snr_preconditioner.basis_side = 'rows' under "
+            + (f"ZeRO stage {stage}" if stage else "bf16")
+            + ": snr-dist runs there on row shards of each matrix (whole rows per rank), so a "
+            "tracker's basis must live on the column side; allowed: 'auto' or 'cols'"
         )
     return stage
+
+
+def needs_rows(snr: SNROptions) -> bool:
+    """Estimators whose statistics are sums over whole rows (not elementwise): under ZeRO and
+    DeepSpeed's bf16 optimizer they run on row shards (`snr_dist.optim.zero_view`)."""
+    return snr.mode == "subspace" or snr.estimator == "cross_sample"
 
 
 def build(config, model_parameters) -> tuple[Any, dict[str, Any]]:
@@ -176,4 +196,16 @@ def initialize(model, config, model_parameters=None, **kwargs):
     if not dist.is_initialized():  # as deepspeed.initialize would, before the optimizer exists
         deepspeed.init_distributed()
     opt, cfg = build(config, params)
-    return deepspeed.initialize(model=model, optimizer=opt, config=cfg, **kwargs)
+    # DeepSpeed's unfused bf16/fp16 wrapper (stage 0) "initialises optimizer states" by a step
+    # with zero gradients; SNRAdamW allocates its state at the first real step, and that fake
+    # step would count as one (decaying the weights, advancing the bias corrections).
+    opt._defer_steps = True
+    try:
+        out = deepspeed.initialize(model=model, optimizer=opt, config=cfg, **kwargs)
+    finally:
+        opt._defer_steps = False
+    wrapper = out[1]
+    if wrapper is not opt and needs_rows(_snr_block(_load(config))):
+        # ZeRO 1-3 or the bf16 optimizer: it handed SNRAdamW flat partitions
+        opt.attach_zero(wrapper, getattr(wrapper, "dp_process_group", None))
+    return out

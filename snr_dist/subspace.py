@@ -72,7 +72,7 @@ def basis_on_rows(shape: tuple[int, ...], side: str, sharded_rows: bool = False)
 
 def matrix_view(t: Tensor, rows: bool) -> Tensor:
     """``t`` as a 2-D view with the basis dimension first (no copy for contiguous tensors)."""
-    mat = t.reshape(t.shape[0], -1)
+    mat = t.reshape(t.shape[0], math.prod(t.shape[1:]))
     return mat if rows else mat.mT
 
 

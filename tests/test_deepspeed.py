@@ -85,17 +85,34 @@ def _ds_worker(rank: int, world: int, cfg: dict, gas: int):
     _train(engine, rank, gas, 0, STEPS)
     lrs = [g["lr"] for g in opt.param_groups]
     sched_lrs = sched.get_last_lr() if sched is not None else None
-    return _params(engine), (lrs, sched_lrs)
+    view = getattr(opt, "optimizer", opt).zero_view
+    cut = None if view is None else sum(len(p.cuts) for b in view.buckets for p in b.pieces)
+    return _params(engine), (lrs, sched_lrs, cut)
 
 
+# ZeRO 1-3 run subspace trackers on row shards (basis on the column side, as under FSDP2); the
+# one-process reference is told the same side so that the two runs track the same bases.
+SUB = dict(mode="subspace", rank=3, refresh_every=2, basis_side="cols")
+XSUB = dict(estimator="cross_sample", **SUB)
+XDIAG = dict(estimator="cross_sample", mode="diagonal")
 SUPPORTED = [
     (0, dict(mode="diagonal"), 1),
     (0, dict(mode="subspace", rank=3, refresh_every=2), 1),
     (0, dict(estimator="cross_sample", mode="subspace", rank=3, refresh_every=2), 2),
-    (0, dict(estimator="cross_sample", mode="diagonal"), 1),
+    (0, XDIAG, 1),
     (1, dict(mode="diagonal"), 1),
     (2, dict(mode="diagonal"), 2),
     (3, dict(mode="diagonal"), 1),
+    (1, SUB, 1),
+    (1, XSUB, 1),
+    (1, XDIAG, 2),
+    (2, SUB, 2),
+    (2, XSUB, 2),
+    (2, XDIAG, 1),
+    (3, SUB, 1),
+    (3, XSUB, 2),
+    (3, XDIAG, 1),
+    (2, dict(SUB, noise="second_moment"), 1),
 ]
 
 
@@ -109,9 +126,11 @@ SUPPORTED = [
 def test_deepspeed_equals_the_plain_ddp_path(stage, snr, gas):
     cfg = _config(stage, snr, micro=8 // gas, gas=gas)
     ref = _reference(snr, parts=2 * gas)
-    for params, _ in run_distributed(_ds_worker, 2, cfg, gas):
+    for params, (_, _, cut) in run_distributed(_ds_worker, 2, cfg, gas):
         for p, q in zip(params, ref):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+        if stage > 0 and snr_ds.needs_rows(snr_ds.SNROptions(**snr)):
+            assert cut > 0  # the partitions cut rows: the exchange of cut rows was exercised
 
 
 def test_scheduler_from_the_json_drives_snr_adamw():
@@ -125,16 +144,16 @@ def test_scheduler_from_the_json_drives_snr_adamw():
         },
     }
     cfg = _config(2, dict(mode="diagonal"), scheduler=sched)
-    for _, (lrs, sched_lrs) in run_distributed(_ds_worker, 2, cfg, 1):
+    for _, (lrs, sched_lrs, _) in run_distributed(_ds_worker, 2, cfg, 1):
         # the JSON's warm-up schedule set SNRAdamW's learning rate: part way to the maximum
         assert lrs == pytest.approx(sched_lrs)
         assert 0.0 < lrs[0] < 1e-2
 
 
-def _bf16_worker(rank: int, world: int, stage: int):
+def _bf16_worker(rank: int, world: int, stage: int, snr: dict):
     _ds_env(rank, world)
     model = tiny_mlp()
-    cfg = _config(stage, dict(mode="diagonal"), bf16={"enabled": True})
+    cfg = _config(stage, snr, bf16={"enabled": True})
     engine, opt, _, _ = snr_ds.initialize(model=model, config=cfg)
     losses = []
     x, y = _data(0)
@@ -144,6 +163,8 @@ def _bf16_worker(rank: int, world: int, stage: int):
         engine.step()
         losses.append(float(loss))
     base = getattr(opt, "optimizer", opt)
+    if base.zero_view is not None:  # row shards: the state lives on them
+        base = base.zero_view.inner
     dtypes = {
         v.dtype
         for st in base.state.values()
@@ -153,9 +174,16 @@ def _bf16_worker(rank: int, world: int, stage: int):
     return losses, dtypes
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_bf16_diagonal_runs_with_fp32_statistics(stage):
-    for losses, dtypes in run_distributed(_bf16_worker, 2, stage):
+BF16 = [(s, kw) for s in range(4) for kw in (dict(mode="diagonal"), XDIAG, SUB, XSUB)]
+
+
+@pytest.mark.parametrize(
+    "stage, snr",
+    BF16,
+    ids=[f"zero{s}-{kw.get('estimator', 'temporal')}-{kw['mode']}" for s, kw in BF16],
+)
+def test_bf16_runs_with_fp32_statistics(stage, snr):
+    for losses, dtypes in run_distributed(_bf16_worker, 2, stage, snr):
         assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
         assert dtypes == {torch.float32}
 
@@ -175,8 +203,14 @@ def _ckpt_worker(rank: int, world: int, cfg: dict, path: str, phase: str):
 
 @pytest.mark.parametrize(
     "stage, snr",
-    [(0, dict(mode="subspace", rank=3, refresh_every=2)), (2, dict(mode="diagonal"))],
-    ids=["zero0-subspace", "zero2-diagonal"],
+    [
+        (0, dict(mode="subspace", rank=3, refresh_every=2)),
+        (2, dict(mode="diagonal")),
+        (1, SUB),
+        (3, SUB),
+        (2, XSUB),
+    ],
+    ids=["zero0-subspace", "zero2-diagonal", "zero1-subspace", "zero3-subspace", "zero2-xsubspace"],
 )
 def test_save_load_continue_equals_uninterrupted(tmp_path, stage, snr):
     cfg = _config(stage, snr)
@@ -194,19 +228,15 @@ def test_save_load_continue_equals_uninterrupted(tmp_path, stage, snr):
         ({"snr_preconditioner": {"tau": "high"}}, ["snr_preconditioner.tau", "'high'"]),
         ({"snr_preconditioner": {"rank": 0}}, ["snr_preconditioner.rank", "Invalid rank"]),
         (
-            {"snr_preconditioner": {"mode": "subspace"}, "zero_optimization": {"stage": 2}},
-            ["mode='subspace'", "ZeRO stage 2", "flat parameter partitions"],
-        ),
-        (
             {
-                "snr_preconditioner": {"estimator": "cross_sample"},
-                "zero_optimization": {"stage": 3},
+                "snr_preconditioner": {"mode": "subspace", "basis_side": "rows"},
+                "zero_optimization": {"stage": 2},
             },
-            ["estimator='cross_sample'", "ZeRO stage 3"],
+            ["basis_side = 'rows'", "ZeRO stage 2", "'cols'"],
         ),
         (
-            {"snr_preconditioner": {"mode": "subspace"}, "bf16": {"enabled": True}},
-            ["mode='subspace'", "bf16"],
+            {"snr_preconditioner": {"estimator": "cross_sample"}, "fp16": {"enabled": True}},
+            ["estimator='cross_sample'", "fp16.enabled", "bf16"],
         ),
         (
             {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
@@ -232,3 +262,71 @@ def test_bad_json_fails_at_initialize_naming_the_problem(patch, words):
         snr_ds.build(cfg, tiny_mlp().parameters())
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def _layout_worker(rank: int, world: int):
+    _ds_env(rank, world)
+    engine, opt, _, _ = snr_ds.initialize(model=tiny_mlp(), config=_config(2, SUB))
+    _train(engine, rank, 1, 0, 1)
+    client = opt.optimizer
+    sd = client.state_dict()
+    client.load_state_dict(sd)  # its own state loads back
+    errors = []
+    moved = dict(sd, zero_layout=dict(sd["zero_layout"], rank=1 - rank))
+    bare = {k: v for k, v in sd.items() if k != "zero_layout"}
+    for bad in (moved, bare):
+        try:
+            client.load_state_dict(bad)
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
+def test_row_shard_state_refuses_another_layout():
+    """Row-shard state is per rank: loading another rank's (or a world size's) state, or state
+    saved without row shards, fails naming why instead of mixing rows."""
+    for errors in run_distributed(_layout_worker, 2):
+        assert len(errors) == 2
+        assert "other row shards" in errors[0] and "same number of data-parallel ranks" in errors[0]
+        assert "zero_layout" in errors[1]
+
+
+def _two_groups(model) -> list[dict]:
+    """Weights with decay, biases without: the two groups most training scripts build."""
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    return [{"params": weights}, {"params": biases, "weight_decay": 0.0, "lr": 5e-3}]
+
+
+def _groups_worker(rank: int, world: int, cfg: dict):
+    _ds_env(rank, world)
+    model = tiny_mlp()
+    engine, _, _, _ = snr_ds.initialize(
+        model=model, model_parameters=_two_groups(model), config=cfg
+    )
+    _train(engine, rank, 1, 0, STEPS)
+    return _params(engine)
+
+
+@pytest.mark.parametrize(
+    "stage, zero_extra",
+    [(2, {}), (3, {"sub_group_size": 100})],
+    ids=["zero2", "zero3-small-sub-groups"],
+)
+def test_row_shards_with_two_param_groups(stage, zero_extra):
+    """DeepSpeed steps the client once per param group (stages 1-2) or per sub-group (stage 3,
+    here several per group): each call steps its own row shards with its group's options."""
+    cfg = _config(stage, XSUB)
+    cfg["zero_optimization"].update(zero_extra)
+    model = tiny_mlp()
+    opt = SNRAdamW(_two_groups(model), lr=1e-2, weight_decay=0.01, **XSUB)
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        for i in range(2):
+            part = slice(i * 8, (i + 1) * 8)
+            (torch.nn.functional.cross_entropy(model(x[part]), y[part]) / 2).backward()
+        opt.step()
+    for params in run_distributed(_groups_worker, 2, cfg):
+        for p, q in zip(params, model.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=0, atol=1e-5)

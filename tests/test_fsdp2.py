@@ -64,12 +64,12 @@ def test_fsdp2_two_ranks_equal_one_process(kw, per_block):
         assert ranks[0]["calls"]["all_reduce"] == 2 * STEPS
 
 
-def _bf16_worker(rank: int, world: int):
+def _bf16_worker(rank: int, world: int, kw: dict):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     model = tiny_mlp()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    model, opt = fsdp.wrap(model, mp_policy=policy, lr=1e-2, mode="subspace", rank=3)
+    model, opt = fsdp.wrap(model, mp_policy=policy, lr=1e-2, **kw)
     losses = []
     x, y = _data(0)
     for _ in range(15):
@@ -87,8 +87,9 @@ def _bf16_worker(rank: int, world: int):
     return losses, dtypes, {p.dtype for p in model.parameters()}
 
 
-def test_fsdp2_bf16_mixed_precision_keeps_fp32_statistics():
-    for losses, dtypes, param_dtypes in run_distributed(_bf16_worker, 2):
+@pytest.mark.parametrize("kw", MODES, ids=lambda kw: f"{kw['estimator']}-{kw['mode']}")
+def test_fsdp2_bf16_mixed_precision_keeps_fp32_statistics(kw):
+    for losses, dtypes, param_dtypes in run_distributed(_bf16_worker, 2, kw):
         assert dtypes == {torch.float32} and param_dtypes == {torch.float32}
         assert all(torch.isfinite(torch.tensor(losses)))
         assert losses[-1] < losses[0]

@@ -128,7 +128,7 @@ def test_killed_rank_resumes_from_checkpoint_to_the_same_parameters(one_node_two
     assert epochs == [(o, e) for o in ("AdamW", "SNRAdamW") for e in (1, 2, 3, 4)]
 
 
-def _deepspeed(out_dir: Path, stage: int, *extra: str, **env) -> str:
+def _deepspeed(out_dir: Path, stage: int, *extra: str, config: str | None = None, **env) -> str:
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
     proc = subprocess.run(
         [
@@ -137,7 +137,7 @@ def _deepspeed(out_dir: Path, stage: int, *extra: str, **env) -> str:
             *ARGS,
             *extra,
             "--deepspeed",
-            str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json"),
+            str(ROOT / "configs" / "deepspeed" / (config or f"zero{stage}.json")),
             "--output-dir",
             str(out_dir),
         ],
@@ -191,3 +191,22 @@ def test_deepspeed_killed_rank_resumes_from_its_checkpoint(deepspeed_zero2, tmp_
         folder = resumed / "checkpoints" / run
         assert (folder / "latest").read_text().strip() == "epoch4"
         assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["epoch4"]
+
+
+def test_zero3_subspace_json_trains_and_resumes_from_a_killed_rank(tmp_path):
+    """`snr-dist train --deepspeed configs/deepspeed/zero3_subspace.json` under torchrun: its
+    `snr_preconditioner` block turns the experiment's SNRAdamW into subspace trackers on ZeRO-3
+    row shards; a rank killed at the start of epoch 3 resumes from DeepSpeed's checkpoint
+    (row-shard state in each rank's optimizer file) and ends where an uninterrupted job does."""
+    cfg = "zero3_subspace.json"
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    log = _deepspeed(whole, 3, config=cfg)
+    assert "mode=subspace" in log  # the JSON's block reached the experiment's SNRAdamW
+    log = _deepspeed(
+        killed, 3, config=cfg, MAX_RESTARTS=1, SNR_DIST_FAIL_AT_EPOCH=3, SNR_DIST_FAIL_RANK=1
+    )
+    assert "exitcode  : 17" in log or "exitcode: 17" in log.replace("  ", " ")
+    a, b = _records(killed / "quickstart"), _records(whole / "quickstart")
+    _same_records(a, b, rel=1e-6)
+    snr = [r for r in b if r["optimizer"] == "SNRAdamW"]
+    assert snr[-1]["train_loss"] < snr[0]["train_loss"]

@@ -5,6 +5,8 @@
   every rank, cross-sample sums all-reduced, refreshes solved by owners and broadcast.
 - `sharded`: FSDP2 (DTensor ``Shard(0)``); partial sums over rows, one bucketed all-reduce per
   step, refresh partials reduced to owners.
+- `zero`: DeepSpeed ZeRO 1-3, on the row shards `snr_dist.optim.zero_view` cuts from the
+  flat partitions; the same sums as `sharded`, rank-local checkpoints.
 
 See README.md in this folder for what each one communicates.
 
@@ -23,10 +25,11 @@ from torch import Tensor
 from snr_dist.distributors.assignment import assign_owners, balance_ratio
 from snr_dist.distributors.base import Distributor, RefreshJob
 from snr_dist.distributors.comm import Comm, GroupComm
-from snr_dist.distributors.dtensor import Replicate, Shard, is_dtensor, local
+from snr_dist.distributors.dtensor import Replicate, Shard, is_dtensor, local, row_shard
 from snr_dist.distributors.local import LocalDistributor
 from snr_dist.distributors.replicated import ReplicatedDistributor
 from snr_dist.distributors.sharded import ShardedDistributor
+from snr_dist.distributors.zero import ZeroDistributor
 
 __all__ = [
     "Comm",
@@ -36,6 +39,7 @@ __all__ = [
     "RefreshJob",
     "ReplicatedDistributor",
     "ShardedDistributor",
+    "ZeroDistributor",
     "assign_owners",
     "balance_ratio",
     "local",
@@ -102,6 +106,10 @@ def make_distributor(
         return ShardedDistributor(mesh)
     if process_group is None:
         return LocalDistributor()
+    if any(row_shard(p) is not None for p in params):  # ZeRO row shards (zero_view)
+        if isinstance(process_group, str) or dist.get_world_size(process_group) == 1:
+            return LocalDistributor()
+        return ZeroDistributor(process_group)
     if isinstance(process_group, str):
         if process_group != "auto":
             raise ValueError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from snr_dist.distributors.dtensor import global_shape
 from snr_dist.estimators.base import Estimator, Moments, Slot, gate_active
 from snr_dist.estimators.diagonal_cross_sample import DiagonalCrossSample
 from snr_dist.estimators.diagonal_innovation import DiagonalInnovation
@@ -37,7 +38,7 @@ REGISTRY: dict[tuple[str, str], type[Estimator]] = {
 def estimator_key(p: Tensor, group: dict) -> tuple[str, str]:
     """``(statistics, mode)`` that serves ``p`` in ``group``."""
     stats = group["estimator"] if group["estimator"] == "cross_sample" else group["noise"]
-    return stats, param_mode(tuple(p.shape), group["mode"])
+    return stats, param_mode(global_shape(p), group["mode"])
 
 
 def build(moments: Moments) -> dict[tuple[str, str], Estimator]:

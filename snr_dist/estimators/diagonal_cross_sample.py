@@ -15,7 +15,7 @@ from torch import Tensor
 
 from snr_dist import cross_sample
 from snr_dist.cross_sample import MicrobatchStats
-from snr_dist.distributors.dtensor import is_row_sharded, row_chunk
+from snr_dist.distributors.dtensor import global_shape, is_row_sharded, row_chunk
 from snr_dist.estimators.base import Estimator, Slot
 from snr_dist.layout import Kind
 
@@ -42,8 +42,8 @@ class DiagonalCrossSample(Estimator):
     def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
         w = 1.0 - group["snr_beta"]
         for s, vec in zip(slots, sums):
-            if is_row_sharded(s.param):  # FSDP2: sums over whole parameters, keep our rows
-                rows = row_chunk(vec[2:].reshape(s.param.shape), s.param)
+            if is_row_sharded(s.param):  # FSDP2, ZeRO: sums over whole parameters, keep our rows
+                rows = row_chunk(vec[2:].reshape(global_shape(s.param)), s.param)
                 vec = torch.cat([vec[:2], rows.reshape(-1)])
             stats, c_sq = pooled(s, vec, world, subspace=False)
             raw, var = cross_sample.diagonal_moments(stats, s.grad, c_sq)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from snr_dist import cross_sample, subspace
 from snr_dist.distributors.base import RefreshJob
-from snr_dist.distributors.dtensor import is_row_sharded
+from snr_dist.distributors.dtensor import global_shape, is_row_sharded
 from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
 from snr_dist.estimators.diagonal_cross_sample import pooled
 from snr_dist.estimators.tracker import TRACKER_KINDS, refresh_job, tracker_cost, tracker_made
@@ -36,7 +36,7 @@ class SubspaceCrossSample(Estimator):
     def init_state(self, p, local_p, state, group, key) -> None:
         subspace.init_tracker(
             state,
-            tuple(p.shape),
+            global_shape(p),
             tuple(local_p.shape),
             group,
             local_p.device,
@@ -51,7 +51,7 @@ class SubspaceCrossSample(Estimator):
         return {k: v for k, v in kinds.items() if k in state}
 
     def made(self, p: Tensor, state: dict, group: dict) -> bool:
-        return tracker_made(state, tuple(p.shape), group, "raw_dir")
+        return tracker_made(state, global_shape(p), group, "raw_dir")
 
     def cost(self, p: Tensor, group: dict) -> float:
         return tracker_cost(p, group)

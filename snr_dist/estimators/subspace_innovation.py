@@ -20,7 +20,7 @@ from torch import Tensor
 
 from snr_dist import subspace
 from snr_dist.distributors.base import RefreshJob
-from snr_dist.distributors.dtensor import is_row_sharded
+from snr_dist.distributors.dtensor import global_shape, is_row_sharded
 from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
 from snr_dist.estimators.tracker import TRACKER_KINDS, refresh_job, tracker_cost, tracker_made
 from snr_dist.layout import Kind
@@ -38,7 +38,7 @@ class SubspaceInnovation(Estimator):
     def init_state(self, p, local_p, state, group, key) -> None:
         subspace.init_tracker(
             state,
-            tuple(p.shape),
+            global_shape(p),
             tuple(local_p.shape),
             group,
             local_p.device,
@@ -61,7 +61,7 @@ class SubspaceInnovation(Estimator):
         return {k: v for k, v in kinds.items() if k in state}
 
     def made(self, p: Tensor, state: dict, group: dict) -> bool:
-        return tracker_made(state, tuple(p.shape), group, "proj_avg") and "proj_cov" not in state
+        return tracker_made(state, global_shape(p), group, "proj_avg") and "proj_cov" not in state
 
     def cost(self, p: Tensor, group: dict) -> float:
         return tracker_cost(p, group)

@@ -3,12 +3,14 @@ and its refresh as a `RefreshJob` the distributor sequences across ranks."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from snr_dist import subspace
 from snr_dist.distributors.base import RefreshJob
-from snr_dist.distributors.dtensor import is_row_sharded
+from snr_dist.distributors.dtensor import global_shape, is_row_sharded
 from snr_dist.estimators.base import Slot
 from snr_dist.layout import Kind
 
@@ -22,12 +24,13 @@ TRACKER_KINDS = {
 
 
 def basis_rows(p: Tensor, group: dict) -> bool:
-    return subspace.basis_on_rows(tuple(p.shape), group["basis_side"], is_row_sharded(p))
+    return subspace.basis_on_rows(global_shape(p), group["basis_side"], is_row_sharded(p))
 
 
 def tracker_cost(p: Tensor, group: dict) -> float:
     rows = basis_rows(p, group)
-    return float(p.numel() * subspace.effective_rank(tuple(p.shape), rows, group["rank"]))
+    shape = global_shape(p)  # the same on every rank, whatever rows it holds
+    return float(math.prod(shape) * subspace.effective_rank(shape, rows, group["rank"]))
 
 
 def tracker_made(state: dict, p_shape: tuple, group: dict, marker: str) -> bool:

@@ -36,7 +36,6 @@ from snr_dist import checkpoint as ckpt
 from snr_dist.experiments.config import ExperimentConfig, OptimizerConfig
 from snr_dist.experiments.data import NoisyDataset, load_digits_noisy
 from snr_dist.experiments.models import mlp
-from snr_dist.options import SNROptions
 
 
 def build_optimizer(ocfg: OptimizerConfig, params, process_group="auto") -> torch.optim.Optimizer:
@@ -160,7 +159,7 @@ def build_trainable(
     adam = {"lr": ocfg.lr, "betas": list(ocfg.betas), "weight_decay": ocfg.weight_decay}
     if ocfg.type == "snr_adamw":
         cfg["optimizer"] = {"type": "AdamW", "params": adam}
-        snr = ocfg.snr or SNROptions()
+        snr = snr_ds.experiment_options(ocfg.snr, ds_config)
         cfg["snr_preconditioner"] = snr.model_dump(exclude={"snr_beta2"})
         engine, opt, _, _ = snr_ds.initialize(model=net, config=cfg)
         opt = getattr(opt, "optimizer", opt) if not isinstance(opt, SNRAdamW) else opt

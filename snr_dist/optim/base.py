@@ -51,7 +51,32 @@ class SNROptimizerMixin:
     def distributor(self) -> Distributor:
         """The parallelism this optimizer runs in: ``.name``, ``.rank``, ``.world``,
         ``.owner(p)`` (the rank that refreshes ``p``'s tracker), ``.comm`` byte counters."""
-        return self._engine.distributor
+        zero = getattr(self, "_zero", None)
+        return (zero.inner if zero is not None else self)._engine.distributor
+
+    def attach_zero(self, zero_optimizer, group=None) -> None:
+        """Run on DeepSpeed ZeRO's partitions through row shards (`snr_dist.optim.zero_view`):
+        `snr_dist.deepspeed.initialize` calls it, on every rank, for subspace mode and the
+        cross-sample estimator under ZeRO 1-3 and DeepSpeed's bf16 optimizer."""
+        from snr_dist.optim.zero_view import ZeroView, per_tensor_copies
+
+        pairs = per_tensor_copies(zero_optimizer)
+        if pairs is not None:  # whole fp32 copies of each tensor (bf16 at stage 0)
+            self._engine.sync_groups()
+            cross = {
+                id(p)
+                for g in self.param_groups
+                if g["estimator"] == "cross_sample"
+                for p in g["params"]
+            }
+            self._engine.capture.attach_proxies([(lp, hp) for lp, hp in pairs if id(hp) in cross])
+            return
+        self._zero = ZeroView(self, zero_optimizer, group)
+
+    @property
+    def zero_view(self):
+        """The `ZeroView` this optimizer steps through under DeepSpeed ZeRO, else None."""
+        return getattr(self, "_zero", None)
 
     def estimator_of(self, p: Tensor, group: dict | None = None) -> Estimator:
         """The estimator serving ``p`` (its ``moments``, ``gates``, ``info`` and
@@ -61,7 +86,12 @@ class SNROptimizerMixin:
 
     @property
     def nonfinite_skips(self) -> dict[Tensor, int]:
-        """Steps skipped per parameter because its gradient held NaN or Inf."""
+        """Steps skipped per parameter because its gradient held NaN or Inf (under DeepSpeed
+        ZeRO with row shards: per model parameter)."""
+        zero = getattr(self, "_zero", None)
+        if zero is not None:
+            lp = {p.shard: p.lp for bk in zero.buckets for p in bk.pieces}
+            return {lp[s]: n for s, n in zero.inner._engine.nonfinite.skips.items()}
         return dict(self._engine.nonfinite.skips)
 
     def microbatch(self, weight: float = 1.0) -> contextlib.AbstractContextManager[None]:
@@ -78,6 +108,9 @@ class SNROptimizerMixin:
         """Gate and SNR statistics per group and per parameter; see `snr_dist.metrics`."""
         from snr_dist.metrics import collect_metrics
 
+        zero = getattr(self, "_zero", None)
+        if zero is not None:  # DeepSpeed ZeRO: the statistics live on this rank's row shards
+            return collect_metrics(zero.inner, zero.shard_names(names))
         return collect_metrics(self, names)
 
     def sync_param_groups(self) -> None:

@@ -95,6 +95,16 @@ class MicrobatchCapture:
             self.fsdp_handles[handle] = handle
         return found
 
+    def attach_proxies(self, pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
+        """Hook each model parameter of ``(model_param, key)`` and report its gradients under
+        ``key``: DeepSpeed ZeRO hands the optimizer flat partitions, and snr-dist keeps its
+        state on row shards of its own (`snr_dist.optim.zero_view`), so a rank's own gradient
+        exists only on the model's parameter, before ZeRO reduces it."""
+        for model_param, key in pairs:
+            if model_param.requires_grad and model_param not in self.fsdp_handles:
+                handle = model_param.register_hook(_hook(self._target, key))
+                self.fsdp_handles[model_param] = handle
+
     def _hook_unsharded(self, fsdp_param, sharded: Tensor) -> None:
         unsharded = getattr(fsdp_param, "_unsharded_param", None)
         if unsharded is not None and unsharded not in self.fsdp_handles:

@@ -27,7 +27,13 @@ from snr_dist import estimators as est
 from snr_dist import subspace
 from snr_dist.cross_sample import MicrobatchStats
 from snr_dist.distributors import make_distributor
-from snr_dist.distributors.dtensor import is_dtensor, is_row_sharded, local
+from snr_dist.distributors.dtensor import (
+    global_shape,
+    is_dtensor,
+    is_row_sharded,
+    local,
+    row_shard,
+)
 from snr_dist.estimators.base import Slot, impl
 from snr_dist.layout import Kind
 from snr_dist.optim.capture import MicrobatchCapture
@@ -65,7 +71,7 @@ class SNREngine:
         if group["mode"] == "subspace":
             for p in group["params"]:
                 if est.estimator_key(p, group)[1] == "subspace":  # fail early on a bad side
-                    subspace.basis_on_rows(tuple(p.shape), group["basis_side"], is_row_sharded(p))
+                    subspace.basis_on_rows(global_shape(p), group["basis_side"], is_row_sharded(p))
 
     def index(self) -> None:
         """Which group each parameter is in (torch's load_state_dict replaces the groups)."""
@@ -152,7 +158,7 @@ class SNREngine:
                 (
                     i,
                     {k: repr(g[k]) for k in sorted(g) if k in _AGREE},
-                    [tuple(p.shape) for p in g["params"]],
+                    [global_shape(p) for p in g["params"]],
                 )
                 for i, g in enumerate(self.opt.param_groups)
             ]
@@ -248,7 +254,8 @@ class SNREngine:
                 self.init_state(p, group, state)
             tracker = state
         stats = self.capture.stats.setdefault(p, MicrobatchStats())
-        sharded = is_dtensor(p)  # FSDP2: ``grad`` is the unsharded parameter's, p.grad a shard
+        # FSDP2 / ZeRO: ``grad`` is the whole parameter's, ``p`` holds some of its rows
+        sharded = is_dtensor(p) or row_shard(p) is not None
         prev = None if p.grad is None or sharded else local(p.grad)
         w = self.capture.weight if weight is None else weight
         kernels = "torch" if tracker is None else impl(group, grad.device)

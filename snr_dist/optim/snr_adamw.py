@@ -191,6 +191,11 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         FSDP2); complete on every rank. Where that needs a collective (FSDP2 with subspace
         trackers, whose statistics are partial sums), it raises on every rank."""
         dist = self._engine.distributor
+        zero = getattr(self, "_zero", None)
+        if zero is not None:  # DeepSpeed ZeRO: this rank's row shards (saved per rank)
+            sd = zero.inner.state_dict()
+            sd["zero_layout"] = zero.layout()
+            return sd
         if any(dist.state_needs_collective(self.state_kinds(p)) for p in self.state):
             raise RuntimeError(
                 "SNRAdamW.state_dict(): under FSDP2 the subspace trackers hold partial sums "
@@ -209,6 +214,10 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters,
         keeps this optimizer's ``kernels`` choice, and accepts state written by another world
         size or parallelism."""
+        zero = getattr(self, "_zero", None)
+        if zero is not None:
+            zero.load_state_dict(state_dict)
+            return
         saved = state_dict["state"]
         # Which kernels run is this process's choice (a GPU checkpoint may resume on a CPU).
         impls = [g.get("kernels", "auto") for g in self.param_groups]
@@ -239,6 +248,12 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self, "_defer_steps", False):  # inside deepspeed.initialize: no real step
+            return loss
+        zero = getattr(self, "_zero", None)
+        if zero is not None:  # DeepSpeed ZeRO: step the row shards of its partitions
+            zero.step()
+            return loss
         engine = self._engine
         engine.begin_step()
         collected = [
