@@ -31,11 +31,13 @@ def _sample_index(numel: int, device) -> Tensor | None:
 
 
 @torch.no_grad()
-def param_metrics(opt, p: Tensor, group: dict) -> dict[str, Any] | None:
+def param_metrics(opt, p: Tensor, group: dict, gates: bool = False) -> dict[str, Any] | None:
     """Metrics of one parameter, or None before its first step.
 
-    Diagonal parameters: recomputed from this rank's state (its shard under FSDP2). Subspace
-    parameters: the gates and statistics of the last step.
+    Diagonal parameters: recomputed from this rank's state (its shard under FSDP2; a strided
+    sample above `SAMPLE` coordinates). Subspace parameters: the gates and statistics of the
+    last step. ``gates=True`` adds the gate values themselves (``"gates"``, fp32 on the CPU),
+    for histograms.
     """
     state = opt.state.get(p, {})
     if "step" not in state:
@@ -60,6 +62,8 @@ def param_metrics(opt, p: Tensor, group: dict) -> dict[str, Any] | None:
         raw, var, k = estimator.moments(p, state, group, t, index)
         g = estimator.gates(p, state, group, t, index)
         s = rule.snr(raw, var, k).float()
+    if gates:
+        out["gates"] = g.detach().float().reshape(-1).cpu()
     out["gate_mean"] = float(g.mean())
     out["frac_gate_below_0.1"] = float((g < 0.1).float().mean())
     if s is not None and s.numel():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 from collections import defaultdict
@@ -89,6 +90,41 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_layer_gates(results: list[RunResult], path: Path) -> str:
+    """Mean gate per layer group over training, one panel per SNR optimizer (seed mean), and
+    a markdown table of the last evaluation's values; "" (and no file) without SNR runs."""
+    by_opt: dict[str, list[RunResult]] = defaultdict(list)
+    for r in results:
+        if r.history and r.history[-1].get("layer_gate_mean"):
+            by_opt[r.optimizer].append(r)
+    if not by_opt:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(by_opt), figsize=(5.5 * len(by_opt), 4), squeeze=False)
+    rows = []
+    for ax, (name, runs) in zip(axes[0], by_opt.items()):
+        epochs = [h["epoch"] for h in runs[0].history]
+        layers = list(runs[0].history[-1]["layer_gate_mean"])
+        for layer in layers:
+            series = [[h["layer_gate_mean"].get(layer, math.nan) for h in r.history] for r in runs]
+            ax.plot(epochs, [statistics.fmean(v) for v in zip(*series)], label=layer)
+        ax.set(title=f"{name}: mean gate per layer", xlabel="epoch", ylabel="gate", ylim=(0, 1.05))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        last = [statistics.fmean(r.history[-1]["layer_gate_mean"][k] for r in runs) for k in layers]
+        cells = ", ".join(f"{layer}: {v:.3f}" for layer, v in zip(layers, last))
+        rows.append(f"| {name} | {cells} |")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    head = "| optimizer | mean gate per layer group at the last evaluation |\n|---|---|\n"
+    return head + "\n".join(rows)
+
+
 def write_report(
     cfg: ExperimentConfig, results: list[RunResult], out_dir: Path, command: str, world=None
 ) -> str:
@@ -96,6 +132,12 @@ def write_report(
     agg = aggregate(results)
     table = markdown_table(agg, len(cfg.train.seeds))
     plot_curves(results, out_dir / "curves.png")
+    gates = plot_layer_gates(results, out_dir / "gates.png")
+    if gates:
+        gates = (
+            "\nPer layer (a layer group is a module: `0` is the first Linear of the MLP, `2` the "
+            "next, ...):\n\n" + gates + "\n\n![gates per layer](gates.png)\n"
+        )
     total = sum(r.wall_s for r in results)
     seeds = ", ".join(map(str, cfg.train.seeds))
     optimizers = "\n".join(
@@ -118,7 +160,7 @@ predicted with their flipped label.
 {table}
 
 ![curves](curves.png)
-
+{gates}
 Optimizers:
 {optimizers}
 

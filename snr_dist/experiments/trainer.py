@@ -36,6 +36,9 @@ from snr_dist import checkpoint as ckpt
 from snr_dist.experiments.config import ExperimentConfig, OptimizerConfig
 from snr_dist.experiments.data import NoisyDataset, load_digits_noisy
 from snr_dist.experiments.models import mlp
+from snr_dist.integrations import telemetry
+from snr_dist.integrations.tensorboard import TensorBoardSink
+from snr_dist.integrations.tensorboard import require as require_tensorboard
 
 
 def build_optimizer(ocfg: OptimizerConfig, params, process_group="auto") -> torch.optim.Optimizer:
@@ -249,8 +252,10 @@ def train_run(
     ckpt_dir: Path | None = None,
     first_run: bool = False,
     ds_config: dict | None = None,
+    tb_dir: Path | None = None,
 ) -> RunResult:
-    """One optimizer, one seed. ``sink(record)`` receives every evaluation record."""
+    """One optimizer, one seed. ``sink(record)`` receives every evaluation record; with
+    ``tb_dir`` rank 0 also writes TensorBoard event files there."""
     world = world or World()
     tc = cfg.train
     net = mlp(data.num_features, cfg.model.hidden, data.num_classes, cfg.model.activation, seed)
@@ -259,6 +264,8 @@ def train_run(
     model, opt = run.module, run.opt
     snr_opt = _client_optimizer(opt)
     snr_opt = snr_opt if isinstance(snr_opt, SNRAdamW) else None
+    layers = telemetry.layer_groups(net) if snr_opt is not None else {}
+    tb = TensorBoardSink(tb_dir) if tb_dir is not None and world.main else None
     order = torch.Generator().manual_seed(10_000 + seed)  # same batches for every optimizer
     n = len(data.x_train)
     result = RunResult(ocfg.name, seed)
@@ -321,10 +328,19 @@ def train_run(
                 **evaluate(run, data),
                 "wall_s": result.wall_s,
             }
+            scalars, hists = {}, {}
             if snr_opt is not None:
                 g = snr_opt.metrics()["groups"][0]
                 rec["gate_mean"] = g["gate_mean"]
                 rec["frac_gate_below_0.1"] = g["frac_gate_below_0.1"]
+                scalars, hists = telemetry.collect(snr_opt, layers, gates=tb is not None)
+                rec["layer_gate_mean"] = {
+                    k.rsplit("/", 1)[0]: v
+                    for k, v in scalars.items()
+                    if k.endswith("/gate_mean") and not k.startswith("all/")
+                }
+            if tb is not None:
+                tb.write(rec, steps, scalars, hists)
             result.history.append(rec)
             bar.set_postfix(test=f"{rec['test_acc']:.3f}", mem=f"{rec['memorised']:.3f}")
             if sink is not None:
@@ -343,6 +359,8 @@ def train_run(
             }
             _save(run, ckpt_dir, steps, extra, world)
     bar.close()
+    if tb is not None:
+        tb.close()
     return result
 
 
@@ -393,9 +411,18 @@ def run_experiment(
     progress: bool | None = None,
     world: World | None = None,
     ds_config: dict | None = None,
+    report_to: str = "none",
 ) -> list[RunResult]:
     """Every optimizer x seed; rank 0 writes ``metrics.jsonl`` under ``out_dir`` when given.
-    ``ds_config``: a DeepSpeed JSON config (the optimizers still come from ``cfg``)."""
+    ``ds_config``: a DeepSpeed JSON config (the optimizers come from ``cfg``; its
+    ``snr_preconditioner`` block overrides the keys it names). ``report_to="tensorboard"``:
+    event files under ``out_dir/tensorboard/<optimizer>-seed<seed>/``."""
+    if report_to not in ("none", "tensorboard"):
+        raise ValueError(f"Invalid report_to: {report_to!r}; allowed: 'none', 'tensorboard'")
+    if report_to == "tensorboard":
+        if out_dir is None:
+            raise ValueError("report_to='tensorboard' needs an out_dir for the event files")
+        require_tensorboard()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     world = world or World()
@@ -419,9 +446,22 @@ def run_experiment(
                 ckpt_dir = None
                 if out_dir is not None and cfg.train.checkpoint_every:
                     ckpt_dir = Path(out_dir) / "checkpoints" / f"{ocfg.name}-seed{seed}"
+                tb_dir = None
+                if report_to == "tensorboard":
+                    tb_dir = Path(out_dir) / "tensorboard" / f"{ocfg.name}-seed{seed}"
                 results.append(
                     train_run(
-                        cfg, ocfg, seed, data, sink, progress, world, ckpt_dir, first, ds_config
+                        cfg,
+                        ocfg,
+                        seed,
+                        data,
+                        sink,
+                        progress,
+                        world,
+                        ckpt_dir,
+                        first,
+                        ds_config,
+                        tb_dir,
                     )
                 )
                 first = False
