@@ -13,6 +13,7 @@ A bad value raises ``ValueError`` naming the key, the value and what is allowed,
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -146,9 +147,15 @@ class SNROptions(BaseModel):
         raw = {**(values or {}), **more}
         unknown = sorted(set(raw) - set(cls.model_fields))
         if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, list(cls.model_fields), 1)
+                if close:
+                    hints.append(f"{k!r} -> {close[0]!r}")
             raise ValueError(
                 f"Unknown SNR option(s): {', '.join(unknown)}; "
                 f"allowed: {', '.join(cls.model_fields)}"
+                + (f" (did you mean {', '.join(hints)}?)" if hints else "")
             )
         try:
             return cls(**raw)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
 from conftest import batches, max_diff, run, tiny_mlp
 
 from snr_dist import SNRAdamW, SNRPreconditioner
+from snr_dist import snr as rule
 
 
 @pytest.mark.parametrize(
@@ -114,7 +116,7 @@ def test_per_group_options_from_base_groups_and_scheduler():
 def test_bad_input():
     model = tiny_mlp()
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
-        SNRPreconditioner(model.parameters())
+        SNRPreconditioner("adam")  # parameters are accepted: the article's form, below
     with pytest.raises(TypeError, match="LBFGS"):
         SNRPreconditioner(torch.optim.LBFGS(model.parameters()))
     with pytest.raises(ValueError, match="Invalid snr_beta2"):
@@ -149,3 +151,87 @@ def test_copy_and_pickle_roundtrip():
     opt = SNRAdamW(model.parameters(), estimator="cross_sample")
     clone = copy.deepcopy(opt)
     assert isinstance(clone, SNRAdamW) and clone.param_groups[0]["estimator"] == "cross_sample"
+
+
+# ---------------------------------------------------------------- the article's constructor
+def _article_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def _steps(model, opt, n=6):
+    g = torch.Generator().manual_seed(3)
+    for _ in range(n):
+        x = torch.randn(32, 8, generator=g)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_article_constructor_builds_adam_with_the_clamp_gate_and_subspace_rank():
+    """The call printed in the article (it raised TypeError before 0.3) equals the explicit
+    SNRPreconditioner(Adam(...), gate="clamp", tau=threshold, mode="subspace", rank=rank)."""
+    a = _article_model()
+    article = SNRPreconditioner(a.parameters(), lr=1e-3, snr_threshold=0.5, rank=128)
+    group = article.param_groups[0]
+    assert isinstance(article.base, torch.optim.Adam)
+    assert (group["gate"], group["tau"], group["mode"], group["rank"], group["lr"]) == (
+        "clamp",
+        0.5,
+        "subspace",
+        128,
+        1e-3,
+    )
+    b = _article_model()
+    explicit = SNRPreconditioner(
+        torch.optim.Adam(b.parameters(), lr=1e-3), gate="clamp", tau=0.5, mode="subspace", rank=128
+    )
+    for p, q in zip(_steps(a, article), _steps(b, explicit)):
+        assert torch.equal(p, q)
+    # the article's rule on the last step: gates are min(1, SNR / threshold), some below 1
+    w = a[0].weight
+    info = article.estimator_of(w).info(w, article.state[w], group)
+    snr = rule.snr(info["raw"], info["var"], info["k"])  # bias-corrected mean^2 / variance
+    expected = torch.clamp(snr / 0.5, max=1.0)
+    assert 0 < int((expected < 1).sum()) < expected.numel()
+    torch.testing.assert_close(info["gates"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_article_constructor_defaults_copies_and_state_dict():
+    m = _article_model()
+    opt = SNRPreconditioner(m.parameters())  # the article's defaults: lr 1e-3, 0.5, rank 128
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["tau"]) == (1e-3, 0.5)
+    _steps(m, opt, 2)
+    clone = copy.deepcopy(opt)
+    assert isinstance(clone.base, torch.optim.Adam)
+    restored = SNRPreconditioner(m.parameters(), weight_decay=0.0, betas=(0.9, 0.999))
+    restored.load_state_dict(pickle.loads(pickle.dumps(opt.state_dict())))
+    assert restored.state_dict()["base"]["state"].keys() == opt.state_dict()["base"]["state"].keys()
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda m: SNRPreconditioner(m), ["got a module", "model.parameters()"]),
+        (lambda m: SNRPreconditioner(5), ["torch.optim.Optimizer to wrap", "got int"]),
+        (
+            lambda m: SNRPreconditioner(torch.optim.SGD(m.parameters(), lr=0.1), lr=0.1),
+            ["learning rate belongs to the base optimizer", "SGD(params, lr=...)"],
+        ),
+        (
+            lambda m: SNRPreconditioner(m.parameters(), snr_threshold=0.5, tau=1.0),
+            ["gate='clamp', tau=0.5", "cannot be combined with tau"],
+        ),
+        (
+            lambda m: SNRPreconditioner(m.parameters(), threshold=0.5),
+            ["did you mean snr_threshold"],
+        ),
+        (lambda m: SNRPreconditioner(m.parameters(), rnak=8), ["'rnak' -> 'rank'"]),
+    ],
+)
+def test_wrong_article_calls_name_what_is_accepted(call, words):
+    with pytest.raises((TypeError, ValueError)) as e:
+        call(_article_model())
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))

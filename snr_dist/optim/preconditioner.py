@@ -11,8 +11,9 @@ ungated decoupled decay, use SNRAdamW, or set the base's ``weight_decay=0`` and 
 
 from __future__ import annotations
 
+import difflib
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -24,6 +25,27 @@ from snr_dist.layout import Kind
 from snr_dist.optim.base import SNROptimizerMixin
 from snr_dist.options import SNROptions
 
+_ADAM_KEYS = ("betas", "eps", "weight_decay", "amsgrad")
+
+
+def _article_base(params: Any, lr: float | None, options: dict[str, Any]) -> torch.optim.Adam:
+    """The base optimizer of the article's constructor form: Adam over ``params``."""
+    if isinstance(params, torch.nn.Module):
+        raise TypeError(
+            f"SNRPreconditioner got a module ({type(params).__name__}); pass its parameters: "
+            "SNRPreconditioner(model.parameters(), lr=1e-3, snr_threshold=0.5, rank=128), or "
+            "wrap an optimizer: SNRPreconditioner(torch.optim.SGD(model.parameters(), lr=0.1))"
+        )
+    if isinstance(params, Tensor) or not isinstance(params, Iterable) or isinstance(params, str):
+        raise TypeError(
+            "SNRPreconditioner takes a torch.optim.Optimizer to wrap, or the parameters (an "
+            "iterable of tensors or of param-group dicts) to build Adam over; got "
+            f"{type(params).__name__}. E.g. SNRPreconditioner(model.parameters(), lr=1e-3, "
+            "snr_threshold=0.5, rank=128)"
+        )
+    adam = {k: options.pop(k) for k in _ADAM_KEYS if k in options}
+    return torch.optim.Adam(params, lr=1e-3 if lr is None else lr, **adam)
+
 
 class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
     """Gate the updates of ``base_optimizer`` by their signal-to-noise ratio.
@@ -34,22 +56,56 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
     ``SGD([{"params": w, "mode": "subspace"}])``) win. ``param_groups`` is the base optimizer's
     list, so LR schedulers act on the base directly. The state_dict holds the base's state_dict
     and the SNR statistics. ``process_group``: see `snr_dist.optim.snr_adamw.SNRAdamW`.
+
+    The article's form, ``SNRPreconditioner(model.parameters(), lr=1e-3, snr_threshold=0.5,
+    rank=128)``, builds the equivalent optimizer: `torch.optim.Adam` over the parameters (``lr``,
+    and ``betas``, ``eps``, ``weight_decay`` if given) as the base, its rule
+    ``min(1, SNR / snr_threshold)`` as the ``clamp`` gate with ``tau = snr_threshold``, and
+    ``rank`` as the rank of subspace mode (the article's low-rank eigenspace; ``mode`` defaults
+    to "subspace" there). ``snr_threshold`` is accepted with a base optimizer too.
     """
 
     def __init__(
         self,
-        base_optimizer: torch.optim.Optimizer,
+        base_optimizer: torch.optim.Optimizer | Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | None = None,
         *,
+        snr_threshold: float | None = None,
         snr: SNROptions | Mapping[str, Any] | None = None,
         foreach: bool = True,
         skip_nonfinite: bool = True,
         process_group="auto",
         **snr_options: Any,
     ) -> None:
+        for k in snr_options:
+            if k not in SNROptions.model_fields and difflib.get_close_matches(
+                k, ["snr_threshold"], 1
+            ):
+                raise TypeError(
+                    f"SNRPreconditioner got an unknown keyword {k!r}; did you mean "
+                    "snr_threshold (the article's min(1, SNR / snr_threshold) rule)?"
+                )
         if not isinstance(base_optimizer, torch.optim.Optimizer):
+            base_optimizer = _article_base(base_optimizer, lr, snr_options)
+            snr_options.setdefault("mode", "subspace")
+            snr_options.setdefault("rank", 128)
+            if snr_threshold is None:
+                snr_threshold = 0.5
+        elif lr is not None:
             raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer)!r}"
+                f"SNRPreconditioner(optimizer, lr={lr!r}): the learning rate belongs to the base "
+                f"optimizer ({type(base_optimizer).__name__}(params, lr=...)); or pass the "
+                "parameters instead, SNRPreconditioner(model.parameters(), lr=...), to get Adam "
+                "as the base"
             )
+        if snr_threshold is not None:
+            clash = sorted({"gate", "tau"} & (set(snr_options) | set(snr or {})))
+            if clash:
+                raise ValueError(
+                    f"snr_threshold={snr_threshold!r} means gate='clamp', tau={snr_threshold!r}; "
+                    f"it cannot be combined with {', '.join(clash)}: pass one or the other"
+                )
+            snr_options.update(gate="clamp", tau=snr_threshold)
         if isinstance(base_optimizer, torch.optim.LBFGS):
             raise TypeError(
                 "SNRPreconditioner cannot wrap LBFGS: it re-evaluates the closure inside its "
