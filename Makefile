@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PY) -c "import torch, sys; sys.exit('a CUDA build of torch was installed; use the CPU wheel' if torch.version.cuda else 0)"
-	$(PIP) install -q -e ".[examples,dev,deepspeed,megatron,triton]"
+	$(PIP) install -q -e ".[examples,dev,deepspeed,megatron,triton,hf,lightning,tensorboard]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -3,5 +3,5 @@
 from snr_dist.optim import SNRAdamW, SNRPreconditioner
 from snr_dist.snr import finite_dataset_a
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["SNRAdamW", "SNRPreconditioner", "finite_dataset_a", "__version__"]

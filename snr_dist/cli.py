@@ -11,11 +11,23 @@ from pathlib import Path
 from snr_dist import __version__
 
 
+def _config_path(given: str, folder: str = "", suffix: str = ".yaml") -> Path:
+    """A file path, or the name of a config that ships with snr-dist (``quickstart``,
+    ``configs/quickstart.yaml`` from any directory, ``zero3_subspace`` for --deepspeed)."""
+    from snr_dist import bundled
+
+    if folder == "" and not Path(given).is_file():
+        parts = Path(given).parts
+        if len(parts) > 2 and parts[0] == "configs":  # configs/<folder>/<name>
+            folder = parts[1]
+    return bundled.resolve(given, folder, suffix)
+
+
 def _train(args: argparse.Namespace) -> int:
     from snr_dist.experiments.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(_config_path(args.config), args.set)
     except ConfigError as e:
         print(f"snr-dist: {e}", file=sys.stderr)
         return 2
@@ -23,6 +35,14 @@ def _train(args: argparse.Namespace) -> int:
     from snr_dist.experiments.report import write_report
     from snr_dist.experiments.trainer import init_world, run_experiment
 
+    if args.report_to == "tensorboard":
+        from snr_dist.integrations.tensorboard import require
+
+        try:
+            require()
+        except ImportError as e:
+            print(f"snr-dist: {e}", file=sys.stderr)
+            return 2
     ds_config = None
     if args.deepspeed:
         from snr_dist.deepspeed import (
@@ -33,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
         )
 
         try:
-            ds_config = _load(args.deepspeed)
+            ds_config = _load(_config_path(args.deepspeed, "deepspeed", ".json"))
             ds_config.setdefault("zero_optimization", {})
             for o in cfg.optimizers:  # fail before any work on an unsupported stage/mode pair
                 if o.type == "snr_adamw":
@@ -56,13 +76,16 @@ def _train(args: argparse.Namespace) -> int:
             print(f"  SNRAdamW options from {args.deepspeed}: {given}", flush=True)
     try:
         results = run_experiment(
-            cfg, out_dir, False if args.no_progress else None, world, ds_config
+            cfg, out_dir, False if args.no_progress else None, world, ds_config, args.report_to
         )
         if world.main:
             command = "snr-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:])
             table = write_report(cfg, results, out_dir, command, world)
             print(table)
-            print(f"wrote {out_dir}/metrics.jsonl, {out_dir}/report.md, {out_dir}/curves.png")
+            wrote = ["metrics.jsonl", "report.md", "curves.png"]
+            wrote += ["gates.png"] if (out_dir / "gates.png").exists() else []
+            wrote += ["tensorboard/"] if args.report_to == "tensorboard" else []
+            print("wrote " + ", ".join(f"{out_dir}/{w}" for w in wrote))
         world.barrier()
     finally:
         if world.size > 1:
@@ -73,14 +96,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
+    from snr_dist import bundled
     from snr_dist.experiments.config import ConfigError
     from snr_dist.experiments.study import load_study
 
     path = Path(args.name)
     if not path.suffix:
         path = Path(args.configs) / f"{args.name}.yaml"
+        if not path.is_file() and args.configs == "configs/experiments":
+            path = bundled.resolve(args.name, "experiments")
     if not path.is_file():
-        known = sorted(p.stem for p in Path(args.configs).glob("*.yaml"))
+        known = sorted(p.stem for p in Path(args.configs).glob("*.yaml")) or bundled.names(
+            "experiments"
+        )
         print(
             f"snr-dist: no experiment {args.name!r} ({path} not found); known: {known}",
             file=sys.stderr,
@@ -113,7 +141,7 @@ def _entk(args: argparse.Namespace) -> int:
     from snr_dist.experiments.entk_run import load_entk_config
 
     try:
-        cfg = load_entk_config(args.config, args.set)
+        cfg = load_entk_config(_config_path(args.config, "entk"), args.set)
     except ConfigError as e:
         print(f"snr-dist: {e}", file=sys.stderr)
         return 2
@@ -151,7 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--deepspeed",
         metavar="JSON",
         help="train through DeepSpeed with this config (ZeRO stage, dtype); the optimizers "
-        "still come from --config",
+        "come from --config, and the JSON's snr_preconditioner block (if any) overrides the "
+        "SNRAdamW options it names",
+    )
+    train.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard"],
+        default="none",
+        help="also write TensorBoard event files (evaluations, SNR scalars per layer group, "
+        "gate histograms) under OUTPUT/NAME/tensorboard/",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)

@@ -182,3 +182,91 @@ def test_the_wheel_installs_one_top_level_module_beside_pypis_kernels_package(tm
         cwd=tmp_path,
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def _sources(tmp: Path) -> Path:
+    """A copy of what the build reads (the build writes build/ and *.egg-info beside it)."""
+    import shutil
+
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in {p.relative_to(ROOT).parts[0] for p in _package_dirs().values()}:
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
+@pytest.mark.slow
+def test_sdist_and_wheel_install_into_a_fresh_venv_and_run_the_quickstart(tmp_path):
+    """`python -m build` (sdist, then the wheel built from it), installed into a fresh venv,
+    runs `snr-dist train --config quickstart` from an empty directory: the configs ship inside
+    the package and are found by name. `pip check` is clean."""
+    import sysconfig
+    import tarfile
+    import zipfile
+
+    pytest.importorskip("build", reason="the dev extra (python -m build) is not installed")
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--no-isolation",
+            "--outdir",
+            str(dist),
+            str(_sources(tmp_path)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (sdist,) = dist.glob("snr_dist-*.tar.gz")
+    (wheel,) = dist.glob("snr_dist-*.whl")
+    with tarfile.open(sdist) as tar:
+        members = tar.getnames()
+    assert any(m.endswith("configs/quickstart.yaml") for m in members)
+    names = zipfile.ZipFile(wheel).namelist()
+    for cfg in ("quickstart.yaml", "experiments/label_noise.yaml", "deepspeed/zero3_subspace.json"):
+        assert f"snr_dist/configs/{cfg}" in names, cfg
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    # snr-dist without its dependencies (torch and the rest come from this interpreter's
+    # site-packages, appended below: no second torch is downloaded)
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    # the venv's own old setuptools would shadow the host's, which torch requires to be newer
+    subprocess.run([py, "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "zz_host_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    work = tmp_path / "empty"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [
+            str(venv / "bin" / "snr-dist"),
+            "train",
+            "--config",
+            "quickstart",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "train.seeds=[0]",
+            "--set",
+            "model.hidden=[16]",
+            "--no-progress",
+            "--output-dir",
+            "runs",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (work / "runs" / "quickstart" / "report.md").is_file()
+    probe = "import snr_dist, snr_dist.bundled as b; print(snr_dist.__file__, b.root())"
+    where = subprocess.run([py, "-c", probe], capture_output=True, text=True, env=env, cwd=work)
+    assert str(site) in where.stdout.split()[0] and str(site) in where.stdout.split()[1]
+    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True, env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
