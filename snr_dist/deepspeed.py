@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from pydantic import ValidationError
 from snr_dist.options import SNROptions, error_lines
 
 _OPTIMIZER_TYPES = {"adam", "adamw"}
+_DEEPSPEED_DEFAULT_CLIPPING = 1.0  # deepspeed.runtime.constants.GRADIENT_CLIPPING_DEFAULT
 _OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "adam_w_mode", "torch_adam"}
 
 
@@ -173,6 +175,17 @@ def build(config, model_parameters) -> tuple[Any, dict[str, Any]]:
     snr = _snr_block(cfg)
     adam = _adam_options(cfg)
     check_support(cfg, snr)
+    clip = cfg.get("gradient_clipping", _DEEPSPEED_DEFAULT_CLIPPING)
+    if snr.estimator == "cross_sample" and clip:
+        warnings.warn(
+            f"DeepSpeed clips gradients at {clip} (gradient_clipping"
+            + ("" if "gradient_clipping" in cfg else "; DeepSpeed's default when the key is absent")
+            + "): the cross-sample estimator's statistics come from the gradients before "
+            "clipping, and under data parallelism it does not correct for the rescaling. Set "
+            '"gradient_clipping": 0.0 for exact statistics.',
+            RuntimeWarning,
+            stacklevel=3,
+        )
     cfg["zero_allow_untested_optimizer"] = True
     # Elementwise mode needs no process group; the others run snr-dist's replicated
     # data-parallel machinery over DeepSpeed's ranks (stage 0 keeps whole, replicated

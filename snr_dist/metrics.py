@@ -94,6 +94,8 @@ def collect_metrics(opt, names: dict[Tensor, str] | None = None) -> dict[str, An
         for p in params:
             name = (names or {}).get(p, f"group{gi}.param{idx}")
             idx += 1
+            if p.numel() == 0:  # an empty shard (FSDP2, ZeRO row shards): nothing to report
+                continue
             m = param_metrics(opt, p, group)
             if m is None:
                 continue

@@ -26,6 +26,7 @@ def _config(stage: int, snr: dict, micro: int = 8, gas: int = 1, **extra) -> dic
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
         "snr_preconditioner": snr,
         "zero_optimization": {"stage": stage},
+        "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0
         "steps_per_print": 10**9,
     }
     cfg.update(extra)
@@ -330,3 +331,37 @@ def test_row_shards_with_two_param_groups(stage, zero_extra):
     for params in run_distributed(_groups_worker, 2, cfg):
         for p, q in zip(params, model.parameters()):
             torch.testing.assert_close(p, q.detach(), rtol=0, atol=1e-5)
+
+
+def _plain_deepspeed_worker(rank: int, world: int):
+    """DeepSpeed's own initialize with a subspace SNRAdamW: ZeRO hands it flat partitions."""
+    import deepspeed
+
+    _ds_env(rank, world)
+    model = tiny_mlp()
+    opt = SNRAdamW(model.parameters(), lr=1e-2, **SUB)
+    cfg = _config(2, {})
+    cfg.pop("snr_preconditioner")
+    cfg.pop("optimizer")
+    cfg["zero_allow_untested_optimizer"] = True
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    try:
+        _train(engine, rank, 1, 0, 1)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_subspace_on_flat_partitions_without_row_shards_fails_loudly():
+    """Before 0.3 a subspace SNRAdamW given to deepspeed.initialize itself ran silently as the
+    diagonal rule on ZeRO's flat partitions; now its first step names the fix."""
+    for message in run_distributed(_plain_deepspeed_worker, 2):
+        assert message is not None and "flat 1-D tensors" in message
+        assert "snr_dist.deepspeed.initialize" in message and "attach_zero" in message
+
+
+def test_cross_sample_warns_about_deepspeeds_default_clipping():
+    cfg = _config(2, XSUB)
+    cfg.pop("gradient_clipping")
+    with pytest.warns(RuntimeWarning, match="DeepSpeed's default when the key is absent"):
+        snr_ds.build(cfg, tiny_mlp().parameters())

@@ -58,6 +58,7 @@ class SNREngine:
         self.capture = MicrobatchCapture(self.observe)
         self.nonfinite = NonfiniteCounter()
         self._layouts: dict[int, tuple] = {}
+        self._with_matrices: set[int] = set()  # ids of subspace groups that held matrices
         self._keys: dict[Tensor, int] = {}
         self._group_of: dict[Tensor, dict] = {}
         self.sync_groups()
@@ -94,6 +95,8 @@ class SNREngine:
         self._layouts = {}
         for i, group in enumerate(groups):
             self.check_group(group)
+            if _has_matrices(group):
+                self._with_matrices.add(id(group))
             for p in group["params"]:
                 e = self.estimator(p, group)
                 if e.tracks:
@@ -163,6 +166,17 @@ class SNREngine:
                 for i, g in enumerate(self.opt.param_groups)
             ]
             self.distributor.check_consistent(signature, _first_difference)
+        for i, group in enumerate(self.opt.param_groups):
+            if id(group) in self._with_matrices and group["params"] and not _has_matrices(group):
+                raise RuntimeError(
+                    f"snr-dist: param group {i} has mode='subspace' and held weight matrices "
+                    "when the optimizer was built, but now holds only flat 1-D tensors: "
+                    "DeepSpeed ZeRO (and its bf16 optimizer) hand the client optimizer flat "
+                    "partitions, on which subspace trackers cannot run. Build the engine with "
+                    "snr_dist.deepspeed.initialize (or snr_dist.integrations.accelerate.prepare), "
+                    "or call optimizer.attach_zero(engine.optimizer) right after "
+                    "deepspeed.initialize."
+                )
         for i, group in enumerate(self.opt.param_groups):
             self._check_layout(i, group)
 
@@ -342,6 +356,13 @@ class SNREngine:
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         self.capture.close()
+
+
+def _has_matrices(group: dict) -> bool:
+    """Whether a subspace group has a parameter its trackers serve."""
+    return group["mode"] == "subspace" and any(
+        est.estimator_key(p, group)[1] == "subspace" for p in group["params"]
+    )
 
 
 def _first_difference(a, b) -> str:
