@@ -1,0 +1,107 @@
+"""Lightning: what `SNRAdamW` needs there, and a callback that logs its telemetry.
+
+`SNRAdamW` and `SNRPreconditioner` are torch optimizers, so a ``LightningModule`` returns them
+from ``configure_optimizers`` like any other, and Lightning's automatic optimization works
+unchanged: ``optimizer.step(closure)``, gradient accumulation (each backward is one
+micro-batch of the cross-sample estimator), gradient clipping (inside the closure, before the
+step), LR scheduler dicts and checkpoints (``optimizer.state_dict()``). The one thing Lightning
+cannot do by itself is read the SNR statistics out of the optimizer: `SNRMetricsCallback`
+finds the SNR optimizer behind Lightning's and strategies' wrappers and sends the scalars of
+`snr_dist.integrations.telemetry` to every logger of the Trainer.
+
+Needs the ``lightning`` package (``pip install 'snr-dist[lightning]'``), imported by this
+module only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "snr_dist.integrations.lightning needs Lightning 2.x (the `lightning` package): "
+        "pip install 'snr-dist[lightning]'"
+    ) from None
+
+from snr_dist.integrations import telemetry
+from snr_dist.integrations.wrappers import unwrap
+from snr_dist.optim.base import SNROptimizerMixin
+
+__all__ = ["SNRMetricsCallback", "snr_optimizers", "unwrap"]
+
+
+def snr_optimizers(trainer: Trainer) -> list[SNROptimizerMixin]:
+    """The SNR optimizers among ``trainer.optimizers``, in their order, unwrapped."""
+    found = (unwrap(opt) for opt in trainer.optimizers)
+    return [opt for opt in found if opt is not None]
+
+
+class SNRMetricsCallback(Callback):
+    """Log the SNR telemetry of the Trainer's SNR optimizer(s) every ``every_n_steps``
+    optimizer steps.
+
+    The scalars are those of `snr_dist.integrations.telemetry.scalars` (per layer group of the
+    ``LightningModule``, e.g. ``snr/model.transformer.h.0.attn.c_attn/gate_mean``, and
+    ``snr/all/...``), logged with ``step=trainer.global_step`` to every logger of the Trainer,
+    from global rank 0 only. With several SNR optimizers each one's keys carry its index
+    (``snr/opt1/...``). The statistics are this rank's: the same on every rank under DDP.
+
+    Args:
+        every_n_steps: log after every this many optimizer steps (an int >= 1). Gradient
+            accumulation counts once per step, not per micro-batch.
+        prefix: the prefix of every key.
+    """
+
+    def __init__(self, every_n_steps: int = 50, prefix: str = "snr/") -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
+            raise TypeError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {prefix!r}")
+        self.every_n_steps = every_n_steps
+        self.prefix = prefix
+        self._last_step = -1
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fail at once, naming what was found, if the Trainer has no SNR optimizer."""
+        if not snr_optimizers(trainer):
+            kinds = [type(o).__name__ for o in trainer.optimizers]
+            raise ValueError(
+                "SNRMetricsCallback: no SNRAdamW or SNRPreconditioner among trainer.optimizers "
+                f"(found {kinds}); return one from configure_optimizers, or drop the callback"
+            )
+        self._last_step = -1
+
+    def metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """The scalars as they are now (also usable outside the logging schedule)."""
+        groups = telemetry.layer_groups(pl_module)
+        opts = snr_optimizers(trainer)
+        out: dict[str, float] = {}
+        for i, opt in enumerate(opts):
+            prefix = self.prefix if len(opts) == 1 else f"{self.prefix}opt{i}/"
+            out.update(telemetry.scalars(opt, groups, prefix=prefix))
+        return out
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """After an optimizer step whose count is a multiple of ``every_n_steps``: log."""
+        step = trainer.global_step
+        if step == 0 or step == self._last_step or step % self.every_n_steps != 0:
+            return  # before the first step, a micro-batch of accumulation, or not due
+        self._last_step = step
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        values = self.metrics(trainer, pl_module)
+        if not values:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)

@@ -1,0 +1,530 @@
+"""Hugging Face: SNRAdamW in transformers.Trainer and under accelerate (DDP, DeepSpeed ZeRO-2).
+
+Real libraries on the CPU, a tiny GPT-2 built from its config, generated token data. The
+distributed tests run 2 real gloo processes; the docs tests run each page's example.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_utils import free_port, run_distributed
+
+pytest.importorskip("transformers", reason="the hf extra is not installed")
+pytest.importorskip("accelerate", reason="the hf extra is not installed")
+
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from snr_dist import SNRAdamW  # noqa: E402
+from snr_dist.integrations.transformers import (  # noqa: E402
+    SNRMetricsCallback,
+    add_snr_metrics,
+    snr_adamw,
+    unwrap,
+)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations"
+SEQ = 16
+N_SEQ = 64
+
+
+def tiny_gpt2(seed: int = 0, dropout: float = 0.1) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def tokens() -> torch.Tensor:
+    """``N_SEQ`` sequences, each an arithmetic progression mod 64 (step 1, 2 or 3): learnable."""
+    return torch.stack([(torch.arange(SEQ) * (1 + i % 3) + i) % 64 for i in range(N_SEQ)])
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.x = tokens()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def _args(out: Path, **overrides) -> TrainingArguments:
+    kw = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_steps=8,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        lr_scheduler_type="linear",
+        max_grad_norm=0.5,
+        bf16=True,
+        use_cpu=True,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+    )
+    kw.update(overrides)
+    return TrainingArguments(**kw)
+
+
+def _losses(trainer: Trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+# ---------------------------------------------------------------------------------- Trainer
+SUBSPACE_X = dict(estimator="cross_sample", mode="subspace", rank=4, refresh_every=3)
+
+
+def _trainer(out: Path, how: str, snr: dict, seed: int = 0, **overrides) -> Trainer:
+    model = tiny_gpt2(seed)
+    args = _args(out, **overrides)
+    if how == "optimizer_cls_and_kwargs":
+        return Trainer(
+            model=model,
+            args=args,
+            train_dataset=TokenData(),
+            optimizer_cls_and_kwargs=snr_adamw(args, **snr),
+        )
+    opt = SNRAdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01, **snr)
+    return Trainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None))
+
+
+@pytest.mark.parametrize(
+    "how, snr",
+    [("optimizer_cls_and_kwargs", {}), ("optimizers", SUBSPACE_X)],
+    ids=["cls_and_kwargs-diagonal-temporal", "prebuilt-subspace-cross_sample"],
+)
+def test_trainer_resume_equals_uninterrupted(tmp_path, how, snr):
+    """gradient accumulation 2, clipping, warmup + linear decay, bf16 autocast on the CPU;
+    stopped at step 3 (mid-epoch) and resumed in a new Trainer with other initial weights, the
+    run ends where the uninterrupted one does (1e-5)."""
+    full = _trainer(tmp_path / "full", how, snr, save_strategy="steps", save_steps=3)
+    dtypes = []
+    mlp = full.model.transformer.h[0].mlp.c_fc
+    hook = mlp.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    full.train()
+    hook.remove()
+    opt = unwrap(full.optimizer)
+    assert isinstance(opt, SNRAdamW) and opt.param_groups[0]["estimator"] == snr.get(
+        "estimator", "temporal"
+    )
+    assert set(dtypes) == {torch.bfloat16}  # Trainer's autocast ran the forward in bf16
+    assert all(p.dtype == torch.float32 for p in full.model.parameters())
+    logs = [h for h in full.state.log_history if "loss" in h]
+    assert max(h["grad_norm"] for h in logs) > 0.5  # max_grad_norm clipped something
+    lrs = [h["learning_rate"] for h in logs]
+    assert lrs[0] < 1e-2 and lrs[-1] < lrs[1]  # warmup, then linear decay
+    losses = _losses(full)
+    assert losses[-1] < losses[0] - 0.2
+
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    resumed = _trainer(tmp_path / "resumed", how, snr, seed=1)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 8
+    assert _max_diff(full.model, resumed.model) < 1e-5
+
+    if how == "optimizers":
+        # the check above can fail: without the optimizer state the resumed run differs
+        bare = tmp_path / "bare"
+        shutil.copytree(checkpoint, bare)
+        fresh = SNRAdamW(tiny_gpt2().parameters(), lr=1e-2, weight_decay=0.01, **snr)
+        torch.save(fresh.state_dict(), bare / "optimizer.pt")  # the scheduler's stays
+        lost = _trainer(tmp_path / "lost", how, snr, seed=1)
+        lost.train(resume_from_checkpoint=str(bare))
+        assert _max_diff(full.model, lost.model) > 1e-4
+
+
+def _event_scalars(root: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in root.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def test_metrics_callback_reaches_tensorboard(tmp_path):
+    """add_snr_metrics: the telemetry reaches report_to=["tensorboard"] every logging_steps
+    (read back with tensorboard's EventAccumulator) and the Trainer's log_history; passed as
+    Trainer(callbacks=[...]) instead, it runs after the loggers, and says so."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    trainer = _trainer(tmp_path / "tb", "optimizer_cls_and_kwargs", {}, report_to=["tensorboard"])
+    add_snr_metrics(trainer)
+    assert isinstance(trainer.callback_handler.callbacks[0], SNRMetricsCallback)
+    with pytest.raises(ValueError, match="already has an SNRMetricsCallback"):
+        add_snr_metrics(trainer)
+    trainer.train()
+    scalars = _event_scalars(tmp_path / "tb")
+    keys = ("gate_mean", "closed_frac", "snr_q10", "snr_q50", "snr_q90")
+    for group in ("all", "transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn"):
+        for key in keys:
+            values = scalars[f"train/snr/{group}/{key}"]
+            assert [s for s, _ in values] == [2, 4, 6, 8]
+            assert all(math.isfinite(v) for _, v in values)
+    gates = [v for _, v in scalars["train/snr/all/gate_mean"]]
+    assert all(0.0 <= g <= 1.0 for g in gates)
+    q = {k: scalars[f"train/snr/all/{k}"][-1][1] for k in ("snr_q10", "snr_q50", "snr_q90")}
+    assert q["snr_q10"] <= q["snr_q50"] <= q["snr_q90"]
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("snr/all/gate_mean" in h for h in logged)
+
+    late = _trainer(tmp_path / "late", "optimizer_cls_and_kwargs", {}, report_to=["tensorboard"])
+    late.add_callback(SNRMetricsCallback())
+    with pytest.warns(UserWarning, match="run after the report_to loggers"):
+        late.train()
+    assert not any("snr/" in tag for tag in _event_scalars(tmp_path / "late"))
+    assert "snr/all/gate_mean" in [h for h in late.state.log_history if "loss" in h][0]
+
+
+def test_metrics_callback_refuses_another_optimizer():
+    model = tiny_gpt2()
+    with pytest.raises(TypeError, match="optimizer is AdamW, with no SNRAdamW"):
+        SNRMetricsCallback().values(torch.optim.AdamW(model.parameters()), model)
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        SNRMetricsCallback(prefix=1)
+
+
+class _Microbatches(TrainerCallback):
+    """Before each optimizer step: how many gradient contributions the cross-sample estimator
+    recorded for each parameter since the last step."""
+
+    def __init__(self) -> None:
+        self.counts: list[set[int]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        opt = unwrap(optimizer)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        stats = opt._engine.capture.stats
+        self.counts.append({stats[p].count if p in stats else 0 for p in params})
+
+
+def test_cross_sample_fed_by_gradient_accumulation(tmp_path):
+    """In one process each backward pass of Trainer's gradient accumulation is one micro-batch
+    of the cross-sample estimator: 2 per step with gradient_accumulation_steps=2, and the step
+    refuses with 1."""
+    snr = dict(estimator="cross_sample")
+    trainer = _trainer(tmp_path / "acc2", "optimizer_cls_and_kwargs", snr)
+    seen = _Microbatches()
+    trainer.add_callback(seen)
+    trainer.train()
+    assert seen.counts == [{2}] * 8
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0] - 0.2
+
+    one = _trainer(
+        tmp_path / "acc1", "optimizer_cls_and_kwargs", snr, gradient_accumulation_steps=1
+    )
+    with pytest.raises(RuntimeError, match="needs >= 2 gradient contributions"):
+        one.train()
+
+
+def test_snr_adamw_takes_the_training_arguments(tmp_path):
+    args = _args(tmp_path, learning_rate=3e-3, adam_beta1=0.8, adam_epsilon=1e-6)
+    cls, kw = snr_adamw(args, estimator="cross_sample")
+    assert cls is SNRAdamW
+    assert kw == dict(lr=3e-3, betas=(0.8, 0.999), eps=1e-6, estimator="cross_sample")
+    with pytest.raises(ValueError, match="'lr' comes from TrainingArguments"):
+        snr_adamw(args, lr=1e-3)
+    trainer = Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=TokenData(), optimizer_cls_and_kwargs=(cls, kw)
+    )
+    opt = unwrap(trainer.create_optimizer())
+    assert [g["weight_decay"] for g in opt.param_groups] == [args.weight_decay, 0.0]
+    assert opt.param_groups[0]["betas"] == (0.8, 0.999)
+
+
+# ------------------------------------------------------------------------------- accelerate
+PARTS = 4  # micro-batches of 4 sequences per optimizer step: 2 ranks x accumulation 2
+STEPS = 12  # 3 epochs of 64 sequences
+DDP_CONFIGS = {
+    "temporal": dict(),
+    "cross_sample": dict(estimator="cross_sample"),
+}
+# ZeRO row shards track bases on the column side (as snr_dist.deepspeed does).
+DS_CONFIGS = {
+    "temporal": dict(),
+    "subspace-cross_sample": dict(
+        estimator="cross_sample", mode="subspace", rank=3, refresh_every=4, basis_side="cols"
+    ),
+}
+
+
+def _reference(snr: dict) -> tuple[list[torch.Tensor], list[float]]:
+    """One process: each step's 16 sequences as 4 micro-batches of 4 (= the distributed runs'
+    global batch), no clipping."""
+    model = tiny_gpt2(dropout=0.0)
+    opt = SNRAdamW(model.parameters(), lr=1e-2, **snr)
+    batches = tokens().split(4)
+    losses = []
+    for _ in range(3):
+        for step in range(len(batches) // PARTS):
+            opt.zero_grad()
+            for b in batches[step * PARTS : (step + 1) * PARTS]:
+                loss = model(input_ids=b, labels=b).loss
+                (loss / PARTS).backward()
+                losses.append(loss.item())
+            opt.step()
+    return [p.detach().clone() for p in model.parameters()], losses
+
+
+def _accelerate_env(rank: int, world: int) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        DS_ACCELERATOR="cpu",
+    )
+
+
+def _group(snr: dict):
+    import torch.distributed as dist
+
+    return dist.group.WORLD if snr.get("estimator") == "cross_sample" else "auto"
+
+
+def _result(model, opt, losses) -> dict:
+    view = opt.zero_view
+    state = (view.inner if view is not None else opt).state
+    return {
+        "params": [p.detach().float().clone() for p in model.parameters()],
+        "losses": losses,
+        "distributor": opt.distributor.name,
+        "steps": int(max(st["step"].item() for st in state.values())),
+    }
+
+
+def _accelerate_train(accelerator, snr: dict, helper: bool = True) -> dict:
+    """3 epochs of the accelerate loop; the optimizer prepared through snr-dist's helper, or
+    (``helper=False``) through ``accelerator.prepare`` alone."""
+    from snr_dist.integrations import accelerate as snr_accelerate
+
+    model = tiny_gpt2(dropout=0.0)
+    opt = SNRAdamW(model.parameters(), lr=1e-2, process_group=_group(snr), **snr)
+    loader = torch.utils.data.DataLoader(tokens(), batch_size=4)
+    objects = (model, opt, loader)
+    if helper:
+        pmodel, popt, ploader = snr_accelerate.prepare(accelerator, *objects)
+    else:
+        pmodel, popt, ploader = accelerator.prepare(*objects)
+    losses = []
+    for _ in range(3):
+        for batch in ploader:
+            with accelerator.accumulate(pmodel):
+                loss = pmodel(input_ids=batch, labels=batch).loss
+                accelerator.backward(loss)
+                popt.step()
+                popt.zero_grad()
+            losses.append(loss.item())
+    return _result(model, opt, losses)
+
+
+def _ddp_worker(rank: int, world: int) -> dict:
+    from accelerate import Accelerator
+
+    from snr_dist.integrations import accelerate as snr_accelerate
+
+    _accelerate_env(rank, world)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    assert accelerator.distributed_type == "MULTI_CPU" and accelerator.num_processes == world
+    out = {name: _accelerate_train(accelerator, snr) for name, snr in DDP_CONFIGS.items()}
+    model = tiny_gpt2()
+    opt = SNRAdamW(model.parameters(), estimator="cross_sample", process_group=None)
+    try:
+        snr_accelerate.prepare(accelerator, model, opt)
+    except ValueError as err:
+        out["error"] = str(err)
+    return out
+
+
+DS_CONFIG = {
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": 2,
+    "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0: see docs/integrations/accelerate.md
+    "zero_optimization": {"stage": 2},
+}
+
+
+def _ds_worker(rank: int, world: int) -> dict:
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
+    _accelerate_env(rank, world)
+    # what the docs say about clipping: a plugin argument of 0 leaves DeepSpeed's default
+    facts = {
+        "deepspeed_default": GRADIENT_CLIPPING_DEFAULT,
+        "plugin_argument_0": DeepSpeedPlugin(
+            zero_stage=2, gradient_clipping=0.0
+        ).deepspeed_config.get("gradient_clipping", "absent"),
+    }
+    plugin = DeepSpeedPlugin(hf_ds_config=dict(DS_CONFIG))
+    # on the CPU, accelerate counts the processes only with an explicit backend
+    kwargs = dict(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    out = {"facts": facts}
+    for name, snr in DS_CONFIGS.items():
+        # one Accelerator per DeepSpeed engine (accelerator.backward drives its last one);
+        # the first one sets up the shared state, DeepSpeed plugin included
+        accelerator = Accelerator(**kwargs)
+        kwargs = {}
+        assert accelerator.distributed_type == "DEEPSPEED"
+        assert accelerator.num_processes == world
+        # diagonal temporal runs on ZeRO's flat partitions as is: plain accelerator.prepare
+        out[name] = _accelerate_train(accelerator, snr, helper=name != "temporal")
+    out["config"] = dict(accelerator.deepspeed_config)
+    # without the helper, on ZeRO's flat partitions: subspace (here with cross-sample) has no
+    # matrices left, and the first step refuses, naming the fix (before 0.3 subspace temporal
+    # ran silently as the diagonal rule)
+    try:
+        _accelerate_train(Accelerator(), DS_CONFIGS["subspace-cross_sample"], helper=False)
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        out["no_helper_cross_sample"] = f"{type(err).__name__}: {err}"
+    model = tiny_gpt2(dropout=0.0)
+    opt = SNRAdamW(model.parameters(), lr=1e-2, mode="subspace", rank=3)
+    loader = torch.utils.data.DataLoader(tokens(), batch_size=4)
+    accelerator = Accelerator()
+    pmodel, _, ploader = accelerator.prepare(model, opt, loader)
+    try:
+        for batch in ploader:
+            with accelerator.accumulate(pmodel):
+                accelerator.backward(pmodel(input_ids=batch, labels=batch).loss)
+    except RuntimeError as err:
+        out["no_helper_subspace"] = str(err)
+    return out
+
+
+def _check_parity(ranks: list[dict], configs: dict) -> None:
+    for name, snr in configs.items():
+        ref, ref_losses = _reference(snr)
+        for out in ranks:
+            run = out[name]
+            assert run["steps"] == STEPS
+            for p, q in zip(run["params"], ref):
+                torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+            losses = run["losses"]
+            assert sum(losses[-4:]) < sum(losses[:4]) - 4 * 0.3  # the loss falls
+        # the ranks' micro-batches together are the reference's
+        mine = sorted(x for out in ranks for x in out[name]["losses"])
+        torch.testing.assert_close(mine, sorted(ref_losses), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_accelerate_ddp_equals_one_process():
+    """accelerator.prepare(model, opt, loader), DDP on 2 CPU processes (gloo), accumulation 2:
+    equal to one process with the global batch as 4 micro-batches (1e-5), temporal and
+    cross-sample; cross-sample with an optimizer local to its rank is refused."""
+    ranks = run_distributed(_ddp_worker, 2, timeout=240)
+    _check_parity(ranks, DDP_CONFIGS)
+    assert ranks[0]["temporal"]["distributor"] == "local"
+    assert ranks[0]["cross_sample"]["distributor"] == "replicated"
+    assert "needs the data-parallel group" in ranks[0]["error"]
+    assert "process_group=None" in ranks[0]["error"]
+
+
+@pytest.mark.slow
+def test_accelerate_deepspeed_zero2_equals_one_process():
+    """Accelerate's DeepSpeed plugin, ZeRO stage 2 on 2 CPU processes, accumulation 2, no
+    clipping: diagonal temporal through plain accelerator.prepare (on ZeRO's flat partitions)
+    and subspace cross-sample through snr_dist.integrations.accelerate.prepare (on row shards)
+    equal one process with the global batch as 4 micro-batches (1e-5), and the loss falls."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    ranks = run_distributed(_ds_worker, 2, timeout=300)
+    assert ranks[0]["facts"] == {"deepspeed_default": 1.0, "plugin_argument_0": "absent"}
+    config = ranks[0]["config"]
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["gradient_clipping"] == 0.0
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    _check_parity(ranks, DS_CONFIGS)
+    assert ranks[0]["temporal"]["distributor"] == "local"  # elementwise, on the partitions
+    assert ranks[0]["subspace-cross_sample"]["distributor"] == "zero"  # row shards
+    refused = ranks[0]["no_helper_cross_sample"]
+    assert refused.startswith("RuntimeError") and "flat 1-D tensors" in refused
+    refused = ranks[0]["no_helper_subspace"]
+    assert "flat 1-D tensors" in refused and "snr_dist.integrations.accelerate.prepare" in refused
+
+
+# ------------------------------------------------------------------------------------- docs
+def _example(page: str) -> str:
+    """The python block under the page's "## A complete example" heading."""
+    text = (DOCS / page).read_text()
+    section = text.split("## A complete example", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, f"{page}: no python block under '## A complete example'"
+    return match.group(1)
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return proc.stdout
+
+
+def test_docs_huggingface_example_runs(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    script = tmp_path / "train.py"
+    script.write_text(_example("huggingface.md"))
+    out = _run([sys.executable, str(script)], tmp_path, timeout=300)
+    first, last = (float(x) for x in re.search(r"loss (\S+) -> (\S+)", out).groups())
+    assert last < first
+    gate = float(re.search(r"snr/all/gate_mean (\S+)", out).group(1))
+    assert 0.0 <= gate <= 1.0
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["ddp", "deepspeed"])
+def test_docs_accelerate_example_runs(tmp_path, variant):
+    if variant == "deepspeed":
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    script = tmp_path / "train.py"
+    script.write_text(_example("accelerate.md"))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)]
+    if variant == "deepspeed":
+        cmd.append("--deepspeed")
+    out = _run(cmd, tmp_path, timeout=300)
+    first, last = (float(x) for x in re.search(r"loss (\S+) -> (\S+)", out).groups())
+    assert last < first
