@@ -125,3 +125,34 @@ def test_comm_benchmark_measures_what_the_design_says():
             assert r["trackers"] == n
             assert r["allreduce_bytes_per_step"] >= n * (2 * 4 + 2) * 4
             assert r["broadcast_bytes_per_refresh"] > 0
+
+
+def test_step_floor_benchmark_reports_every_ratio(tmp_path):
+    """benchmarks/step_floor.py (issue 16's yardstick) runs on the MLP and reports, per
+    optimizer, step / AdamW step, step / bytes-moved floor and the full-step ratio."""
+    path = SCRIPT.parent / "step_floor.py"
+    spec = importlib.util.spec_from_file_location("step_floor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "floor.json"
+    (res,) = module.main(
+        [
+            "--only",
+            "mlp",
+            "--rounds",
+            "3",
+            "--full-rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert set(res["rows"]) == set(module.PASSES)
+    assert res["rows"]["AdamW (foreach)"]["step_vs_adamw"] == 1.0
+    for r in res["rows"].values():
+        for key in ("step_ms", "step_vs_floor", "full_vs_adamw", "floor_ms"):
+            assert math.isfinite(r[key]) and r[key] > 0
+    assert res["bandwidth_gb_s"] > 0
+    assert json.loads(out.read_text())["results"][0]["model"] == res["model"]

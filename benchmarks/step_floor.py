@@ -1,0 +1,210 @@
+"""The optimizer step against AdamW's and against the bytes-moved floor (issue 16's yardstick).
+
+An elementwise optimizer step on the CPU is memory-bound: its time is set by the bytes it reads
+and writes. This benchmark measures, on one machine in one run:
+
+* the bandwidth of a plain multi-tensor add over the model's parameter shapes
+  (``torch._foreach_add_(a, b)``: 2 reads + 1 write per element), in bytes per second;
+* the ``optimizer.step()`` time of AdamW (``foreach=True``), SNRAdamW diagonal and SNRAdamW
+  subspace r=32, given a fixed gradient (no forward or backward);
+* the full training step (zero_grad, forward, loss, backward, step) of each, on its own copy
+  of the model.
+
+and reports each step time as a multiple of AdamW's and of its *floor*: the passes over the
+parameters' fp32 bytes that its rule cannot avoid, divided by the measured bandwidth. Passes:
+AdamW 7 (read p, g, m, v; write p, m, v); SNRAdamW diagonal 9 (its one extra state vector read
+and written); SNRAdamW subspace 9 (AdamW's 7, plus the gradient and the update direction each
+read once more for their projections on the tracker bases). Timing is interleaved (each round
+runs every optimizer once, in rotated order) and ratios are medians of per-round ratios, as in
+``benchmarks/step_overhead.py``: shared machines drift.
+
+    python benchmarks/step_floor.py                 # GPT 3.3M and the 64-256-256-10 MLP
+    python benchmarks/step_floor.py --rounds 60 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from snr_dist import SNRAdamW
+from snr_dist.experiments.models import GPT
+
+PASSES = {"AdamW (foreach)": 7, "SNRAdamW diagonal": 9, "SNRAdamW subspace r=32": 9}
+
+
+def optimizers() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    return {
+        "AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        "SNRAdamW diagonal": lambda ps: SNRAdamW(ps, lr=1e-4),
+        "SNRAdamW subspace r=32": lambda ps: SNRAdamW(ps, lr=1e-4, mode="subspace", rank=32),
+    }
+
+
+def models(args: argparse.Namespace) -> dict[str, tuple[nn.Module, Callable]]:
+    """``name -> (model, batch maker)``; a batch maker returns ``(inputs, loss_fn)``."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    gpt = GPT(256, 128, 256, 4, 4)
+
+    def gpt_batch():
+        idx = torch.randint(0, 256, (args.gpt_batch, 129), generator=gen)
+        target = idx[:, 1:].reshape(-1)
+        return idx[:, :-1], lambda out: F.cross_entropy(out.reshape(-1, 256), target)
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+    def mlp_batch():
+        x = torch.randn(128, 64, generator=gen)
+        y = torch.randint(0, 10, (128,), generator=gen)
+        return x, lambda out: F.cross_entropy(out, y)
+
+    return {"GPT 4L d=256 (3.3M)": (gpt, gpt_batch), "MLP 64-256-256-10": (mlp, mlp_batch)}
+
+
+def bandwidth(params: list[torch.Tensor], rounds: int) -> float:
+    """Bytes per second of a multi-tensor add over these shapes (2 reads + 1 write)."""
+    a = [torch.randn_like(p) for p in params]
+    b = [torch.randn_like(p) for p in params]
+    nbytes = sum(t.numel() * t.element_size() for t in a)
+    for _ in range(3):
+        torch._foreach_add_(a, b)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        torch._foreach_add_(a, b)
+        times.append(time.perf_counter() - t0)
+    return 3 * nbytes / statistics.median(times)
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def _ratio(times: dict[str, list[float]], name: str, base: str) -> float:
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))
+
+
+def measure(name: str, model: nn.Module, batch: Callable, args) -> dict[str, Any]:
+    factories = optimizers()
+    base = next(iter(factories))
+    # optimizer.step() alone, on a fixed gradient
+    copies = {n: copy.deepcopy(model) for n in factories}
+    opts = {}
+    for n, m in copies.items():
+        for p in m.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opts[n] = factories[n](list(m.parameters()))
+        for _ in range(args.warmup):
+            opts[n].step()
+    step_times = _interleaved({n: opts[n].step for n in factories}, args.rounds)
+    # the full training step, each optimizer on its own copy
+    full_models = {n: copy.deepcopy(model) for n in factories}
+    full_opts = {n: factories[n](list(m.parameters())) for n, m in full_models.items()}
+
+    def train_step(n):
+        def run():
+            inputs, loss_fn = batch()
+            full_opts[n].zero_grad(set_to_none=True)
+            loss_fn(full_models[n](inputs)).backward()
+            full_opts[n].step()
+
+        return run
+
+    runs = {n: train_step(n) for n in factories}
+    for _ in range(args.warmup):
+        for run in runs.values():
+            run()
+    full_times = _interleaved(runs, args.full_rounds)
+    params = list(model.parameters())
+    nbytes = sum(p.numel() * 4 for p in params)
+    bw = bandwidth(params, args.rounds)
+    rows = {}
+    for n in factories:
+        step = statistics.median(step_times[n])
+        floor = PASSES[n] * nbytes / bw
+        rows[n] = {
+            "step_ms": 1e3 * step,
+            "step_vs_adamw": _ratio(step_times, n, base),
+            "floor_ms": 1e3 * floor,
+            "step_vs_floor": step / floor,
+            "full_step_ms": 1e3 * statistics.median(full_times[n]),
+            "full_vs_adamw": _ratio(full_times, n, base),
+        }
+    return {
+        "model": name,
+        "params": sum(p.numel() for p in params),
+        "bandwidth_gb_s": bw / 1e9,
+        "rows": rows,
+    }
+
+
+def format_report(results: list[dict[str, Any]], args) -> str:
+    lines = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} "
+        f"interleaved step rounds, {args.full_rounds} full-step rounds (medians; ratios are "
+        "medians of per-round ratios)",
+        "",
+        "| model | optimizer | step (ms) | step / AdamW step | floor passes | step / floor "
+        "| full training step / AdamW |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        for n, r in res["rows"].items():
+            lines.append(
+                f"| {res['model']} | {n} | {r['step_ms']:.2f} | {r['step_vs_adamw']:.2f}x "
+                f"| {PASSES[n]} | {r['step_vs_floor']:.2f}x | {r['full_vs_adamw']:.3f}x |"
+            )
+    bws = ", ".join(f"{r['model']}: {r['bandwidth_gb_s']:.1f} GB/s" for r in results)
+    lines += ["", f"Measured multi-tensor add bandwidth: {bws}."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=40, help="interleaved optimizer-step rounds")
+    ap.add_argument("--full-rounds", type=int, default=15, help="interleaved full-step rounds")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gpt-batch", type=int, default=8)
+    ap.add_argument("--only", choices=["gpt", "mlp"], help="one model only")
+    ap.add_argument("--json", help="also write the results here")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    results = []
+    for name, (model, batch) in models(args).items():
+        if args.only and not name.lower().startswith(args.only):
+            continue
+        results.append(measure(name, model, batch, args))
+    print(format_report(results, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "results": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
