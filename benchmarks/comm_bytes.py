@@ -54,6 +54,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--refresh-every", type=int, default=50)
     ap.add_argument(
+        "--zero-stages",
+        default="2,3",
+        help="DeepSpeed ZeRO stages of the ZeRO rows (comma-separated; default 2,3)",
+    )
+    ap.add_argument(
         "--no-zero",
         action="store_true",
         help="skip the DeepSpeed ZeRO rows (skipped anyway without the deepspeed extra)",
@@ -133,7 +138,7 @@ def _zero_rows(rank: int, world: int, args: argparse.Namespace) -> dict[str, dic
 
     rows = {}
     sub = dict(mode="subspace", rank=args.rank, refresh_every=args.refresh_every)
-    for stage in (2, 3):
+    for stage in (int(s) for s in args.zero_stages.split(",")):
         cross = dict(sub, estimator="cross_sample")
         for label, snr in (("temporal", sub), ("cross-sample", cross)):
             torch.manual_seed(0)

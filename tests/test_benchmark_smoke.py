@@ -99,6 +99,8 @@ def test_comm_benchmark_measures_what_the_design_says():
                 "4",
                 "--steps",
                 "3",
+                "--zero-stages",  # one stage keeps the smoke test short (each is 2 engines)
+                "2",
             ]
         )
     finally:
@@ -116,11 +118,11 @@ def test_comm_benchmark_measures_what_the_design_says():
     assert cross["allreduce_calls_per_step"] == 1
     assert temporal["ddp_bytes_per_step"] > 0
     assert set(res["balance"]) == {2, 4, 8}
-    # DeepSpeed ZeRO 2 and 3 (when installed): row shards all-reduce the 2r + 2 statistics of
+    # DeepSpeed ZeRO-2 (when installed): row shards all-reduce the 2r + 2 statistics of
     # every tracked matrix each step, and reduce partial sketches to owners at refreshes
     zero = {k: v for k, v in rows.items() if k.startswith("ZeRO")}
     if zero:
-        assert len(zero) == 4
+        assert len(zero) == 2
         for r in zero.values():
             assert r["trackers"] == n
             assert r["allreduce_bytes_per_step"] >= n * (2 * 4 + 2) * 4
