@@ -151,7 +151,15 @@ def test_scheduler_from_the_json_drives_snr_adamw():
         assert 0.0 < lrs[0] < 1e-2
 
 
-def _bf16_worker(rank: int, world: int, stage: int, snr: dict):
+BF16_MODES = [dict(mode="diagonal"), XDIAG, SUB, XSUB]
+
+
+def _bf16_worker(rank: int, world: int, stage: int):
+    """Every mode at one stage, one DeepSpeed engine after the other in the same processes."""
+    return [_bf16_run(rank, world, stage, snr) for snr in BF16_MODES]
+
+
+def _bf16_run(rank: int, world: int, stage: int, snr: dict):
     _ds_env(rank, world)
     model = tiny_mlp()
     cfg = _config(stage, snr, bf16={"enabled": True})
@@ -172,21 +180,18 @@ def _bf16_worker(rank: int, world: int, stage: int, snr: dict):
         for v in st.values()
         if torch.is_tensor(v) and v.is_floating_point()
     }
+    engine.destroy()
     return losses, dtypes
 
 
-BF16 = [(s, kw) for s in range(4) for kw in (dict(mode="diagonal"), XDIAG, SUB, XSUB)]
-
-
-@pytest.mark.parametrize(
-    "stage, snr",
-    BF16,
-    ids=[f"zero{s}-{kw.get('estimator', 'temporal')}-{kw['mode']}" for s, kw in BF16],
-)
-def test_bf16_runs_with_fp32_statistics(stage, snr):
-    for losses, dtypes in run_distributed(_bf16_worker, 2, stage, snr):
-        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-        assert dtypes == {torch.float32}
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_runs_with_fp32_statistics(stage):
+    """bf16 on each stage, for each of diagonal / subspace x temporal / cross-sample."""
+    for runs in run_distributed(_bf16_worker, 2, stage):
+        assert len(runs) == len(BF16_MODES)
+        for snr, (losses, dtypes) in zip(BF16_MODES, runs):
+            assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], snr
+            assert dtypes == {torch.float32}, snr
 
 
 def _ckpt_worker(rank: int, world: int, cfg: dict, path: str, phase: str):
