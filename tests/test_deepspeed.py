@@ -88,7 +88,9 @@ def _ds_worker(rank: int, world: int, cfg: dict, gas: int):
     sched_lrs = sched.get_last_lr() if sched is not None else None
     view = getattr(opt, "optimizer", opt).zero_view
     cut = None if view is None else sum(len(p.cuts) for b in view.buckets for p in b.pieces)
-    return _params(engine), (lrs, sched_lrs, cut)
+    params = _params(engine)
+    engine.destroy()
+    return params, (lrs, sched_lrs, cut)
 
 
 # ZeRO 1-3 run subspace trackers on row shards (basis on the column side, as under FSDP2); the
@@ -117,21 +119,27 @@ SUPPORTED = [
 ]
 
 
-@pytest.mark.parametrize(
-    "stage, snr, gas",
-    SUPPORTED,
-    ids=[
-        f"zero{s}-{kw.get('estimator', 'temporal')}-{kw['mode']}-gas{g}" for s, kw, g in SUPPORTED
-    ],
-)
-def test_deepspeed_equals_the_plain_ddp_path(stage, snr, gas):
-    cfg = _config(stage, snr, micro=8 // gas, gas=gas)
-    ref = _reference(snr, parts=2 * gas)
-    for params, (_, _, cut) in run_distributed(_ds_worker, 2, cfg, gas):
-        for p, q in zip(params, ref):
-            torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
-        if stage > 0 and snr_ds.needs_rows(snr_ds.SNROptions(**snr)):
-            assert cut > 0  # the partitions cut rows: the exchange of cut rows was exercised
+def _ds_workers(rank: int, world: int, runs: list[tuple[dict, int]]):
+    """Several engines, one after the other, in the same two processes."""
+    return [_ds_worker(rank, world, cfg, gas) for cfg, gas in runs]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_equals_the_plain_ddp_path(stage):
+    """Every SUPPORTED case of the stage (one process pair runs them in turn)."""
+    cases = [(snr, gas) for s, snr, gas in SUPPORTED if s == stage]
+    runs = [(_config(stage, snr, micro=8 // gas, gas=gas), gas) for snr, gas in cases]
+    ranks = run_distributed(_ds_workers, 2, runs, timeout=400)
+    for i, (snr, gas) in enumerate(cases):
+        ref = _reference(snr, parts=2 * gas)
+        for out in ranks:
+            params, (_, _, cut) = out[i]
+            for p, q in zip(params, ref):
+                torch.testing.assert_close(
+                    p, q, rtol=0, atol=1e-5, msg=lambda m, c=(snr, gas): f"{c}: {m}"
+                )
+            if stage > 0 and snr_ds.needs_rows(snr_ds.SNROptions(**snr)):
+                assert cut > 0, (snr, gas)  # the partitions cut rows: the exchange ran
 
 
 def test_scheduler_from_the_json_drives_snr_adamw():
