@@ -136,14 +136,7 @@ def test_the_docker_image_copies_every_folder_the_wheel_installs():
 
 def _build_wheel(tmp: Path) -> Path:
     """Build from a copy of the sources (setuptools writes build/ next to pyproject.toml)."""
-    import shutil
-
-    src = tmp / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(ROOT / name, src / name)
-    for folder in {p.relative_to(ROOT).parts[0] for p in _package_dirs().values()}:
-        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    src = _sources(tmp)
     pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     subprocess.run([*pip, "-w", str(tmp), str(src)], check=True, capture_output=True)
     (wheel,) = tmp.glob("snr_dist-*.whl")

@@ -130,6 +130,21 @@ def per_tensor_copies(wrapper) -> list[tuple[Tensor, Tensor]] | None:
     return None
 
 
+def _held_pieces(buckets: list[_Bucket]):
+    """``(bucket, offset in the cut-row buffer, offset in the partition, length)`` of every
+    piece of a cut row this rank's partitions hold."""
+    base = 0
+    for bk in buckets:
+        for piece in bk.pieces:
+            for j, row in enumerate(piece.cuts):
+                lo = max(row * piece.n, piece.start)
+                hi = min((row + 1) * piece.n, piece.start + piece.count)
+                if lo < hi:
+                    at = base + piece.cut_offset + j * piece.n + (lo - row * piece.n)
+                    yield bk, at, piece.hp_offset + (lo - piece.start), hi - lo
+        base += bk.cut_elems
+
+
 def shape_of(lp: Tensor) -> tuple[int, ...]:
     """The model parameter's full shape (ZeRO-3 keeps it in ``ds_shape``)."""
     return tuple(getattr(lp, "ds_shape", lp.shape))
@@ -216,22 +231,10 @@ class ZeroView:
         buf = torch.zeros(len(which) * total, dtype=torch.float32, device=self._device())
         if total == 0:
             return buf
-        base = 0
-        for bk in buckets:
+        for bk, at, src, size in _held_pieces(buckets):
             sources = {"grad": bk.flat.grad, "value": bk.flat.detach()}
-            for piece in bk.pieces:
-                for j, row in enumerate(piece.cuts):
-                    lo = max(row * piece.n, piece.start)
-                    hi = min((row + 1) * piece.n, piece.start + piece.count)
-                    if lo >= hi:
-                        continue
-                    at = base + piece.cut_offset + j * piece.n + (lo - row * piece.n)
-                    src = piece.hp_offset + (lo - piece.start)
-                    for w, name in enumerate(which):
-                        buf[w * total + at : w * total + at + hi - lo].copy_(
-                            sources[name][src : src + hi - lo]
-                        )
-            base += bk.cut_elems
+            for w, name in enumerate(which):
+                buf[w * total + at : w * total + at + size].copy_(sources[name][src : src + size])
         if self.world > 1:
             self.inner.distributor.comm.all_reduce_([buf])  # counted with the statistics
         return buf
@@ -288,18 +291,8 @@ class ZeroView:
             return
         if self.world > 1:
             self.inner.distributor.comm.all_reduce_([buf])
-        base = 0
-        for bk in buckets:
-            for piece in bk.pieces:
-                for j, row in enumerate(piece.cuts):
-                    lo = max(row * piece.n, piece.start)
-                    hi = min((row + 1) * piece.n, piece.start + piece.count)
-                    if lo >= hi:
-                        continue
-                    src = base + piece.cut_offset + j * piece.n + (lo - row * piece.n)
-                    dst = piece.hp_offset + (lo - piece.start)
-                    bk.flat.data[dst : dst + hi - lo].copy_(buf[src : src + hi - lo])
-            base += bk.cut_elems
+        for bk, at, dst, size in _held_pieces(buckets):
+            bk.flat.data[dst : dst + size].copy_(buf[at : at + size])
 
     @torch.no_grad()
     def step(self) -> None:
