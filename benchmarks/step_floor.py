@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,13 +42,20 @@ from torch import nn
 from snr_dist import SNRAdamW
 from snr_dist.experiments.models import GPT
 
-PASSES = {"AdamW (foreach)": 7, "SNRAdamW diagonal": 9, "SNRAdamW subspace r=32": 9}
+PASSES = {
+    "AdamW (foreach)": 7,
+    "SNRAdamW diagonal": 9,
+    "SNRAdamW diagonal, kernels='compile'": 9,
+    "SNRAdamW subspace r=32": 9,
+}
+COMPILED = "SNRAdamW diagonal, kernels='compile'"
 
 
 def optimizers() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
     return {
         "AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
         "SNRAdamW diagonal": lambda ps: SNRAdamW(ps, lr=1e-4),
+        COMPILED: lambda ps: SNRAdamW(ps, lr=1e-4, kernels="compile"),
         "SNRAdamW subspace r=32": lambda ps: SNRAdamW(ps, lr=1e-4, mode="subspace", rank=32),
     }
 
@@ -111,11 +120,14 @@ def measure(name: str, model: nn.Module, batch: Callable, args) -> dict[str, Any
     base = next(iter(factories))
     # optimizer.step() alone, on a fixed gradient
     copies = {n: copy.deepcopy(model) for n in factories}
-    opts = {}
+    opts, first = {}, {}
     for n, m in copies.items():
         for p in m.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         opts[n] = factories[n](list(m.parameters()))
+        t0 = time.perf_counter()
+        opts[n].step()  # kernels='compile': compiles here
+        first[n] = time.perf_counter() - t0
         for _ in range(args.warmup):
             opts[n].step()
     step_times = _interleaved({n: opts[n].step for n in factories}, args.rounds)
@@ -141,6 +153,7 @@ def measure(name: str, model: nn.Module, batch: Callable, args) -> dict[str, Any
     nbytes = sum(p.numel() * 4 for p in params)
     bw = bandwidth(params, args.rounds)
     rows = {}
+    eager = "SNRAdamW diagonal"
     for n in factories:
         step = statistics.median(step_times[n])
         floor = PASSES[n] * nbytes / bw
@@ -151,7 +164,14 @@ def measure(name: str, model: nn.Module, batch: Callable, args) -> dict[str, Any
             "step_vs_floor": step / floor,
             "full_step_ms": 1e3 * statistics.median(full_times[n]),
             "full_vs_adamw": _ratio(full_times, n, base),
+            "first_step_s": first[n],
         }
+    # what compiling costs once, and after how many training steps it has paid for itself
+    saved = statistics.median(full_times[eager]) - statistics.median(full_times[COMPILED])
+    compile_s = first[COMPILED] - statistics.median(step_times[COMPILED])
+    rows[COMPILED]["compile_s"] = compile_s
+    rows[COMPILED]["saved_ms_per_step"] = 1e3 * saved
+    rows[COMPILED]["pays_back_after_steps"] = compile_s / saved if saved > 0 else None
     return {
         "model": name,
         "params": sum(p.numel() for p in params),
@@ -178,6 +198,27 @@ def format_report(results: list[dict[str, Any]], args) -> str:
             )
     bws = ", ".join(f"{r['model']}: {r['bandwidth_gb_s']:.1f} GB/s" for r in results)
     lines += ["", f"Measured multi-tensor add bandwidth: {bws}."]
+    for k, res in enumerate(results):
+        c = res["rows"][COMPILED]
+        saved = c["saved_ms_per_step"]
+        gain = (
+            f"its training step is {saved:.2f} ms shorter than the uncompiled one"
+            if saved > 0
+            else "its training step was not shorter than the uncompiled one here"
+        )
+        if k == 0:
+            cache = "a fresh" if args.cold_compile else "the default"
+            back = c["pays_back_after_steps"]
+            when = f"; it pays back after {back:.0f} steps" if back is not None else ""
+            lines.append(
+                f"{res['model']}: kernels='compile' costs {c['compile_s']:.1f} s once (first "
+                f"step, {cache} Inductor cache); {gain}{when}."
+            )
+        else:
+            lines.append(
+                f"{res['model']}: kernels='compile' (already compiled above: one function "
+                f"serves every shape): {gain}."
+            )
     return "\n".join(lines)
 
 
@@ -189,11 +230,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpt-batch", type=int, default=8)
     ap.add_argument("--only", choices=["gpt", "mlp"], help="one model only")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--cold-compile",
+        action="store_true",
+        help="compile into a fresh Inductor cache (the first run on a machine) instead of "
+        "the default one, so the compile cost includes the C++ compiler",
+    )
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if args.cold_compile:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="snr-inductor-")
     results = []
     for name, (model, batch) in models(args).items():
         if args.only and not name.lower().startswith(args.only):

@@ -29,9 +29,11 @@ around Adam's previous mean, right under drift) or ``second_moment`` (the 0.1 ru
 ``v - s^2``: exact for stationary gradients, reads a shrinking gradient as noise)."""
 MODES = ("diagonal", "subspace")
 BASIS_SIDES = ("auto", "rows", "cols")
-KERNEL_CHOICES = ("auto", "torch", "triton")
+KERNEL_CHOICES = ("auto", "torch", "triton", "compile")
 """Implementations of the hot loops: ``auto`` (Triton on CUDA when it imports, else torch, unless
-``SNR_DIST_KERNELS`` says otherwise), or one forced."""
+``SNR_DIST_KERNELS`` says otherwise), one forced, or ``compile``: the diagonal temporal step as
+one ``torch.compile``d pass per parameter (`snr_dist.kernels.compiled`; the other loops as
+``auto``)."""
 
 #: Options that decide which state tensors a parameter has; fixed once its state exists.
 LAYOUT_KEYS = ("estimator", "noise", "mode", "rank", "basis_side")

@@ -157,4 +157,5 @@ def test_step_floor_benchmark_reports_every_ratio(tmp_path):
         for key in ("step_ms", "step_vs_floor", "full_vs_adamw", "floor_ms"):
             assert math.isfinite(r[key]) and r[key] > 0
     assert res["bandwidth_gb_s"] > 0
+    assert math.isfinite(res["rows"][module.COMPILED]["compile_s"])
     assert json.loads(out.read_text())["results"][0]["model"] == res["model"]

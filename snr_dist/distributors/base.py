@@ -97,7 +97,20 @@ class Distributor(ABC):
     def agree_on_skips(self, finite: list[bool], device) -> list[bool]:
         """Which parameters every rank may update (a rank's non-finite shard skips the
         parameter everywhere where ranks hold parts of it)."""
-        return finite
+        if not (self.partial_statistics and self.world > 1):
+            return finite
+        bad = self.agree_on_skips_device(
+            torch.tensor([0.0 if f else 1.0 for f in finite], device=device)
+        )
+        return [f == 0 for f in bad.tolist()]
+
+    def agree_on_skips_device(self, bad: Tensor) -> Tensor:
+        """`agree_on_skips` without reading anything on the host: ``bad`` (a float per
+        parameter, > 0 where this rank's part is non-finite) summed over the ranks that hold
+        parts of the parameters (no-op where every rank holds whole parameters)."""
+        if self.partial_statistics and self.world > 1:
+            self.comm.all_reduce_([bad])
+        return bad
 
     def check_consistent(self, signature: Any, describe: Callable[[Any, Any], str]) -> None:
         """Once, at the first step: every rank must run the same configuration."""

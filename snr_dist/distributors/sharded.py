@@ -33,11 +33,6 @@ class ShardedDistributor(Distributor):
         super().__init__(GroupComm(mesh.get_group()))
         self.mesh = mesh
 
-    def agree_on_skips(self, finite: list[bool], device) -> list[bool]:
-        flags = torch.tensor([0.0 if f else 1.0 for f in finite], device=device)
-        self.comm.all_reduce_([flags])
-        return [bool(f == 0) for f in flags.tolist()]
-
     # ------------------------------------------------------------------ checkpoint view
     def state_needs_collective(self, kinds: dict[str, Kind]) -> bool:
         return Kind.PARTIAL in kinds.values()

@@ -13,7 +13,6 @@ states do without its universal-checkpoint conversion.
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 from snr_dist.distributors.base import Distributor
@@ -26,8 +25,3 @@ class ZeroDistributor(Distributor):
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(GroupComm(group))
-
-    def agree_on_skips(self, finite: list[bool], device) -> list[bool]:
-        flags = torch.tensor([0.0 if f else 1.0 for f in finite], device=device)
-        self.comm.all_reduce_([flags])
-        return [bool(f == 0) for f in flags.tolist()]

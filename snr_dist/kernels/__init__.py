@@ -49,6 +49,7 @@ __all__ = [
     "project_with_stats_torch",
     "resolve",
     "snr_adamw_scalars",
+    "step_kernels",
     "triton_available",
 ]
 
@@ -84,11 +85,9 @@ def resolve(choice: str, device: torch.device | str | None) -> str:
     it imports. A forced ``"triton"`` that cannot run raises instead of silently falling back,
     so a benchmark or a test never measures the wrong path.
     """
-    validate_choice(choice)
-    if choice == "auto":
-        env = os.environ.get(ENV_VAR, "").strip()
-        if env:
-            choice = validate_choice(env, ENV_VAR)
+    choice = _effective(choice)
+    if choice == "compile":  # compiles the diagonal step only (`step_kernels`)
+        choice = "auto"
     if choice == "torch":
         return "torch"
     cuda = device is not None and torch.device(device).type == "cuda"
@@ -111,6 +110,46 @@ def resolve(choice: str, device: torch.device | str | None) -> str:
             "TRITON_INTERPRET=1 before triton is imported, or use CUDA tensors"
         )
     return "triton"
+
+
+def _effective(choice: str) -> str:
+    validate_choice(choice)
+    if choice == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            choice = validate_choice(env, ENV_VAR)
+    return choice
+
+
+def step_kernels(choice: str, device: torch.device | str | None) -> str:
+    """``"compile"``, ``"triton"`` or ``"torch"`` for the diagonal temporal step on ``device``.
+
+    ``"compile"`` (the option, or ``SNR_DIST_KERNELS=compile``) runs
+    `snr_dist.kernels.compiled`; where torch.compile cannot run (no C++ compiler, say), it
+    says why once and the step runs as ``"auto"`` would."""
+    if _effective(choice) == "compile":
+        from snr_dist.kernels.compiled import compile_available
+
+        why = compile_available()
+        if why is None:
+            return "compile"
+        _warn_no_compile(why)
+    return resolve(choice, device)
+
+
+_warned_compile = False
+
+
+def _warn_no_compile(why: str) -> None:
+    global _warned_compile
+    if not _warned_compile:
+        _warned_compile = True
+        warnings.warn(
+            f"snr-dist: kernels='compile' cannot compile here ({why}); the diagonal step runs "
+            "uncompiled (same results, slower).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_fallback() -> None:

@@ -181,11 +181,13 @@ class SNREngine:
             self._check_layout(i, group)
 
     def gradients(
-        self, group: dict, skip_nonfinite: bool, who: str
+        self, group: dict, skip_nonfinite: bool, who: str, unchecked: set[Tensor] = frozenset()
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """``(params, grads, skipped)``: params with a gradient (grads as this rank's local
         tensors), minus non-finite ones (counted) when ``skip_nonfinite``. The caller drops
-        the skipped params' micro-batch sums once the step is sure to proceed."""
+        the skipped params' micro-batch sums once the step is sure to proceed. Params in
+        ``unchecked`` are not checked here (their step masks non-finite gradients on the
+        device, without a host read)."""
         params, grads = [], []
         for p in group["params"]:
             if p.grad is None:
@@ -199,9 +201,13 @@ class SNREngine:
             params.append(p)
             grads.append(local(p.grad))
         skipped: list[Tensor] = []
-        if skip_nonfinite and params:
-            ok = finite_flags(grads)
-            ok = self.distributor.agree_on_skips(ok, grads[0].device)
+        check = [i for i, p in enumerate(params) if p not in unchecked]
+        if skip_nonfinite and check:
+            flags = finite_flags([grads[i] for i in check])
+            flags = self.distributor.agree_on_skips(flags, grads[check[0]].device)
+            ok = [True] * len(params)
+            for i, f in zip(check, flags):
+                ok[i] = f
             if not all(ok):
                 skipped = [p for p, f in zip(params, ok) if not f]
                 for p in skipped:

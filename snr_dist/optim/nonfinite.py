@@ -36,14 +36,44 @@ def finite_flags(grads: list[Tensor]) -> list[bool]:
 
 
 class NonfiniteCounter:
-    """Skips per parameter, and the one warning."""
+    """Skips per parameter, and the one warning.
+
+    Steps that check on the host (the eager path) count here at once and warn at the first
+    skip. Steps that check on the device (``kernels="compile"``) count in a 0-dim tensor per
+    parameter (`device_counter`), never read during a step: their skips are added, and the
+    warning given, when the counts are read (`skips`: ``optimizer.nonfinite_skips``,
+    ``optimizer.metrics()``).
+    """
 
     def __init__(self) -> None:
-        self.skips: dict[Tensor, int] = defaultdict(int)
+        self._host: dict[Tensor, int] = defaultdict(int)
+        self._device: dict[Tensor, Tensor] = {}
         self._warned = False
 
     def record(self, p: Tensor) -> None:
-        self.skips[p] += 1
+        self._host[p] += 1
+        self._warn(stacklevel=5)
+
+    def device_counter(self, p: Tensor, device: torch.device) -> Tensor:
+        """The fp32 0-dim tensor on ``device`` that a device-side step adds ``p``'s skips to."""
+        counter = self._device.get(p)
+        if counter is None or counter.device != device:
+            before = 0.0 if counter is None else float(counter)
+            counter = self._device[p] = torch.full((), before, device=device)
+        return counter
+
+    @property
+    def skips(self) -> dict[Tensor, int]:
+        """Skips per parameter (reads the device counters: one host read each)."""
+        out = dict(self._host)
+        for p, n in self._device.items():
+            k = int(n.item())
+            if k:
+                out[p] = out.get(p, 0) + k
+                self._warn(stacklevel=4)
+        return out
+
+    def _warn(self, stacklevel: int) -> None:
         if not self._warned:
             self._warned = True
             warnings.warn(
@@ -51,7 +81,7 @@ class NonfiniteCounter:
                 "its state left untouched (counted in optimizer.metrics()['nonfinite_skips']). "
                 "This warning is shown once.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=stacklevel,
             )
 
     def total(self) -> int:

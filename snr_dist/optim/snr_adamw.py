@@ -27,6 +27,8 @@ from snr_dist.estimators import (
 )
 from snr_dist.estimators.base import impl
 from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES
+from snr_dist.kernels import step_kernels
+from snr_dist.kernels.compiled import COMPILED_RULES, compilable, compiled_snr_adamw_step
 from snr_dist.layout import Kind
 from snr_dist.optim.base import SNROptimizerMixin
 from snr_dist.options import SNROptions, validate_adam, validate_kernels
@@ -173,6 +175,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         another world size) this rank's state."""
         dist = self._engine.distributor
         self._engine.index()
+        self._step_bound = None
         for p, st in values.items():
             kinds = self.state_kinds(p, st.keys())
             device = local(p).device
@@ -218,6 +221,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         if zero is not None:
             zero.load_state_dict(state_dict)
             return
+        self._step_bound = None  # re-read from the loaded steps at the next step
         saved = state_dict["state"]
         # Which kernels run is this process's choice (a GPU checkpoint may resume on a CPU).
         impls = [g.get("kernels", "auto") for g in self.param_groups]
@@ -256,16 +260,18 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             return loss
         engine = self._engine
         engine.begin_step()
+        self._step_bound = self._current_step_bound() + 1
+        compiled = [self._compiled(group) for group in self.param_groups]
         collected = [
-            (group, *engine.gradients(group, self.skip_nonfinite, "SNRAdamW"))
-            for group in self.param_groups
+            (group, *engine.gradients(group, self.skip_nonfinite, "SNRAdamW", unchecked=c), c)
+            for group, c in zip(self.param_groups, compiled)
         ]
-        for group, params, _, _ in collected:  # fail before any state changes
+        for group, params, _, _, _ in collected:  # fail before any state changes
             engine.check_ready(group, params)
         work = []
-        for group, params, grads, skipped in collected:
+        for group, params, grads, skipped, compiled_params in collected:
             engine.capture.discard(skipped)
-            params, grads = self._fused_step(group, params, grads)
+            params, grads = self._fused_step(group, params, grads, compiled_params)
             if params:
                 work.append((group, self._update_moments(group, params, grads)))
         engine.exchange(work)  # one all-reduce of SNR statistics for the whole step
@@ -274,14 +280,98 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         engine.refresh(work)
         return loss
 
+    def _current_step_bound(self) -> int:
+        """An upper bound of every parameter's step (read from the state once after a
+        construction or a load, then counted on the host: no per-step read)."""
+        bound = getattr(self, "_step_bound", None)
+        if bound is None:
+            steps = [st["step"] for st in self.state.values() if "step" in st]
+            bound = int(max(float(t) for t in steps)) if steps else 0
+        return bound
+
+    def _compiled(self, group: dict) -> set[Tensor]:
+        """The params of ``group`` whose diagonal temporal step runs compiled
+        (`snr_dist.kernels.compiled`): they check their gradients on the device."""
+        if group["estimator"] != "temporal" or group["foreach"] is False:
+            return set()
+        if group["gate"] not in COMPILED_RULES:
+            return set()
+        out = set()
+        choice = group.get("kernels", "auto")
+        by_device: dict[torch.device, bool] = {}
+        for p in group["params"]:
+            if p.grad is None or p.grad.is_sparse:
+                continue
+            lp, lg = local(p), local(p.grad)
+            if lp.device not in by_device:
+                by_device[lp.device] = step_kernels(choice, lp.device) == "compile"
+            if (
+                by_device[lp.device]
+                and compilable(lp, lg)
+                and isinstance(
+                    self._engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
+                )
+            ):
+                out.add(p)
+        return out
+
+    def _compiled_step(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        """One compiled pass per parameter; no value is read on the host (non-finite
+        gradients are masked on the device and counted there)."""
+        engine = self._engine
+        states = [self._init_state(p, group) for p in params]
+        locals_ = [local(p) for p in params]
+        for st, lp in zip(states, locals_):
+            if st["step"].device != lp.device:  # with the parameter, as torch's fused Adam
+                st["step"] = st["step"].to(lp.device)
+        oks = None
+        dist = engine.distributor
+        if self.skip_nonfinite and dist.partial_statistics and dist.world > 1:
+            bad = torch.stack([torch.isfinite(g).all().logical_not() for g in grads]).float()
+            oks = list(dist.agree_on_skips_device(bad).eq(0).unbind())
+        innovation = "noise_avg" in states[0]
+        own_mean = "snr_avg" in states[0]
+        extra = "noise_avg" if innovation else "snr_avg"
+        compiled_snr_adamw_step(
+            locals_,
+            grads,
+            [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states],
+            [st[extra] for st in states] if innovation or own_mean else None,
+            [st["step"] for st in states],
+            [engine.nonfinite.device_counter(p, lp.device) for p, lp in zip(params, locals_)],
+            oks,
+            step_bound=self._step_bound,
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            snr_beta=group["snr_beta"] if own_mean else group["betas"][0],
+            gate_rule=group["gate"],
+            tau=group["tau"],
+            gate_a=group["gate_a"],
+            warmup_steps=group["warmup_steps"],
+            maximize=group["maximize"],
+            noise="innovation" if innovation else "second_moment",
+            check_finite=self.skip_nonfinite,
+        )
+
     def _fused_step(
-        self, group: dict, params: list[Tensor], grads: list[Tensor]
+        self, group: dict, params: list[Tensor], grads: list[Tensor], compiled: set[Tensor]
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """The whole step of diagonal temporal params whose kernels resolve to Triton, in one
-        fused kernel launch per step count; returns the params (and grads) left to the torch
-        path. They need nothing from the exchange or refresh phases."""
+        """The whole step of diagonal temporal params whose kernels resolve to ``compile``
+        (one compiled pass per parameter) or Triton (one fused kernel launch per step
+        count); returns the params (and grads) left to the torch path. They need nothing
+        from the exchange or refresh phases."""
         if group["estimator"] != "temporal" or not params:
             return params, grads
+        if compiled:
+            idx = [i for i, p in enumerate(params) if p in compiled]
+            self._compiled_step(group, [params[i] for i in idx], [grads[i] for i in idx])
+            rest = [i for i, p in enumerate(params) if p not in compiled]
+            params, grads = [params[i] for i in rest], [grads[i] for i in rest]
+            if not params:
+                return params, grads
         fused = [
             i
             for i, p in enumerate(params)

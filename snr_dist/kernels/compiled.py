@@ -1,0 +1,290 @@
+"""The diagonal temporal SNR-AdamW step as one ``torch.compile``d pass per parameter.
+
+Why: the eager multi-tensor step runs ~18 foreach operations per parameter (about 46 passes
+over the parameter's bytes, against AdamW's ~20), and on the CPU an elementwise step is
+memory-bound. Compiled by Inductor (C++ on the CPU, Triton on CUDA), the whole step -- the
+non-finite check, the innovation, Adam's moments, the gate, the decoupled decay and the update
+-- reads ``p, g, m, v, x`` once and writes ``p, m, v, x`` once: the 9-pass floor, plus one
+read of ``g`` for the check.
+
+No host sync: the step never reads a tensor value on the host.
+
+* The non-finite check is a device flag: a parameter whose gradient holds NaN/Inf keeps its
+  value and moments (``where(ok, new, old)`` inside the same pass), its ``step`` does not
+  advance (``step += ok``) and its skip counter does (``skips += !ok``); counters are read
+  when asked for (`snr_dist.optim.nonfinite.NonfiniteCounter`).
+* ``step`` lives with the parameter (as in torch's fused and capturable Adam), and the
+  per-step constants (bias corrections, ``k_t``, the innovation's ``kappa_t``, whether the
+  gate is active) are gathered, inside the pass, from a table indexed by that step: the host
+  never needs to know which parameters were skipped. The table (`StepTable`) is computed by
+  `snr_dist.kernels.reference.snr_adamw_scalars` (the same host floats as the eager path) and
+  grows ahead of the largest step any parameter can have.
+* ``lr``, ``weight_decay``, ``eps`` and ``tau`` go in as a small tensor, so LR schedulers
+  never recompile.
+
+One compiled function per (noise rule, own mean, gate rule, maximize), with dynamic shapes:
+every parameter of a model reuses it. Compile cost (measured by ``benchmarks/step_floor.py``)
+is paid once per process; Inductor caches its code on disk, so later processes mostly skip
+the C++ compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import types
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from snr_dist.kernels.reference import snr_adamw_scalars
+from snr_dist.snr import GATE_FLOOR
+
+COMPILED_RULES = ("wiener", "clamp", "hard", "paper", "none")
+
+#: Row layout of the per-step table (index ``t``, the step after the update).
+FIELDS = (
+    "gated",
+    "step_size",  # 1 / (1 - beta1^t): the step size at lr = 1
+    "inv_bc2_sqrt",
+    "inv_bc_s_sq",
+    "inv_bc_v",
+    "inv_one_k",
+    "shift",
+    "update_x",
+    "inv_bc_prev",
+    "var_scale",
+)
+_F = {name: i for i, name in enumerate(FIELDS)}
+
+
+class StepTable:
+    """Per-step constants of one configuration, ``rows[t]`` for ``t = 0..capacity-1``,
+    kept on one device and grown (doubling) on the host ahead of the steps it must cover."""
+
+    def __init__(self, key: tuple, device: torch.device) -> None:
+        self.key = key
+        self.device = device
+        self.rows = torch.zeros((0, len(FIELDS)), dtype=torch.float32, device=device)
+
+    def covering(self, step_bound: int) -> Tensor:
+        """The table with a row for every step up to ``step_bound`` (inclusive)."""
+        need = step_bound + 1
+        have = self.rows.shape[0]
+        if have < need:
+            size = max(need, 2 * have, 64)
+            betas, snr_beta, rule, gate_a, warmup, noise = self.key
+            new = [
+                [0.0] * len(FIELDS)
+                if t == 0
+                else _row(t, betas, snr_beta, rule, gate_a, warmup, noise)
+                for t in range(have, size)
+            ]
+            extra = torch.tensor(new, dtype=torch.float32).to(self.device)
+            self.rows = torch.cat([self.rows, extra]) if have else extra
+        return self.rows
+
+
+def _row(t, betas, snr_beta, rule, gate_a, warmup, noise) -> list[float]:
+    sc = snr_adamw_scalars(t, 1.0, betas, 0.0, 0.0, snr_beta, rule, 1.0, gate_a, warmup, noise)
+    sc = {k: float(v) for k, v in sc.items()}
+    sc["inv_bc_s_sq"] = sc["inv_bc_s"] ** 2
+    return [sc[name] for name in FIELDS]
+
+
+def _make_step(noise: str, own_mean: bool, rule: str, maximize: bool, check_finite: bool):
+    """The per-parameter step for one static configuration (1-D views of one parameter).
+
+    Every per-step scalar comes in precomputed (``row``: this parameter's `StepTable` row;
+    ``hyper``: ``lr``, ``1 - lr * weight_decay``, ``eps``, ``tau``; ``one_minus``: ``1 - beta1``,
+    ``1 - beta2``, ``1 - snr_beta``), so the loop body is the elementwise rule alone."""
+    innovation = noise == "innovation"
+    F = _F
+
+    def step_one(p, g, m, v, x, step, skips, ok_in, row, hyper, one_minus):
+        gf = g.float()
+        if maximize:
+            gf = -gf
+        ok = torch.logical_and(ok_in, torch.isfinite(gf).all()) if check_finite else ok_in
+        if innovation:
+            r = gf - m * row[F["inv_bc_prev"]]
+            x_new = torch.where(row[F["update_x"]] > 0, x + one_minus[0] * (r * r - x), x)
+        m_new = m + one_minus[0] * (gf - m)
+        v_new = v + one_minus[1] * (gf * gf - v)
+        if innovation:
+            raw = m_new * m_new * row[F["inv_bc_s_sq"]]
+            var = x_new * row[F["var_scale"]]
+        else:
+            if own_mean:
+                x_new = x + one_minus[2] * (gf - x)
+                s = x_new
+            else:
+                s = m_new
+            raw = s * s * row[F["inv_bc_s_sq"]]
+            var = torch.clamp((v_new * row[F["inv_bc_v"]] - raw) * row[F["inv_one_k"]], min=0.0)
+        var = torch.clamp(var, min=GATE_FLOOR)
+        sig = torch.clamp(raw - row[F["shift"]] * var, min=0.0)
+        tau = hyper[3]
+        if rule in ("wiener", "paper"):
+            gate = sig / (sig + tau * var)
+        elif rule == "clamp":
+            gate = torch.clamp(sig / (tau * var), max=1.0)
+        elif rule == "hard":
+            gate = (sig > tau * var).float()
+        else:
+            gate = torch.ones_like(sig)
+        gate = torch.where(row[F["gated"]] > 0, gate, 1.0)
+        denom = torch.sqrt(v_new) * row[F["inv_bc2_sqrt"]] + hyper[2]
+        pf = p.float()
+        new_p = pf * hyper[1] - (hyper[0] * row[F["step_size"]]) * gate * m_new / denom
+        p.copy_(torch.where(ok, new_p, pf).to(p.dtype))
+        m.copy_(torch.where(ok, m_new, m))
+        v.copy_(torch.where(ok, v_new, v))
+        if innovation or own_mean:
+            x.copy_(torch.where(ok, x_new, x))
+        step.add_(ok.float())
+        skips.add_(1.0 - ok.float())
+
+    return step_one
+
+
+def _own_code(fn, key: tuple):
+    """``fn`` with a code object of its own: Dynamo caches compiled graphs per code object,
+    so closures of one function would share (and exhaust) one recompile budget."""
+    name = "snr_step_" + "_".join(str(k) for k in key)
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+_lock = threading.Lock()
+_compiled: dict[tuple, object] = {}
+_tables: dict[tuple, StepTable] = {}
+_const: dict[tuple, Tensor] = {}
+
+
+def compiled_step_fn(noise: str, own_mean: bool, rule: str, maximize: bool, check_finite: bool):
+    """The compiled per-parameter step for this configuration (compiled on first call)."""
+    key = (noise, own_mean, rule, maximize, check_finite)
+    with _lock:
+        fn = _compiled.get(key)
+        if fn is None:
+            fn = torch.compile(_own_code(_make_step(*key), key), dynamic=True)
+            _compiled[key] = fn
+    return fn
+
+
+def step_table(key: tuple, device: torch.device) -> StepTable:
+    with _lock:
+        table = _tables.get((key, device))
+        if table is None:
+            table = _tables[(key, device)] = StepTable(key, device)
+    return table
+
+
+def _true(device: torch.device) -> Tensor:
+    with _lock:
+        t = _const.get(("true", device))
+        if t is None:
+            t = _const[("true", device)] = torch.ones((), dtype=torch.bool, device=device)
+    return t
+
+
+def compilable(p: Tensor, g: Tensor) -> bool:
+    """Whether one flat pass can serve this parameter (dense, contiguous, floating)."""
+    return (
+        p.is_floating_point()
+        and p.is_contiguous()
+        and not g.is_sparse
+        and g.shape == p.shape
+        and p.device.type in ("cpu", "cuda")
+    )
+
+
+@torch.no_grad()
+def compiled_snr_adamw_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    extras: Sequence[Tensor] | None,
+    steps: Sequence[Tensor],
+    skips: Sequence[Tensor],
+    oks: Sequence[Tensor] | None,
+    *,
+    step_bound: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    snr_beta: float,
+    gate_rule: str,
+    tau: float,
+    gate_a: float = 1.0,
+    warmup_steps: int = 0,
+    maximize: bool = False,
+    noise: str = "innovation",
+    check_finite: bool = True,
+) -> None:
+    """One diagonal temporal step of every parameter, each in one compiled pass.
+
+    ``steps`` and ``skips`` are 0-dim fp32 tensors on the parameters' devices, advanced in
+    place (``step`` by one unless the gradient is non-finite, ``skips`` otherwise);
+    ``step_bound`` is an upper bound of every ``step`` after this update; ``oks`` (0-dim bool,
+    optional) are flags agreed across ranks; ``check_finite=False`` applies non-finite
+    gradients as they are (``skip_nonfinite=False``). ``extras``: the innovation EMAs
+    (``noise="innovation"``), the SNR means (second-moment rule with its own mean) or None.
+    """
+    if gate_rule not in COMPILED_RULES:
+        raise ValueError(f"gate_rule must be one of {COMPILED_RULES}, got {gate_rule!r}")
+    if noise == "innovation" and extras is None:
+        raise ValueError("compiled_snr_adamw_step: noise='innovation' needs the innovation EMAs")
+    own_mean = noise != "innovation" and extras is not None
+    fn = compiled_step_fn(noise, own_mean, gate_rule, maximize, check_finite)
+    key = (tuple(betas), snr_beta, gate_rule, gate_a, warmup_steps, noise)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(params):
+        by_device.setdefault(p.device, []).append(i)
+    for dev, idx in by_device.items():
+        table = step_table(key, dev).covering(step_bound)
+        # every parameter's row, in one gather (a skipped parameter may lag the others)
+        t = torch.stack([steps[i] for i in idx]).add(1.0).clamp_(max=table.shape[0] - 1)
+        rows = table.index_select(0, t.long()).unbind(0)
+        hyper = torch.tensor(
+            [lr, 1.0 - lr * weight_decay, eps, tau], dtype=torch.float32, device=dev
+        )
+        one_minus = torch.tensor(
+            [1.0 - betas[0], 1.0 - betas[1], 1.0 - snr_beta], dtype=torch.float32, device=dev
+        )
+        for i, row in zip(idx, rows):
+            m = exp_avgs[i]
+            fn(
+                params[i].view(-1),
+                grads[i].reshape(-1),
+                m.view(-1),
+                exp_avg_sqs[i].view(-1),
+                m.view(-1) if extras is None else extras[i].view(-1),
+                steps[i],
+                skips[i],
+                _true(dev) if oks is None else oks[i],
+                row,
+                hyper,
+                one_minus,
+            )
+
+
+@functools.cache
+def compile_available() -> str | None:
+    """None when torch.compile can run here, else why not (checked once, on a tiny step)."""
+    try:
+        n = 1 << 16  # Inductor sizes its loops (threads, vector width) by the first call
+        p, g = torch.zeros(n), torch.ones(n)
+        m, v, x = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+        compiled_snr_adamw_step(
+            [p], [g], [m], [v], [x], [torch.zeros(())], [torch.zeros(())], None,
+            step_bound=1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+            snr_beta=0.9, gate_rule="wiener", tau=1.0,
+        )  # fmt: skip
+    except Exception as e:  # no C++ compiler, an unsupported platform, ...
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None

@@ -1,0 +1,229 @@
+"""kernels="compile": the diagonal temporal step as one torch.compile'd pass per parameter.
+
+Real Inductor (C++ on the CPU). Each configuration compiles once per process (a cold
+Inductor cache costs ~20-30 s per configuration on 2 cores), so the tests share two
+configurations: the defaults, and the second-moment rule with its own mean, the clamp gate,
+``maximize`` and a warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from conftest import batches, max_diff, run, tiny_mlp
+from distributed_utils import run_distributed
+
+import snr_dist.kernels.compiled as compiled_mod
+from snr_dist import SNRAdamW, fsdp
+from snr_dist.kernels import step_kernels
+
+DEFAULTS: dict = {}
+OTHER = dict(
+    noise="second_moment", snr_beta=0.95, gate="clamp", tau=0.5, maximize=True, warmup_steps=3
+)
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Counts every read of a tensor value on the host (``item``, ``tolist``, ``bool()``, ...):
+    on an accelerator each one is a device-to-host sync."""
+    count = [0]
+    saved = {}
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        saved[name] = orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            count[0] += 1
+            return _orig(self, *a, **k)
+
+        setattr(torch.Tensor, name, counted)
+    try:
+        yield count
+    finally:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+
+
+def _pair(kw, steps=20, scheduler=False):
+    data = batches(steps)
+    out = []
+    for kernels in ("torch", "compile"):
+        model = tiny_mlp()
+        opt = SNRAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, kernels=kernels, **kw)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 4, gamma=0.5) if scheduler else None
+        run(model, opt, data, sched)
+        out.append((model, opt))
+    return out
+
+
+@pytest.mark.parametrize("kw", [DEFAULTS, OTHER], ids=["defaults", "second_moment-clamp-max"])
+def test_compiled_step_equals_the_torch_path(kw):
+    (a, opt_a), (b, opt_b) = _pair(kw, scheduler=True)
+    assert max_diff(a, b) <= 1e-5
+    for p, q in zip(a.parameters(), b.parameters()):
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert set(sa) == set(sb)
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
+def test_compiled_step_reads_nothing_on_the_host():
+    """No value is read on the host during a compiled step (so no device sync on a GPU); the
+    counter sees the torch path's reads, so it can fail."""
+    reads = {}
+    for kernels in ("torch", "compile"):
+        model = tiny_mlp()
+        opt = SNRAdamW(model.parameters(), lr=1e-2, kernels=kernels)
+        run(model, opt, batches(3))
+        x, y = batches(1, seed=5)[0][0]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with host_reads() as count:
+            opt.step()
+        reads[kernels] = count[0]
+    assert reads["torch"] > 0
+    assert reads["compile"] == 0
+
+
+def _with_bad_gradients(kernels):
+    model = tiny_mlp()
+    opt = SNRAdamW(model.parameters(), lr=1e-2, kernels=kernels)
+    w = model[0].weight
+    caught = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, step in enumerate(batches(10)):
+            opt.zero_grad()
+            x, y = step[0]
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if i in (3, 6):
+                w.grad[1, 2] = float("nan") if i == 3 else float("inf")
+            if i == 6:
+                before = (w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items()})
+            opt.step()
+            if i == 6:
+                assert torch.equal(w.detach(), before[0])
+                for k, v in before[1].items():
+                    assert torch.equal(opt.state[w][k], v), k
+        during = [str(c.message) for c in caught]
+        skips = opt.metrics()["nonfinite_skips"]
+        after = [str(c.message) for c in caught]
+    return model, opt, skips, during, after
+
+
+def test_nonfinite_gradients_are_masked_on_the_device_with_the_same_semantics():
+    a, opt_a, skips_a, during_a, _ = _with_bad_gradients("torch")
+    b, opt_b, skips_b, during_b, after_b = _with_bad_gradients("compile")
+    assert skips_a == skips_b == 2
+    assert max_diff(a, b) <= 1e-5
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert float(opt_a.state[p]["step"]) == float(opt_b.state[q]["step"])
+    assert float(opt_b.state[b[0].weight]["step"]) == 8.0  # two steps skipped
+    assert sum("NaN or Inf" in m for m in during_a) == 1  # the host path warns at once
+    assert not any("NaN or Inf" in m for m in during_b)  # the device path when read
+    assert sum("NaN or Inf" in m for m in after_b) == 1
+    assert opt_b.nonfinite_skips[b[0].weight] == 2
+
+
+def test_compiled_state_round_trips_and_resumes_exactly():
+    data = batches(12)
+    ref = tiny_mlp()
+    opt_ref = SNRAdamW(ref.parameters(), lr=1e-2, kernels="compile")
+    run(ref, opt_ref, data)
+
+    model = tiny_mlp()
+    opt = SNRAdamW(model.parameters(), lr=1e-2, kernels="compile")
+    run(model, opt, data[:6])
+    blob = pickle.dumps((model.state_dict(), opt.state_dict()))
+    copied = copy.deepcopy(opt)  # torch.optim's own tests deepcopy a stepped optimizer
+    assert copied.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    msd, osd = pickle.loads(blob)
+    osd_copy = copy.deepcopy(osd)  # a loaded optimizer steps the loaded tensors in place
+    resumed = tiny_mlp()
+    resumed.load_state_dict(msd)
+    opt2 = SNRAdamW(resumed.parameters(), lr=1e-2, kernels="compile")
+    opt2.load_state_dict(osd)
+    run(resumed, opt2, data[6:])
+    assert max_diff(ref, resumed) == 0.0
+    # the state layout is the torch path's: a compiled run resumes uncompiled
+    eager = tiny_mlp()
+    eager.load_state_dict(msd)
+    opt3 = SNRAdamW(eager.parameters(), lr=1e-2, kernels="torch")
+    opt3.load_state_dict(osd_copy)
+    run(eager, opt3, data[6:])
+    assert max_diff(ref, eager) <= 1e-5
+
+
+def test_bf16_parameters_keep_fp32_state_and_match_the_torch_path():
+    """Step by step from the same bf16 weights and fp32 state (bf16 trajectories drift apart
+    by rounding alone: the torch path rounds the decayed weight and the update separately,
+    the compiled pass rounds once)."""
+    b = tiny_mlp().to(torch.bfloat16)
+    opt_b = SNRAdamW(b.parameters(), lr=1e-2, kernels="torch")
+    for step in batches(6):
+        a = copy.deepcopy(b)
+        opt_a = SNRAdamW(a.parameters(), lr=1e-2, kernels="compile")
+        opt_a.load_state_dict(copy.deepcopy(opt_b.state_dict()))
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            x, y = step[0]
+            torch.nn.functional.cross_entropy(model(x.bfloat16()).float(), y).backward()
+            opt.step()
+        assert all(v.dtype == torch.float32 for st in opt_a.state.values() for v in st.values())
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert p.dtype == torch.bfloat16
+            assert (p.float() - q.float()).norm() <= 2e-2 * q.float().norm()
+
+
+def test_without_a_compiler_it_says_why_once_and_runs_uncompiled(monkeypatch):
+    import snr_dist.kernels as kernels
+
+    monkeypatch.setattr(compiled_mod, "compile_available", lambda: "RuntimeError: no cc")
+    monkeypatch.setattr(kernels, "_warned_compile", False)
+    with pytest.warns(RuntimeWarning, match="cannot compile here .RuntimeError: no cc"):
+        assert step_kernels("compile", "cpu") == "torch"
+    (a, _), (b, _) = _pair(DEFAULTS, steps=3)
+    assert max_diff(a, b) == 0.0  # both ran the torch path
+
+
+def test_environment_variable_selects_compile(monkeypatch):
+    monkeypatch.setenv("SNR_DIST_KERNELS", "compile")
+    assert step_kernels("auto", "cpu") == "compile"
+    monkeypatch.setenv("SNR_DIST_KERNELS", "torch")
+    assert step_kernels("auto", "cpu") == "torch"
+
+
+def _fsdp_nan_worker(rank: int, world: int, kernels: str):
+    model = tiny_mlp()
+    model, opt = fsdp.wrap(model, lr=1e-2, kernels=kernels)
+    w = model[0].weight
+    for i, step in enumerate(batches(6, batch=8, seed=1 + rank)):
+        opt.zero_grad()
+        x, y = step[0]
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if i == 3 and rank == 1:  # only rank 1's rows of w are non-finite
+            w.grad.to_local()[0, 0] = float("nan")
+        before = w.full_tensor().detach().clone()
+        opt.step()
+        if i == 3:
+            unchanged = torch.equal(w.full_tensor().detach(), before)
+    return {
+        "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+        "unchanged": unchanged,
+        "skips": opt.metrics()["nonfinite_skips"],
+    }
+
+
+def test_fsdp2_ranks_agree_on_a_nonfinite_shard_without_a_host_read():
+    eager = run_distributed(_fsdp_nan_worker, 2, "torch")
+    comp = run_distributed(_fsdp_nan_worker, 2, "compile")
+    for a, b in zip(eager, comp):
+        assert b["unchanged"] and a["unchanged"]  # both ranks skipped the whole parameter
+        assert a["skips"] == b["skips"] == 1
+        for p, q in zip(a["params"], b["params"]):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
