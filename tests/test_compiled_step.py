@@ -94,7 +94,6 @@ def _with_bad_gradients(kernels):
     model = tiny_mlp()
     opt = SNRAdamW(model.parameters(), lr=1e-2, kernels=kernels)
     w = model[0].weight
-    caught = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i, step in enumerate(batches(10)):
