@@ -36,6 +36,7 @@ import types
 from collections.abc import Sequence
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
 from snr_dist.kernels.reference import snr_adamw_scalars
@@ -94,7 +95,8 @@ def _row(t, betas, snr_beta, rule, gate_a, warmup, noise) -> list[float]:
 
 
 def _make_step(noise: str, own_mean: bool, rule: str, maximize: bool, check_finite: bool):
-    """The per-parameter step for one static configuration (1-D views of one parameter).
+    """The step of a bucket of `BUCKET` parameters for one static configuration (flat 1-D
+    aliases of each parameter and its state).
 
     Every per-step scalar comes in precomputed (``row``: this parameter's `StepTable` row;
     ``hyper``: ``lr``, ``1 - lr * weight_decay``, ``eps``, ``tau``; ``one_minus``: ``1 - beta1``,
@@ -146,7 +148,19 @@ def _make_step(noise: str, own_mean: bool, rule: str, maximize: bool, check_fini
         step.add_(ok.float())
         skips.add_(1.0 - ok.float())
 
-    return step_one
+    def step_bucket(ps, gs, ms, vs, xs, steps, skips, oks, rows, hyper, one_minus):
+        for i in range(len(ps)):  # unrolled at trace time: one graph for the bucket
+            step_one(ps[i], gs[i], ms[i], vs[i], xs[i], steps[i], skips[i], oks[i], rows[i],
+                     hyper, one_minus)  # fmt: skip
+
+    return step_bucket
+
+
+def no_duck_shapes():
+    """Trace with a symbol per tensor size: by default Dynamo gives tensors that happen to
+    have equal sizes one symbol and guards on the equality, so each bucket of a model would
+    compile again."""
+    return fx_config.patch(use_duck_shape=False)
 
 
 def _own_code(fn, key: tuple):
@@ -174,20 +188,71 @@ def compiled_step_fn(noise: str, own_mean: bool, rule: str, maximize: bool, chec
     return fn
 
 
+#: Parameters per compiled call: one call has a fixed cost (guards, wrappers) of tens of
+#: microseconds on the CPU, so small tensors share calls; a partial bucket is padded, so
+#: every call has the same signature and one graph serves a whole model.
+BUCKET = 8
+
+_traced: set[tuple] = set()
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D tensor over ``t``'s elements that is not a view (``set_`` on its storage):
+    Dynamo guards a view on its base's layout, so views of 1-D and 2-D bases would each
+    compile a graph of their own."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+
+
+def _bucket_aliases(tensors: list[Tensor], cache: dict | None) -> list[Tensor]:
+    """`_flat` of each of a bucket's long-lived tensors (parameters, state), kept in
+    ``cache`` (the caller's: it must not outlive the tensors) while the same tensors keep
+    the same storage."""
+    if cache is None:
+        return [_flat(t) for t in tensors]
+    key = tuple(id(t) for t in tensors)
+    hit = cache.get(key)
+    ptrs = [t.data_ptr() for t in tensors]
+    if hit is not None and hit[1] == ptrs and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[2]
+    flat = [_flat(t) for t in tensors]
+    cache[key] = (list(tensors), ptrs, flat)
+    return flat
+
+
+def _padding(device: torch.device, pdt: torch.dtype, gdt: torch.dtype, slot: int) -> list:
+    """A do-nothing bucket entry ``p, g, m, v, x, step, skips`` for ``slot`` (its ``ok`` is
+    False). Each slot has tensors of its own: Dynamo guards on which inputs alias."""
+    key = ("pad", device, pdt, gdt, slot)
+    with _lock:
+        pad = _const.get(key)
+        if pad is None:
+            pad = [torch.zeros(2, dtype=dt, device=device) for dt in (pdt, gdt)]
+            pad += [torch.zeros(2, device=device) for _ in range(3)]
+            pad += [torch.zeros((), device=device), torch.zeros((), device=device)]
+            _const[key] = pad
+    return pad
+
+
+def _real_first(device: torch.device, n: int) -> Tensor:
+    """``[True] * n + [False] * (BUCKET - n)``: the ``ok`` flags of a bucket of ``n``."""
+    key = ("ok", device, n)
+    with _lock:
+        t = _const.get(key)
+        if t is None:
+            t = torch.arange(BUCKET, device=device) < n
+            _const[key] = t
+    return t
+
+
 def step_table(key: tuple, device: torch.device) -> StepTable:
     with _lock:
         table = _tables.get((key, device))
         if table is None:
             table = _tables[(key, device)] = StepTable(key, device)
     return table
-
-
-def _true(device: torch.device) -> Tensor:
-    with _lock:
-        t = _const.get(("true", device))
-        if t is None:
-            t = _const[("true", device)] = torch.ones((), dtype=torch.bool, device=device)
-    return t
 
 
 def compilable(p: Tensor, g: Tensor) -> bool:
@@ -210,7 +275,7 @@ def compiled_snr_adamw_step(
     extras: Sequence[Tensor] | None,
     steps: Sequence[Tensor],
     skips: Sequence[Tensor],
-    oks: Sequence[Tensor] | None,
+    oks: Tensor | None,
     *,
     step_bound: int,
     lr: float,
@@ -225,15 +290,18 @@ def compiled_snr_adamw_step(
     maximize: bool = False,
     noise: str = "innovation",
     check_finite: bool = True,
+    aliases: dict | None = None,
 ) -> None:
     """One diagonal temporal step of every parameter, each in one compiled pass.
 
     ``steps`` and ``skips`` are 0-dim fp32 tensors on the parameters' devices, advanced in
     place (``step`` by one unless the gradient is non-finite, ``skips`` otherwise);
-    ``step_bound`` is an upper bound of every ``step`` after this update; ``oks`` (0-dim bool,
-    optional) are flags agreed across ranks; ``check_finite=False`` applies non-finite
-    gradients as they are (``skip_nonfinite=False``). ``extras``: the innovation EMAs
-    (``noise="innovation"``), the SNR means (second-moment rule with its own mean) or None.
+    ``step_bound`` is an upper bound of every ``step`` after this update; ``oks`` (a bool per
+    parameter, optional) are flags agreed across ranks; ``check_finite=False`` applies non-finite
+    gradients as they are (``skip_nonfinite=False``); ``aliases``: a dict owned by the caller
+    (the optimizer) in which the flat aliases of parameters and state are kept between steps.
+    ``extras``: the innovation EMAs (``noise="innovation"``), the SNR means (second-moment
+    rule with its own mean) or None.
     """
     if gate_rule not in COMPILED_RULES:
         raise ValueError(f"gate_rule must be one of {COMPILED_RULES}, got {gate_rule!r}")
@@ -242,35 +310,53 @@ def compiled_snr_adamw_step(
     own_mean = noise != "innovation" and extras is not None
     fn = compiled_step_fn(noise, own_mean, gate_rule, maximize, check_finite)
     key = (tuple(betas), snr_beta, gate_rule, gate_a, warmup_steps, noise)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, p in enumerate(params):
-        by_device.setdefault(p.device, []).append(i)
-    for dev, idx in by_device.items():
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        groups.setdefault((p.device, p.dtype, g.dtype), []).append(i)
+    for (dev, pdt, gdt), idx in groups.items():
         table = step_table(key, dev).covering(step_bound)
-        # every parameter's row, in one gather (a skipped parameter may lag the others)
-        t = torch.stack([steps[i] for i in idx]).add(1.0).clamp_(max=table.shape[0] - 1)
-        rows = table.index_select(0, t.long()).unbind(0)
         hyper = torch.tensor(
             [lr, 1.0 - lr * weight_decay, eps, tau], dtype=torch.float32, device=dev
         )
         one_minus = torch.tensor(
             [1.0 - betas[0], 1.0 - betas[1], 1.0 - snr_beta], dtype=torch.float32, device=dev
         )
-        for i, row in zip(idx, rows):
-            m = exp_avgs[i]
-            fn(
-                params[i].view(-1),
-                grads[i].reshape(-1),
-                m.view(-1),
-                exp_avg_sqs[i].view(-1),
-                m.view(-1) if extras is None else extras[i].view(-1),
-                steps[i],
-                skips[i],
-                _true(dev) if oks is None else oks[i],
-                row,
-                hyper,
-                one_minus,
-            )
+        for start in range(0, len(idx), BUCKET):
+            bucket = idx[start : start + BUCKET]
+            n = len(bucket)
+            held = [t for i in bucket for t in (params[i], exp_avgs[i], exp_avg_sqs[i])]
+            if extras is not None:
+                held += [extras[i] for i in bucket]
+            flat = _bucket_aliases(held, aliases)
+            ps, ms, vs = flat[0 : 3 * n : 3], flat[1 : 3 * n : 3], flat[2 : 3 * n : 3]
+            xs = ms if extras is None else flat[3 * n :]
+            cols = [
+                ps,
+                [_flat(grads[i]) for i in bucket],
+                ms,
+                vs,
+                xs,
+                [steps[i] for i in bucket],
+                [skips[i] for i in bucket],
+            ]
+            for k in range(n, BUCKET):
+                for col, pad in zip(cols, _padding(dev, pdt, gdt, k)):
+                    col.append(pad)
+            ok = _real_first(dev, n)
+            if oks is not None:  # flags agreed across ranks, False for the padding
+                where = torch.tensor(bucket + [0] * (BUCKET - n), device=dev)
+                ok = ok.logical_and(oks.index_select(0, where))
+            # every parameter's row (a skipped parameter may lag the others): a fresh tensor
+            t = torch.stack(cols[5]).add_(1.0).clamp_(max=table.shape[0] - 1).long()
+            rows = table.index_select(0, t)
+            signature = (fn, dev, pdt, gdt)
+            if signature in _traced:
+                fn(*cols, ok, rows, hyper, one_minus)
+            else:  # the first call traces: without duck shapes (patched for this call only,
+                # as the patch slows every later guard check)
+                with no_duck_shapes():
+                    fn(*cols, ok, rows, hyper, one_minus)
+                _traced.add(signature)
 
 
 @functools.cache

@@ -57,6 +57,7 @@ class SNREngine:
         self.distributor = make_distributor(params, process_group, pools_ranks=pools)
         self.capture = MicrobatchCapture(self.observe)
         self.nonfinite = NonfiniteCounter()
+        self.flat_aliases: dict = {}  # the compiled step's aliases of params and state
         self._layouts: dict[int, tuple] = {}
         self._with_matrices: set[int] = set()  # ids of subspace groups that held matrices
         self._keys: dict[Tensor, int] = {}

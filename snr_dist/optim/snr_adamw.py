@@ -176,6 +176,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         dist = self._engine.distributor
         self._engine.index()
         self._step_bound = None
+        self._engine.flat_aliases.clear()  # they alias the state being replaced
         for p, st in values.items():
             kinds = self.state_kinds(p, st.keys())
             device = local(p).device
@@ -328,7 +329,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         dist = engine.distributor
         if self.skip_nonfinite and dist.partial_statistics and dist.world > 1:
             bad = torch.stack([torch.isfinite(g).all().logical_not() for g in grads]).float()
-            oks = list(dist.agree_on_skips_device(bad).eq(0).unbind())
+            oks = dist.agree_on_skips_device(bad).eq(0)
         innovation = "noise_avg" in states[0]
         own_mean = "snr_avg" in states[0]
         extra = "noise_avg" if innovation else "snr_avg"
@@ -354,6 +355,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             maximize=group["maximize"],
             noise="innovation" if innovation else "second_moment",
             check_finite=self.skip_nonfinite,
+            aliases=engine.flat_aliases,
         )
 
     def _fused_step(
