@@ -190,6 +190,26 @@ def test_without_a_compiler_it_says_why_once_and_runs_uncompiled(monkeypatch):
     assert max_diff(a, b) == 0.0  # both ran the torch path
 
 
+def test_a_configuration_that_does_not_compile_runs_uncompiled(monkeypatch):
+    """Each configuration and dtype compiles on scratch buffers before any real tensor is
+    stepped; one that fails says why once and runs the torch path, nothing half done."""
+    import snr_dist.kernels as kernels
+    import snr_dist.optim.snr_adamw as snr_adamw_mod
+
+    seen = []
+
+    def refuse(config, device, pdt, gdt):
+        seen.append((config, pdt))
+        return "InductorError: unsupported"
+
+    monkeypatch.setattr(snr_adamw_mod, "prepare_compiled", refuse)
+    monkeypatch.setattr(kernels, "_warned_compile", False)
+    with pytest.warns(RuntimeWarning, match="InductorError: unsupported"):
+        (a, _), (b, _) = _pair(DEFAULTS, steps=3)
+    assert max_diff(a, b) == 0.0
+    assert seen[0] == (("innovation", False, "wiener", False, True), torch.float32)
+
+
 def test_environment_variable_selects_compile(monkeypatch):
     monkeypatch.setenv("SNR_DIST_KERNELS", "compile")
     assert step_kernels("auto", "cpu") == "compile"

@@ -51,6 +51,7 @@ __all__ = [
     "snr_adamw_scalars",
     "step_kernels",
     "triton_available",
+    "warn_no_compile",
 ]
 
 
@@ -133,14 +134,15 @@ def step_kernels(choice: str, device: torch.device | str | None) -> str:
         why = compile_available()
         if why is None:
             return "compile"
-        _warn_no_compile(why)
+        warn_no_compile(why)
     return resolve(choice, device)
 
 
 _warned_compile = False
 
 
-def _warn_no_compile(why: str) -> None:
+def warn_no_compile(why: str) -> None:
+    """Once per process: why the compiled step does not run."""
     global _warned_compile
     if not _warned_compile:
         _warned_compile = True

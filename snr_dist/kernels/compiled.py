@@ -193,8 +193,6 @@ def compiled_step_fn(noise: str, own_mean: bool, rule: str, maximize: bool, chec
 #: every call has the same signature and one graph serves a whole model.
 BUCKET = 8
 
-_traced: set[tuple] = set()
-
 
 def _flat(t: Tensor) -> Tensor:
     """A 1-D tensor over ``t``'s elements that is not a view (``set_`` on its storage):
@@ -206,20 +204,36 @@ def _flat(t: Tensor) -> Tensor:
     return out.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
 
 
-def _bucket_aliases(tensors: list[Tensor], cache: dict | None) -> list[Tensor]:
-    """`_flat` of each of a bucket's long-lived tensors (parameters, state), kept in
-    ``cache`` (the caller's: it must not outlive the tensors) while the same tensors keep
-    the same storage."""
-    if cache is None:
-        return [_flat(t) for t in tensors]
-    key = tuple(id(t) for t in tensors)
-    hit = cache.get(key)
-    ptrs = [t.data_ptr() for t in tensors]
-    if hit is not None and hit[1] == ptrs and all(a is b for a, b in zip(hit[0], tensors)):
-        return hit[2]
-    flat = [_flat(t) for t in tensors]
-    cache[key] = (list(tensors), ptrs, flat)
-    return flat
+class AliasCache:
+    """`_flat` aliases of long-lived tensors (parameters, state) per bucket, kept while the
+    same tensors keep the same storage. Owned by one optimizer (aliases keep storage alive,
+    so the cache must not outlive it); entries not used in the last ``keep`` steps are
+    dropped, so tensors that are made anew every step (copies) do not pile up."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.step = 0
+        self.entries: dict[tuple[int, ...], tuple[list[Tensor], list[int], list[Tensor], int]] = {}
+
+    def get(self, tensors: list[Tensor]) -> list[Tensor]:
+        key = tuple(id(t) for t in tensors)
+        hit = self.entries.get(key)
+        ptrs = [t.data_ptr() for t in tensors]
+        if hit is not None and hit[1] == ptrs and all(a is b for a, b in zip(hit[0], tensors)):
+            flat = hit[2]
+        else:
+            flat = [_flat(t) for t in tensors]
+        self.entries[key] = (list(tensors), ptrs, flat, self.step)
+        return flat
+
+    def next_step(self) -> None:
+        self.step += 1
+        old = [k for k, v in self.entries.items() if v[3] < self.step - self.keep]
+        for k in old:
+            del self.entries[k]
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 def _padding(device: torch.device, pdt: torch.dtype, gdt: torch.dtype, slot: int) -> list:
@@ -290,7 +304,7 @@ def compiled_snr_adamw_step(
     maximize: bool = False,
     noise: str = "innovation",
     check_finite: bool = True,
-    aliases: dict | None = None,
+    aliases: AliasCache | None = None,
 ) -> None:
     """One diagonal temporal step of every parameter, each in one compiled pass.
 
@@ -298,8 +312,8 @@ def compiled_snr_adamw_step(
     place (``step`` by one unless the gradient is non-finite, ``skips`` otherwise);
     ``step_bound`` is an upper bound of every ``step`` after this update; ``oks`` (a bool per
     parameter, optional) are flags agreed across ranks; ``check_finite=False`` applies non-finite
-    gradients as they are (``skip_nonfinite=False``); ``aliases``: a dict owned by the caller
-    (the optimizer) in which the flat aliases of parameters and state are kept between steps.
+    gradients as they are (``skip_nonfinite=False``); ``aliases``: the caller's (the optimizer's)
+    `AliasCache`, in which flat aliases of parameters and state are kept between steps.
     ``extras``: the innovation EMAs (``noise="innovation"``), the SNR means (second-moment
     rule with its own mean) or None.
     """
@@ -308,7 +322,8 @@ def compiled_snr_adamw_step(
     if noise == "innovation" and extras is None:
         raise ValueError("compiled_snr_adamw_step: noise='innovation' needs the innovation EMAs")
     own_mean = noise != "innovation" and extras is not None
-    fn = compiled_step_fn(noise, own_mean, gate_rule, maximize, check_finite)
+    config = (noise, own_mean, gate_rule, maximize, check_finite)
+    fn = compiled_step_fn(*config)
     key = (tuple(betas), snr_beta, gate_rule, gate_a, warmup_steps, noise)
     groups: dict[tuple, list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -327,7 +342,7 @@ def compiled_snr_adamw_step(
             held = [t for i in bucket for t in (params[i], exp_avgs[i], exp_avg_sqs[i])]
             if extras is not None:
                 held += [extras[i] for i in bucket]
-            flat = _bucket_aliases(held, aliases)
+            flat = aliases.get(held) if aliases is not None else [_flat(t) for t in held]
             ps, ms, vs = flat[0 : 3 * n : 3], flat[1 : 3 * n : 3], flat[2 : 3 * n : 3]
             xs = ms if extras is None else flat[3 * n :]
             cols = [
@@ -349,28 +364,51 @@ def compiled_snr_adamw_step(
             # every parameter's row (a skipped parameter may lag the others): a fresh tensor
             t = torch.stack(cols[5]).add_(1.0).clamp_(max=table.shape[0] - 1).long()
             rows = table.index_select(0, t)
-            signature = (fn, dev, pdt, gdt)
-            if signature in _traced:
-                fn(*cols, ok, rows, hyper, one_minus)
-            else:  # the first call traces: without duck shapes (patched for this call only,
-                # as the patch slows every later guard check)
-                with no_duck_shapes():
-                    fn(*cols, ok, rows, hyper, one_minus)
-                _traced.add(signature)
+            why = prepare(config, dev, pdt, gdt)
+            if why is not None:
+                raise RuntimeError(f"snr-dist: the compiled step cannot run here ({why})")
+            fn(*cols, ok, rows, hyper, one_minus)
 
 
-@functools.cache
-def compile_available() -> str | None:
-    """None when torch.compile can run here, else why not (checked once, on a tiny step)."""
+_prepared: dict[tuple, str | None] = {}
+SCRATCH = 1 << 16
+"""Elements per scratch tensor of the first (tracing) call: Inductor sizes its loops
+(threads, vector width) by the sizes it traces with."""
+
+
+def prepare(config: tuple, device, pdt: torch.dtype, gdt: torch.dtype) -> str | None:
+    """Compile the step for ``config`` (``noise, own_mean, rule, maximize, check_finite``)
+    and these dtypes on scratch buffers, once: None when it runs, else why not. The real
+    tensors are only stepped by a graph that has already compiled, so a compiler failure
+    never leaves a step half done."""
+    device = torch.device(device)
+    key = (config, device, pdt, gdt)
+    with _lock:
+        if key in _prepared:
+            return _prepared[key]
+    fn = compiled_step_fn(*config)
     try:
-        n = 1 << 16  # Inductor sizes its loops (threads, vector width) by the first call
-        p, g = torch.zeros(n), torch.ones(n)
-        m, v, x = torch.zeros(n), torch.zeros(n), torch.zeros(n)
-        compiled_snr_adamw_step(
-            [p], [g], [m], [v], [x], [torch.zeros(())], [torch.zeros(())], None,
-            step_bound=1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-            snr_beta=0.9, gate_rule="wiener", tau=1.0,
-        )  # fmt: skip
-    except Exception as e:  # no C++ compiler, an unsupported platform, ...
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
+        zeros = functools.partial(torch.zeros, device=device)
+        cols = [
+            [zeros(SCRATCH, dtype=pdt) for _ in range(BUCKET)],
+            [zeros(SCRATCH, dtype=gdt) for _ in range(BUCKET)],
+        ]
+        cols += [[zeros(SCRATCH) for _ in range(BUCKET)] for _ in range(3)]
+        cols += [[zeros(()) for _ in range(BUCKET)] for _ in range(2)]
+        rows = zeros((BUCKET, len(FIELDS)))
+        ok = zeros(BUCKET, dtype=torch.bool)
+        with no_duck_shapes():  # patched for the trace only: the patch slows guard checks
+            fn(*cols, ok, rows, zeros(4), zeros(3))
+        why = None
+    except Exception as e:  # no C++ compiler, an unsupported dtype or platform, ...
+        first = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {first[0] if first else ''}"
+    with _lock:
+        _prepared[key] = why
+    return why
+
+
+def compile_available() -> str | None:
+    """None when torch.compile can run here (the default configuration, fp32, CPU), else
+    why not."""
+    return prepare(("innovation", False, "wiener", False, True), "cpu", *(torch.float32,) * 2)

@@ -35,6 +35,7 @@ from snr_dist.distributors.dtensor import (
     row_shard,
 )
 from snr_dist.estimators.base import Slot, impl
+from snr_dist.kernels.compiled import AliasCache
 from snr_dist.layout import Kind
 from snr_dist.optim.capture import MicrobatchCapture
 from snr_dist.optim.nonfinite import NonfiniteCounter, finite_flags
@@ -57,7 +58,7 @@ class SNREngine:
         self.distributor = make_distributor(params, process_group, pools_ranks=pools)
         self.capture = MicrobatchCapture(self.observe)
         self.nonfinite = NonfiniteCounter()
-        self.flat_aliases: dict = {}  # the compiled step's aliases of params and state
+        self.flat_aliases = AliasCache()  # the compiled step's aliases of params and state
         self._layouts: dict[int, tuple] = {}
         self._with_matrices: set[int] = set()  # ids of subspace groups that held matrices
         self._keys: dict[Tensor, int] = {}

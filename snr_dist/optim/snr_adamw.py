@@ -27,8 +27,9 @@ from snr_dist.estimators import (
 )
 from snr_dist.estimators.base import impl
 from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES
-from snr_dist.kernels import step_kernels
+from snr_dist.kernels import step_kernels, warn_no_compile
 from snr_dist.kernels.compiled import COMPILED_RULES, compilable, compiled_snr_adamw_step
+from snr_dist.kernels.compiled import prepare as prepare_compiled
 from snr_dist.layout import Kind
 from snr_dist.optim.base import SNROptimizerMixin
 from snr_dist.options import SNROptions, validate_adam, validate_kernels
@@ -261,6 +262,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             return loss
         engine = self._engine
         engine.begin_step()
+        engine.flat_aliases.next_step()
         self._step_bound = self._current_step_bound() + 1
         compiled = [self._compiled(group) for group in self.param_groups]
         collected = [
@@ -299,22 +301,35 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             return set()
         out = set()
         choice = group.get("kernels", "auto")
-        by_device: dict[torch.device, bool] = {}
+        ready: dict[tuple, bool] = {}
         for p in group["params"]:
             if p.grad is None or p.grad.is_sparse:
                 continue
             lp, lg = local(p), local(p.grad)
-            if lp.device not in by_device:
-                by_device[lp.device] = step_kernels(choice, lp.device) == "compile"
-            if (
-                by_device[lp.device]
-                and compilable(lp, lg)
-                and isinstance(
-                    self._engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
-                )
+            if not compilable(lp, lg) or not isinstance(
+                self._engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
             ):
+                continue
+            key = (lp.device, lp.dtype, lg.dtype)
+            if key not in ready:  # compiled (on scratch buffers) before any real step
+                ready[key] = step_kernels(choice, lp.device) == "compile" and self._prepare(
+                    group, p, *key
+                )
+            if ready[key]:
                 out.add(p)
         return out
+
+    def _prepare(self, group: dict, p: Tensor, device, pdt, gdt) -> bool:
+        state = self.state.get(p, {})
+        if "step" in state:
+            own_mean = "snr_avg" in state
+        else:
+            own_mean = group["noise"] != "innovation" and self._moments().own_mean(group)
+        config = (group["noise"], own_mean, group["gate"], group["maximize"], self.skip_nonfinite)
+        why = prepare_compiled(config, device, pdt, gdt)
+        if why is not None:
+            warn_no_compile(why)
+        return why is None
 
     def _compiled_step(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         """One compiled pass per parameter; no value is read on the host (non-finite
