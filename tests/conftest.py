@@ -8,6 +8,11 @@ import os
 # Triton decides at decoration time whether its kernels run in the CPU interpreter, so this
 # must happen before any test module imports the kernels (a value set by the caller wins).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Inductor (kernels="compile") compiles C++ in a pool of worker processes by default; on the
+# 2-core CI machine, beside two pytest workers and their spawned ranks, that oversubscribes the
+# cores: compile in-process (the setting is read when Inductor first compiles; spawned ranks
+# inherit it).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -217,31 +217,33 @@ def test_environment_variable_selects_compile(monkeypatch):
     assert step_kernels("auto", "cpu") == "torch"
 
 
-def _fsdp_nan_worker(rank: int, world: int, kernels: str):
-    model = tiny_mlp()
-    model, opt = fsdp.wrap(model, lr=1e-2, kernels=kernels)
-    w = model[0].weight
-    for i, step in enumerate(batches(6, batch=8, seed=1 + rank)):
-        opt.zero_grad()
-        x, y = step[0]
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        if i == 3 and rank == 1:  # only rank 1's rows of w are non-finite
-            w.grad.to_local()[0, 0] = float("nan")
-        before = w.full_tensor().detach().clone()
-        opt.step()
-        if i == 3:
-            unchanged = torch.equal(w.full_tensor().detach(), before)
-    return {
-        "params": [p.full_tensor().detach().clone() for p in model.parameters()],
-        "unchanged": unchanged,
-        "skips": opt.metrics()["nonfinite_skips"],
-    }
+def _fsdp_nan_worker(rank: int, world: int):
+    out = {}
+    for kernels in ("torch", "compile"):  # one process pair for both paths
+        model = tiny_mlp()
+        model, opt = fsdp.wrap(model, lr=1e-2, kernels=kernels)
+        w = model[0].weight
+        for i, step in enumerate(batches(6, batch=8, seed=1 + rank)):
+            opt.zero_grad()
+            x, y = step[0]
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if i == 3 and rank == 1:  # only rank 1's rows of w are non-finite
+                w.grad.to_local()[0, 0] = float("nan")
+            before = w.full_tensor().detach().clone()
+            opt.step()
+            if i == 3:
+                unchanged = torch.equal(w.full_tensor().detach(), before)
+        out[kernels] = {
+            "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+            "unchanged": unchanged,
+            "skips": opt.metrics()["nonfinite_skips"],
+        }
+    return out
 
 
 def test_fsdp2_ranks_agree_on_a_nonfinite_shard_without_a_host_read():
-    eager = run_distributed(_fsdp_nan_worker, 2, "torch")
-    comp = run_distributed(_fsdp_nan_worker, 2, "compile")
-    for a, b in zip(eager, comp):
+    for out in run_distributed(_fsdp_nan_worker, 2):
+        a, b = out["torch"], out["compile"]
         assert b["unchanged"] and a["unchanged"]  # both ranks skipped the whole parameter
         assert a["skips"] == b["skips"] == 1
         for p, q in zip(a["params"], b["params"]):

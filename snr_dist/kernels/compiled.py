@@ -15,17 +15,18 @@ No host sync: the step never reads a tensor value on the host.
   when asked for (`snr_dist.optim.nonfinite.NonfiniteCounter`).
 * ``step`` lives with the parameter (as in torch's fused and capturable Adam), and the
   per-step constants (bias corrections, ``k_t``, the innovation's ``kappa_t``, whether the
-  gate is active) are gathered, inside the pass, from a table indexed by that step: the host
-  never needs to know which parameters were skipped. The table (`StepTable`) is computed by
-  `snr_dist.kernels.reference.snr_adamw_scalars` (the same host floats as the eager path) and
-  grows ahead of the largest step any parameter can have.
-* ``lr``, ``weight_decay``, ``eps`` and ``tau`` go in as a small tensor, so LR schedulers
-  never recompile.
+  gate is active) are gathered on the device from a table indexed by each parameter's own
+  step: the host never needs to know which parameters were skipped. The table (`StepTable`)
+  is computed by `snr_dist.kernels.reference.snr_adamw_scalars` (the same host floats as the
+  eager path) and grows ahead of the largest step any parameter can have.
+* ``lr``, ``weight_decay``, ``eps``, ``tau`` and the betas go in as small tensors, so
+  schedulers never recompile.
 
-One compiled function per (noise rule, own mean, gate rule, maximize), with dynamic shapes:
-every parameter of a model reuses it. Compile cost (measured by ``benchmarks/step_floor.py``)
-is paid once per process; Inductor caches its code on disk, so later processes mostly skip
-the C++ compile.
+Parameters go `BUCKET` to a compiled call (padded), with dynamic shapes: one graph per
+configuration (noise rule, own mean, gate rule, maximize, non-finite check) and dtypes serves
+a whole model. Each graph is compiled on scratch buffers first (`prepare`), so a compiler
+failure never leaves a step half done. Compile cost (``benchmarks/step_floor.py``) is paid
+once per process; Inductor caches its code on disk, so later processes skip the C++ compiler.
 """
 
 from __future__ import annotations
@@ -344,7 +345,10 @@ def compiled_snr_adamw_step(
                 held += [extras[i] for i in bucket]
             flat = aliases.get(held) if aliases is not None else [_flat(t) for t in held]
             ps, ms, vs = flat[0 : 3 * n : 3], flat[1 : 3 * n : 3], flat[2 : 3 * n : 3]
-            xs = ms if extras is None else flat[3 * n :]
+            if extras is None:  # unread by the graph: a distinct tensor (no aliased inputs)
+                xs = [_padding(dev, pdt, gdt, k)[4] for k in range(n)]
+            else:
+                xs = flat[3 * n :]
             cols = [
                 ps,
                 [_flat(grads[i]) for i in bucket],
