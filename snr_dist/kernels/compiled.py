@@ -330,6 +330,9 @@ def compiled_snr_adamw_step(
     for i, (p, g) in enumerate(zip(params, grads)):
         groups.setdefault((p.device, p.dtype, g.dtype), []).append(i)
     for (dev, pdt, gdt), idx in groups.items():
+        why = prepare(config, dev, pdt, gdt)  # compiled on scratch buffers first (once)
+        if why is not None:
+            raise RuntimeError(f"snr-dist: the compiled step cannot run here ({why})")
         table = step_table(key, dev).covering(step_bound)
         hyper = torch.tensor(
             [lr, 1.0 - lr * weight_decay, eps, tau], dtype=torch.float32, device=dev
@@ -368,9 +371,6 @@ def compiled_snr_adamw_step(
             # every parameter's row (a skipped parameter may lag the others): a fresh tensor
             t = torch.stack(cols[5]).add_(1.0).clamp_(max=table.shape[0] - 1).long()
             rows = table.index_select(0, t)
-            why = prepare(config, dev, pdt, gdt)
-            if why is not None:
-                raise RuntimeError(f"snr-dist: the compiled step cannot run here ({why})")
             fn(*cols, ok, rows, hyper, one_minus)
 
 

@@ -345,32 +345,20 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         if self.skip_nonfinite and dist.partial_statistics and dist.world > 1:
             bad = torch.stack([torch.isfinite(g).all().logical_not() for g in grads]).float()
             oks = dist.agree_on_skips_device(bad).eq(0)
-        innovation = "noise_avg" in states[0]
-        own_mean = "snr_avg" in states[0]
-        extra = "noise_avg" if innovation else "snr_avg"
+        extras, options = _fused_options(group, states)
         compiled_snr_adamw_step(
             locals_,
             grads,
             [st["exp_avg"] for st in states],
             [st["exp_avg_sq"] for st in states],
-            [st[extra] for st in states] if innovation or own_mean else None,
+            extras,
             [st["step"] for st in states],
             [engine.nonfinite.device_counter(p, lp.device) for p, lp in zip(params, locals_)],
             oks,
             step_bound=self._step_bound,
-            lr=group["lr"],
-            betas=group["betas"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            snr_beta=group["snr_beta"] if own_mean else group["betas"][0],
-            gate_rule=group["gate"],
-            tau=group["tau"],
-            gate_a=group["gate_a"],
-            warmup_steps=group["warmup_steps"],
-            maximize=group["maximize"],
-            noise="innovation" if innovation else "second_moment",
             check_finite=self.skip_nonfinite,
             aliases=engine.flat_aliases,
+            **options,
         )
 
     def _fused_step(
@@ -406,28 +394,16 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             by_step.setdefault(int(state["step"].item()), []).append(i)
         for t, idx in by_step.items():
             states = [self.state[params[i]] for i in idx]
-            innovation = "noise_avg" in states[0]
-            own_mean = "snr_avg" in states[0]
-            extra = "noise_avg" if innovation else "snr_avg"
+            extras, options = _fused_options(group, states)
             kernel_dispatch.fused_snr_adamw_step(
                 [local(params[i]) for i in idx],
                 [grads[i] for i in idx],
                 [st["exp_avg"] for st in states],
                 [st["exp_avg_sq"] for st in states],
-                [st[extra] for st in states] if innovation or own_mean else None,
+                extras,
                 step=t,
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                snr_beta=group["snr_beta"] if own_mean else group["betas"][0],
-                gate_rule=group["gate"],
-                tau=group["tau"],
-                gate_a=group["gate_a"],
-                warmup_steps=group["warmup_steps"],
-                maximize=group["maximize"],
                 kernels="triton",
-                noise="innovation" if innovation else "second_moment",
+                **options,
             )
         rest = sorted(set(range(len(params))) - set(fused))
         return [params[i] for i in rest], [grads[i] for i in rest]
@@ -537,3 +513,26 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             return
         for p, n, d, s in zip(params, numerators, denominators, scales):
             p.add_((n / d).to(p.dtype), alpha=s)
+
+
+def _fused_options(group: dict, states: list[dict]) -> tuple[list[Tensor] | None, dict]:
+    """What the fused steps (Triton, compiled) take from a group and its states: the third
+    state vector (innovation EMA, own SNR mean, or None when the mean is Adam's) and the
+    rule's keyword options."""
+    innovation = "noise_avg" in states[0]
+    own_mean = "snr_avg" in states[0]
+    extra = "noise_avg" if innovation else "snr_avg"
+    extras = [st[extra] for st in states] if innovation or own_mean else None
+    return extras, dict(
+        lr=group["lr"],
+        betas=group["betas"],
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        snr_beta=group["snr_beta"] if own_mean else group["betas"][0],
+        gate_rule=group["gate"],
+        tau=group["tau"],
+        gate_a=group["gate_a"],
+        warmup_steps=group["warmup_steps"],
+        maximize=group["maximize"],
+        noise="innovation" if innovation else "second_moment",
+    )
