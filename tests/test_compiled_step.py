@@ -1,9 +1,11 @@
-"""kernels="compile": the diagonal temporal step as one torch.compile'd pass per parameter.
+"""The device-side diagonal steps: kernels="compile" (one torch.compile'd pass per
+parameter) and the Triton step (what kernels="auto" runs on a GPU), neither reading a value
+on the host.
 
-Real Inductor (C++ on the CPU). Each configuration compiles once per process (a cold
-Inductor cache costs ~20-30 s per configuration on 2 cores), so the tests share two
-configurations: the defaults, and the second-moment rule with its own mean, the clamp gate,
-``maximize`` and a warm-up.
+Real Inductor (C++ on the CPU); Triton in its interpreter (``tests/conftest.py``). Each
+configuration compiles once per process (a cold Inductor cache costs ~20-30 s per
+configuration on 2 cores), so the tests share two configurations: the defaults, and the
+second-moment rule with its own mean, the clamp gate, ``maximize`` and a warm-up.
 """
 
 from __future__ import annotations
@@ -72,11 +74,12 @@ def test_compiled_step_equals_the_torch_path(kw):
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-7, msg=k)
 
 
-def test_compiled_step_reads_nothing_on_the_host():
-    """No value is read on the host during a compiled step (so no device sync on a GPU); the
-    counter sees the torch path's reads, so it can fail."""
+@pytest.mark.parametrize("device_path", ["compile", "triton"])
+def test_device_steps_read_nothing_on_the_host(device_path):
+    """No value is read on the host during a compiled or Triton step (so no device sync on a
+    GPU); the counter sees the torch path's reads, so it can fail."""
     reads = {}
-    for kernels in ("torch", "compile"):
+    for kernels in ("torch", device_path):
         model = tiny_mlp()
         opt = SNRAdamW(model.parameters(), lr=1e-2, kernels=kernels)
         run(model, opt, batches(3))
@@ -87,7 +90,7 @@ def test_compiled_step_reads_nothing_on_the_host():
             opt.step()
         reads[kernels] = count[0]
     assert reads["torch"] > 0
-    assert reads["compile"] == 0
+    assert reads[device_path] == 0
 
 
 def _with_bad_gradients(kernels):
@@ -115,9 +118,10 @@ def _with_bad_gradients(kernels):
     return model, opt, skips, during, after
 
 
-def test_nonfinite_gradients_are_masked_on_the_device_with_the_same_semantics():
+@pytest.mark.parametrize("device_path", ["compile", "triton"])
+def test_nonfinite_gradients_are_masked_on_the_device_with_the_same_semantics(device_path):
     a, opt_a, skips_a, during_a, _ = _with_bad_gradients("torch")
-    b, opt_b, skips_b, during_b, after_b = _with_bad_gradients("compile")
+    b, opt_b, skips_b, during_b, after_b = _with_bad_gradients(device_path)
     assert skips_a == skips_b == 2
     assert max_diff(a, b) <= 1e-5
     for p, q in zip(a.parameters(), b.parameters()):
@@ -129,14 +133,15 @@ def test_nonfinite_gradients_are_masked_on_the_device_with_the_same_semantics():
     assert opt_b.nonfinite_skips[b[0].weight] == 2
 
 
-def test_compiled_state_round_trips_and_resumes_exactly():
+@pytest.mark.parametrize("device_path", ["compile", "triton"])
+def test_device_step_state_round_trips_and_resumes_exactly(device_path):
     data = batches(12)
     ref = tiny_mlp()
-    opt_ref = SNRAdamW(ref.parameters(), lr=1e-2, kernels="compile")
+    opt_ref = SNRAdamW(ref.parameters(), lr=1e-2, kernels=device_path)
     run(ref, opt_ref, data)
 
     model = tiny_mlp()
-    opt = SNRAdamW(model.parameters(), lr=1e-2, kernels="compile")
+    opt = SNRAdamW(model.parameters(), lr=1e-2, kernels=device_path)
     run(model, opt, data[:6])
     blob = pickle.dumps((model.state_dict(), opt.state_dict()))
     copied = copy.deepcopy(opt)  # torch.optim's own tests deepcopy a stepped optimizer
@@ -145,11 +150,11 @@ def test_compiled_state_round_trips_and_resumes_exactly():
     osd_copy = copy.deepcopy(osd)  # a loaded optimizer steps the loaded tensors in place
     resumed = tiny_mlp()
     resumed.load_state_dict(msd)
-    opt2 = SNRAdamW(resumed.parameters(), lr=1e-2, kernels="compile")
+    opt2 = SNRAdamW(resumed.parameters(), lr=1e-2, kernels=device_path)
     opt2.load_state_dict(osd)
     run(resumed, opt2, data[6:])
     assert max_diff(ref, resumed) == 0.0
-    # the state layout is the torch path's: a compiled run resumes uncompiled
+    # the state layout is the torch path's: a compiled or Triton run resumes on the torch path
     eager = tiny_mlp()
     eager.load_state_dict(msd)
     opt3 = SNRAdamW(eager.parameters(), lr=1e-2, kernels="torch")
@@ -219,7 +224,7 @@ def test_environment_variable_selects_compile(monkeypatch):
 
 def _fsdp_nan_worker(rank: int, world: int):
     out = {}
-    for kernels in ("torch", "compile"):  # one process pair for both paths
+    for kernels in ("torch", "compile", "triton"):  # one process pair for every path
         model = tiny_mlp()
         model, opt = fsdp.wrap(model, lr=1e-2, kernels=kernels)
         w = model[0].weight
@@ -243,8 +248,9 @@ def _fsdp_nan_worker(rank: int, world: int):
 
 def test_fsdp2_ranks_agree_on_a_nonfinite_shard_without_a_host_read():
     for out in run_distributed(_fsdp_nan_worker, 2):
-        a, b = out["torch"], out["compile"]
-        assert b["unchanged"] and a["unchanged"]  # both ranks skipped the whole parameter
-        assert a["skips"] == b["skips"] == 1
-        for p, q in zip(a["params"], b["params"]):
-            torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+        a = out["torch"]
+        for b in (out["compile"], out["triton"]):
+            assert b["unchanged"] and a["unchanged"]  # both ranks skipped the whole parameter
+            assert a["skips"] == b["skips"] == 1
+            for p, q in zip(a["params"], b["params"]):
+                torch.testing.assert_close(p, q, rtol=0, atol=1e-5)

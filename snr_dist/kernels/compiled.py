@@ -16,9 +16,8 @@ No host sync: the step never reads a tensor value on the host.
 * ``step`` lives with the parameter (as in torch's fused and capturable Adam), and the
   per-step constants (bias corrections, ``k_t``, the innovation's ``kappa_t``, whether the
   gate is active) are gathered on the device from a table indexed by each parameter's own
-  step: the host never needs to know which parameters were skipped. The table (`StepTable`)
-  is computed by `snr_dist.kernels.reference.snr_adamw_scalars` (the same host floats as the
-  eager path) and grows ahead of the largest step any parameter can have.
+  step: the host never needs to know which parameters were skipped
+  (`snr_dist.kernels.step_table`, shared with the Triton step).
 * ``lr``, ``weight_decay``, ``eps``, ``tau`` and the betas go in as small tensors, so
   schedulers never recompile.
 
@@ -40,59 +39,10 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
-from snr_dist.kernels.reference import snr_adamw_scalars
+from snr_dist.kernels.step_table import FIELD, FIELDS, step_table
 from snr_dist.snr import GATE_FLOOR
 
 COMPILED_RULES = ("wiener", "clamp", "hard", "paper", "none")
-
-#: Row layout of the per-step table (index ``t``, the step after the update).
-FIELDS = (
-    "gated",
-    "step_size",  # 1 / (1 - beta1^t): the step size at lr = 1
-    "inv_bc2_sqrt",
-    "inv_bc_s_sq",
-    "inv_bc_v",
-    "inv_one_k",
-    "shift",
-    "update_x",
-    "inv_bc_prev",
-    "var_scale",
-)
-_F = {name: i for i, name in enumerate(FIELDS)}
-
-
-class StepTable:
-    """Per-step constants of one configuration, ``rows[t]`` for ``t = 0..capacity-1``,
-    kept on one device and grown (doubling) on the host ahead of the steps it must cover."""
-
-    def __init__(self, key: tuple, device: torch.device) -> None:
-        self.key = key
-        self.device = device
-        self.rows = torch.zeros((0, len(FIELDS)), dtype=torch.float32, device=device)
-
-    def covering(self, step_bound: int) -> Tensor:
-        """The table with a row for every step up to ``step_bound`` (inclusive)."""
-        need = step_bound + 1
-        have = self.rows.shape[0]
-        if have < need:
-            size = max(need, 2 * have, 64)
-            betas, snr_beta, rule, gate_a, warmup, noise = self.key
-            new = [
-                [0.0] * len(FIELDS)
-                if t == 0
-                else _row(t, betas, snr_beta, rule, gate_a, warmup, noise)
-                for t in range(have, size)
-            ]
-            extra = torch.tensor(new, dtype=torch.float32).to(self.device)
-            self.rows = torch.cat([self.rows, extra]) if have else extra
-        return self.rows
-
-
-def _row(t, betas, snr_beta, rule, gate_a, warmup, noise) -> list[float]:
-    sc = snr_adamw_scalars(t, 1.0, betas, 0.0, 0.0, snr_beta, rule, 1.0, gate_a, warmup, noise)
-    sc = {k: float(v) for k, v in sc.items()}
-    sc["inv_bc_s_sq"] = sc["inv_bc_s"] ** 2
-    return [sc[name] for name in FIELDS]
 
 
 def _make_step(noise: str, own_mean: bool, rule: str, maximize: bool, check_finite: bool):
@@ -103,7 +53,7 @@ def _make_step(noise: str, own_mean: bool, rule: str, maximize: bool, check_fini
     ``hyper``: ``lr``, ``1 - lr * weight_decay``, ``eps``, ``tau``; ``one_minus``: ``1 - beta1``,
     ``1 - beta2``, ``1 - snr_beta``), so the loop body is the elementwise rule alone."""
     innovation = noise == "innovation"
-    F = _F
+    F = FIELD
 
     def step_one(p, g, m, v, x, step, skips, ok_in, row, hyper, one_minus):
         gf = g.float()
@@ -174,7 +124,6 @@ def _own_code(fn, key: tuple):
 
 _lock = threading.Lock()
 _compiled: dict[tuple, object] = {}
-_tables: dict[tuple, StepTable] = {}
 _const: dict[tuple, Tensor] = {}
 
 
@@ -260,14 +209,6 @@ def _real_first(device: torch.device, n: int) -> Tensor:
             t = torch.arange(BUCKET, device=device) < n
             _const[key] = t
     return t
-
-
-def step_table(key: tuple, device: torch.device) -> StepTable:
-    with _lock:
-        table = _tables.get((key, device))
-        if table is None:
-            table = _tables[(key, device)] = StepTable(key, device)
-    return table
 
 
 def compilable(p: Tensor, g: Tensor) -> bool:

@@ -25,7 +25,6 @@ from snr_dist.estimators import (
     Slot,
     gate_active,
 )
-from snr_dist.estimators.base import impl
 from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES
 from snr_dist.kernels import step_kernels, warn_no_compile
 from snr_dist.kernels.compiled import COMPILED_RULES, compilable, compiled_snr_adamw_step
@@ -264,17 +263,17 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         engine.begin_step()
         engine.flat_aliases.next_step()
         self._step_bound = self._current_step_bound() + 1
-        compiled = [self._compiled(group) for group in self.param_groups]
+        fused = [self._fused_paths(group) for group in self.param_groups]
         collected = [
-            (group, *engine.gradients(group, self.skip_nonfinite, "SNRAdamW", unchecked=c), c)
-            for group, c in zip(self.param_groups, compiled)
+            (group, *engine.gradients(group, self.skip_nonfinite, "SNRAdamW", unchecked=f), f)
+            for group, f in zip(self.param_groups, fused)
         ]
         for group, params, _, _, _ in collected:  # fail before any state changes
             engine.check_ready(group, params)
         work = []
-        for group, params, grads, skipped, compiled_params in collected:
+        for group, params, grads, skipped, paths in collected:
             engine.capture.discard(skipped)
-            params, grads = self._fused_step(group, params, grads, compiled_params)
+            params, grads = self._fused_step(group, params, grads, paths)
             if params:
                 work.append((group, self._update_moments(group, params, grads)))
         engine.exchange(work)  # one all-reduce of SNR statistics for the whole step
@@ -292,37 +291,48 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             bound = int(max(float(t) for t in steps)) if steps else 0
         return bound
 
-    def _compiled(self, group: dict) -> set[Tensor]:
-        """The params of ``group`` whose diagonal temporal step runs compiled
-        (`snr_dist.kernels.compiled`): they check their gradients on the device."""
+    def _fused_paths(self, group: dict) -> dict[Tensor, str]:
+        """The params of ``group`` whose diagonal temporal step runs fused, and how:
+        ``"compile"`` (`snr_dist.kernels.compiled`) or ``"triton"`` (the Triton kernel). Both
+        check gradients on the device and keep ``step`` there: no host read."""
         if group["estimator"] != "temporal" or group["foreach"] is False:
-            return set()
-        if group["gate"] not in COMPILED_RULES:
-            return set()
-        out = set()
+            return {}
+        out: dict[Tensor, str] = {}
         choice = group.get("kernels", "auto")
-        ready: dict[tuple, bool] = {}
+        kinds: dict = {}  # per device: what the choice resolves to
+        paths: dict[tuple, str] = {}
         for p in group["params"]:
             if p.grad is None or p.grad.is_sparse:
                 continue
-            lp, lg = local(p), local(p.grad)
-            if not compilable(lp, lg) or not isinstance(
+            lp = local(p)
+            kind = kinds.get(lp.device)
+            if kind is None:
+                kind = kinds[lp.device] = step_kernels(choice, lp.device)
+            if kind == "torch" or not isinstance(
                 self._engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
             ):
                 continue
-            key = (lp.device, lp.dtype, lg.dtype)
-            if key not in ready:  # compiled (on scratch buffers) before any real step
-                ready[key] = step_kernels(choice, lp.device) == "compile" and self._prepare(
-                    group, p, *key
-                )
-            if ready[key]:
-                out.add(p)
+            lg = local(p.grad)
+            key = (kind, lp.device, lp.dtype, lg.dtype, compilable(lp, lg))
+            if key not in paths:
+                paths[key] = self._path(group, *key)
+            if paths[key] != "torch":
+                out[p] = paths[key]
         return out
 
-    def _prepare(self, group: dict, p: Tensor, device, pdt, gdt) -> bool:
-        state = self.state.get(p, {})
-        if "step" in state:
-            own_mean = "snr_avg" in state
+    def _path(self, group: dict, kind: str, device, pdt, gdt, flat: bool) -> str:
+        """``kind`` (`step_kernels`' answer) for these dtypes: a configuration that cannot be
+        compiled runs where ``"auto"`` would."""
+        if kind == "compile":
+            if flat and group["gate"] in COMPILED_RULES and self._prepare(group, device, pdt, gdt):
+                return "compile"  # compiled (on scratch buffers) before any real step
+            kind = kernel_dispatch.resolve("auto", device)
+        return kind
+
+    def _prepare(self, group: dict, device, pdt, gdt) -> bool:
+        with_state = [self.state[p] for p in group["params"] if "step" in self.state.get(p, {})]
+        if with_state:
+            own_mean = "snr_avg" in with_state[0]
         else:
             own_mean = group["noise"] != "innovation" and self._moments().own_mean(group)
         config = (group["noise"], own_mean, group["gate"], group["maximize"], self.skip_nonfinite)
@@ -331,22 +341,23 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             warn_no_compile(why)
         return why is None
 
-    def _compiled_step(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        """One compiled pass per parameter; no value is read on the host (non-finite
-        gradients are masked on the device and counted there)."""
+    def _device_step(self, group: dict, params: list[Tensor], grads: list[Tensor], kind: str):
+        """The fused step (``kind``: "compile" or "triton") of ``params``, reading nothing on
+        the host: non-finite gradients are masked on the device and counted there, each
+        ``step`` lives with its parameter (as in torch's fused and capturable Adam)."""
         engine = self._engine
         states = [self._init_state(p, group) for p in params]
         locals_ = [local(p) for p in params]
         for st, lp in zip(states, locals_):
-            if st["step"].device != lp.device:  # with the parameter, as torch's fused Adam
+            if st["step"].device != lp.device:
                 st["step"] = st["step"].to(lp.device)
         oks = None
         dist = engine.distributor
         if self.skip_nonfinite and dist.partial_statistics and dist.world > 1:
             bad = torch.stack([torch.isfinite(g).all().logical_not() for g in grads]).float()
-            oks = dist.agree_on_skips_device(bad).eq(0)
+            oks = dist.agree_on_skips_device(bad).eq(0)  # a rank's NaN skips every rank
         extras, options = _fused_options(group, states)
-        compiled_snr_adamw_step(
+        tensors = (
             locals_,
             grads,
             [st["exp_avg"] for st in states],
@@ -355,57 +366,28 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             [st["step"] for st in states],
             [engine.nonfinite.device_counter(p, lp.device) for p, lp in zip(params, locals_)],
             oks,
-            step_bound=self._step_bound,
-            check_finite=self.skip_nonfinite,
-            aliases=engine.flat_aliases,
-            **options,
         )
+        common = dict(step_bound=self._step_bound, check_finite=self.skip_nonfinite, **options)
+        if kind == "compile":
+            compiled_snr_adamw_step(*tensors, aliases=engine.flat_aliases, **common)
+        else:
+            from snr_dist import triton_kernels
+
+            triton_kernels.fused_snr_adamw_step_device(*tensors, **common)
 
     def _fused_step(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], compiled: set[Tensor]
+        self, group: dict, params: list[Tensor], grads: list[Tensor], paths: dict[Tensor, str]
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """The whole step of diagonal temporal params whose kernels resolve to ``compile``
-        (one compiled pass per parameter) or Triton (one fused kernel launch per step
-        count); returns the params (and grads) left to the torch path. They need nothing
-        from the exchange or refresh phases."""
-        if group["estimator"] != "temporal" or not params:
+        """The whole step of the diagonal temporal params in ``paths`` (compiled, or one
+        Triton launch per device and dtypes); returns the params (and grads) left to the
+        torch path. They need nothing from the exchange or refresh phases."""
+        if not paths or not params:
             return params, grads
-        if compiled:
-            idx = [i for i, p in enumerate(params) if p in compiled]
-            self._compiled_step(group, [params[i] for i in idx], [grads[i] for i in idx])
-            rest = [i for i, p in enumerate(params) if p not in compiled]
-            params, grads = [params[i] for i in rest], [grads[i] for i in rest]
-            if not params:
-                return params, grads
-        fused = [
-            i
-            for i, p in enumerate(params)
-            if isinstance(
-                self._engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
-            )
-            and impl(group, grads[i].device) == "triton"
-        ]
-        if not fused:
-            return params, grads
-        by_step: dict[int, list[int]] = {}
-        for i in fused:
-            state = self._init_state(params[i], group)
-            state["step"] += 1
-            by_step.setdefault(int(state["step"].item()), []).append(i)
-        for t, idx in by_step.items():
-            states = [self.state[params[i]] for i in idx]
-            extras, options = _fused_options(group, states)
-            kernel_dispatch.fused_snr_adamw_step(
-                [local(params[i]) for i in idx],
-                [grads[i] for i in idx],
-                [st["exp_avg"] for st in states],
-                [st["exp_avg_sq"] for st in states],
-                extras,
-                step=t,
-                kernels="triton",
-                **options,
-            )
-        rest = sorted(set(range(len(params))) - set(fused))
+        for kind in ("compile", "triton"):
+            idx = [i for i, p in enumerate(params) if paths.get(p) == kind]
+            if idx:
+                self._device_step(group, [params[i] for i in idx], [grads[i] for i in idx], kind)
+        rest = [i for i, p in enumerate(params) if p not in paths]
         return [params[i] for i in rest], [grads[i] for i in rest]
 
     def _update_moments(self, group: dict, params: list[Tensor], grads: list[Tensor]):
