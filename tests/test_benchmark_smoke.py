@@ -147,11 +147,16 @@ def test_step_floor_benchmark_reports_every_ratio(tmp_path):
             "2",
             "--warmup",
             "1",
+            "--refresh-every",
+            "4",
             "--json",
             str(out),
         ]
     )
     assert set(res["rows"]) == set(module.PASSES)
+    refresh = res["refresh"]
+    assert refresh["refresh_steps"] == 3  # steps 2, 4 and 8 of 2..8
+    assert refresh["refresh_extra_ms"] >= 0 and math.isfinite(refresh["amortised_vs_plain_step"])
     assert res["rows"]["AdamW (foreach)"]["step_vs_adamw"] == 1.0
     for r in res["rows"].values():
         for key in ("step_ms", "step_vs_floor", "full_vs_adamw", "floor_ms"):
