@@ -254,3 +254,23 @@ def test_fsdp2_ranks_agree_on_a_nonfinite_shard_without_a_host_read():
             assert a["skips"] == b["skips"] == 1
             for p, q in zip(a["params"], b["params"]):
                 torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+
+
+def test_a_graph_break_fails_prepare_instead_of_running_eagerly(monkeypatch):
+    """A step that Dynamo cannot capture whole would otherwise run op by op, silently (this
+    happened while indexing the step table with a 0-dim tensor); with fullgraph it fails
+    `prepare`, which makes that configuration run the torch path with one warning."""
+
+    def breaking(*config):
+        def step_bucket(ps, *rest):
+            if float(ps[0].sum()) > 0:  # a host read inside the step: a graph break
+                ps[0].add_(1.0)
+
+        return step_bucket
+
+    monkeypatch.setattr(compiled_mod, "_make_step", breaking)
+    monkeypatch.setattr(compiled_mod, "_compiled", {})
+    monkeypatch.setattr(compiled_mod, "_prepared", {})
+    config = ("innovation", False, "wiener", False, True)
+    why = compiled_mod.prepare(config, "cpu", torch.float32, torch.float32)
+    assert why is not None  # the reason names the data-dependent expression

@@ -49,13 +49,17 @@ def _make_step(noise: str, own_mean: bool, rule: str, maximize: bool, check_fini
     """The step of a bucket of `BUCKET` parameters for one static configuration (flat 1-D
     aliases of each parameter and its state).
 
-    Every per-step scalar comes in precomputed (``row``: this parameter's `StepTable` row;
-    ``hyper``: ``lr``, ``1 - lr * weight_decay``, ``eps``, ``tau``; ``one_minus``: ``1 - beta1``,
-    ``1 - beta2``, ``1 - snr_beta``), so the loop body is the elementwise rule alone."""
+    Every per-step scalar comes in precomputed (``table``: the `StepTable`, whose row at each
+    parameter's own step the graph gathers; ``consts``: ``lr``, ``1 - lr * weight_decay``,
+    ``eps``, ``tau``, ``1 - beta1``, ``1 - beta2``, ``1 - snr_beta``), so the loop body is the
+    elementwise rule alone."""
     innovation = noise == "innovation"
     F = FIELD
 
-    def step_one(p, g, m, v, x, step, skips, ok_in, row, hyper, one_minus):
+    def step_one(p, g, m, v, x, step, skips, ok_in, table, hyper, one_minus):
+        # this parameter's row (a skipped parameter may lag the others)
+        t = torch.clamp(step + 1.0, max=table.shape[0] - 1).long().reshape(1)
+        row = table.index_select(0, t).reshape(-1)
         gf = g.float()
         if maximize:
             gf = -gf
@@ -99,9 +103,10 @@ def _make_step(noise: str, own_mean: bool, rule: str, maximize: bool, check_fini
         step.add_(ok.float())
         skips.add_(1.0 - ok.float())
 
-    def step_bucket(ps, gs, ms, vs, xs, steps, skips, oks, rows, hyper, one_minus):
+    def step_bucket(ps, gs, ms, vs, xs, steps, skips, oks, table, consts):
+        hyper, one_minus = consts[:4], consts[4:]
         for i in range(len(ps)):  # unrolled at trace time: one graph for the bucket
-            step_one(ps[i], gs[i], ms[i], vs[i], xs[i], steps[i], skips[i], oks[i], rows[i],
+            step_one(ps[i], gs[i], ms[i], vs[i], xs[i], steps[i], skips[i], oks[i], table,
                      hyper, one_minus)  # fmt: skip
 
     return step_bucket
@@ -133,7 +138,8 @@ def compiled_step_fn(noise: str, own_mean: bool, rule: str, maximize: bool, chec
     with _lock:
         fn = _compiled.get(key)
         if fn is None:
-            fn = torch.compile(_own_code(_make_step(*key), key), dynamic=True)
+            # fullgraph: a graph break would silently run the function eagerly (op by op)
+            fn = torch.compile(_own_code(_make_step(*key), key), dynamic=True, fullgraph=True)
             _compiled[key] = fn
     return fn
 
@@ -211,6 +217,21 @@ def _real_first(device: torch.device, n: int) -> Tensor:
     return t
 
 
+def _constants(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """The step's scalar hyper-parameters as one small tensor on ``device``, made once per
+    distinct values (a scheduler changing ``lr`` makes a new one per step; a constant lr
+    none)."""
+    key = ("consts", device, values)
+    with _lock:
+        t = _const.get(key)
+        if t is None:
+            if len(_const) > 256:  # schedulers: forget old values, keep the padding
+                for k in [k for k in _const if k[0] == "consts"]:
+                    del _const[k]
+            t = _const[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return t
+
+
 def compilable(p: Tensor, g: Tensor) -> bool:
     """Whether one flat pass can serve this parameter (dense, contiguous, floating)."""
     return (
@@ -275,11 +296,9 @@ def compiled_snr_adamw_step(
         if why is not None:
             raise RuntimeError(f"snr-dist: the compiled step cannot run here ({why})")
         table = step_table(key, dev).covering(step_bound)
-        hyper = torch.tensor(
-            [lr, 1.0 - lr * weight_decay, eps, tau], dtype=torch.float32, device=dev
-        )
-        one_minus = torch.tensor(
-            [1.0 - betas[0], 1.0 - betas[1], 1.0 - snr_beta], dtype=torch.float32, device=dev
+        consts = _constants(
+            (lr, 1.0 - lr * weight_decay, eps, tau, 1.0 - betas[0], 1.0 - betas[1], 1.0 - snr_beta),
+            dev,
         )
         for start in range(0, len(idx), BUCKET):
             bucket = idx[start : start + BUCKET]
@@ -309,10 +328,7 @@ def compiled_snr_adamw_step(
             if oks is not None:  # flags agreed across ranks, False for the padding
                 where = torch.tensor(bucket + [0] * (BUCKET - n), device=dev)
                 ok = ok.logical_and(oks.index_select(0, where))
-            # every parameter's row (a skipped parameter may lag the others): a fresh tensor
-            t = torch.stack(cols[5]).add_(1.0).clamp_(max=table.shape[0] - 1).long()
-            rows = table.index_select(0, t)
-            fn(*cols, ok, rows, hyper, one_minus)
+            fn(*cols, ok, table, consts)
 
 
 _prepared: dict[tuple, str | None] = {}
@@ -340,10 +356,10 @@ def prepare(config: tuple, device, pdt: torch.dtype, gdt: torch.dtype) -> str | 
         ]
         cols += [[zeros(SCRATCH) for _ in range(BUCKET)] for _ in range(3)]
         cols += [[zeros(()) for _ in range(BUCKET)] for _ in range(2)]
-        rows = zeros((BUCKET, len(FIELDS)))
+        table = zeros((64, len(FIELDS)))
         ok = zeros(BUCKET, dtype=torch.bool)
         with no_duck_shapes():  # patched for the trace only: the patch slows guard checks
-            fn(*cols, ok, rows, zeros(4), zeros(3))
+            fn(*cols, ok, table, zeros(7))
         why = None
     except Exception as e:  # no C++ compiler, an unsupported dtype or platform, ...
         first = str(e).strip().splitlines()

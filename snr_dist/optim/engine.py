@@ -59,6 +59,7 @@ class SNREngine:
         self.capture = MicrobatchCapture(self.observe)
         self.nonfinite = NonfiniteCounter()
         self.flat_aliases = AliasCache()  # the compiled step's aliases of params and state
+        self.path_cache: dict = {}  # the optimizer's per-step routing decisions (see sync_groups)
         self._layouts: dict[int, tuple] = {}
         self._with_matrices: set[int] = set()  # ids of subspace groups that held matrices
         self._keys: dict[Tensor, int] = {}
@@ -91,6 +92,7 @@ class SNREngine:
 
     def sync_groups(self) -> None:
         """Re-derive what depends on ``param_groups`` (after add_param_group or a load)."""
+        self.path_cache.clear()
         self.index()
         groups = self.opt.param_groups
         trackers, hooked = [], []

@@ -10,6 +10,7 @@ estimators' statistics, one exchange, the gated update, the tracker refreshes.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -299,26 +300,32 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             return {}
         out: dict[Tensor, str] = {}
         choice = group.get("kernels", "auto")
-        kinds: dict = {}  # per device: what the choice resolves to
-        paths: dict[tuple, str] = {}
+        # Routing is decided once per parameter and options (a few µs per parameter per step
+        # otherwise; the engine clears the cache when the groups change).
+        cache = self._engine.path_cache
+        options = (choice, os.environ.get(kernel_dispatch.ENV_VAR), self.skip_nonfinite)
+        options += tuple(group[k] for k in ("mode", "noise", "gate", "maximize"))
         for p in group["params"]:
-            if p.grad is None or p.grad.is_sparse:
+            g = p.grad
+            if g is None or g.is_sparse:
                 continue
-            lp = local(p)
-            kind = kinds.get(lp.device)
-            if kind is None:
-                kind = kinds[lp.device] = step_kernels(choice, lp.device)
-            if kind == "torch" or not isinstance(
-                self._engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
-            ):
-                continue
-            lg = local(p.grad)
-            key = (kind, lp.device, lp.dtype, lg.dtype, compilable(lp, lg))
-            if key not in paths:
-                paths[key] = self._path(group, *key)
-            if paths[key] != "torch":
-                out[p] = paths[key]
+            lp, lg = local(p), local(g)
+            key = (p, lg.dtype, compilable(lp, lg), options)
+            path = cache.get(key)
+            if path is None:
+                path = cache[key] = self._route(group, p, lp, lg, choice)
+            if path != "torch":
+                out[p] = path
         return out
+
+    def _route(self, group: dict, p: Tensor, lp: Tensor, lg: Tensor, choice: str) -> str:
+        """Where ``p``'s step runs: "compile", "triton" or "torch"."""
+        kind = step_kernels(choice, lp.device)
+        if kind == "torch" or not isinstance(
+            self._engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
+        ):
+            return "torch"
+        return self._path(group, kind, lp.device, lp.dtype, lg.dtype, compilable(lp, lg))
 
     def _path(self, group: dict, kind: str, device, pdt, gdt, flat: bool) -> str:
         """``kind`` (`step_kernels`' answer) for these dtypes: a configuration that cannot be
