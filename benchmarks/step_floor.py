@@ -20,6 +20,7 @@ runs every optimizer once, in rotated order) and ratios are medians of per-round
 
     python benchmarks/step_floor.py                 # GPT 3.3M and the 64-256-256-10 MLP
     python benchmarks/step_floor.py --rounds 60 --json out.json
+    python benchmarks/step_floor.py --device cuda   # on a GPU: the Triton and compiled steps
 """
 
 from __future__ import annotations
@@ -73,11 +74,7 @@ def refresh_cost(model: nn.Module, refresh_every: int, periods: int) -> dict[str
     opt.step()  # step 1: state allocation
     plain, refresh = [], []
     for t in range(2, periods * refresh_every + 1):
-        t0 = time.perf_counter()
-        opt.step()
-        (refresh if subspace.refresh_due(t, refresh_every) else plain).append(
-            time.perf_counter() - t0
-        )
+        (refresh if subspace.refresh_due(t, refresh_every) else plain).append(timed(opt.step))
     extra = max(statistics.median(refresh) - statistics.median(plain), 0.0)
     return {
         "refresh_every": refresh_every,
@@ -92,25 +89,40 @@ def refresh_cost(model: nn.Module, refresh_every: int, periods: int) -> dict[str
 def models(args: argparse.Namespace) -> dict[str, tuple[nn.Module, Callable]]:
     """``name -> (model, batch maker)``; a batch maker returns ``(inputs, loss_fn)``."""
     gen = torch.Generator().manual_seed(0)
+    dev = torch.device(args.device)
     torch.manual_seed(0)
-    gpt = GPT(256, 128, 256, 4, 4)
+    gpt = GPT(256, 128, 256, 4, 4).to(dev)
 
     def gpt_batch():
-        idx = torch.randint(0, 256, (args.gpt_batch, 129), generator=gen)
+        idx = torch.randint(0, 256, (args.gpt_batch, 129), generator=gen).to(dev)
         target = idx[:, 1:].reshape(-1)
         return idx[:, :-1], lambda out: F.cross_entropy(out.reshape(-1, 256), target)
 
     torch.manual_seed(0)
     mlp = nn.Sequential(
         nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
-    )
+    ).to(dev)
 
     def mlp_batch():
-        x = torch.randn(128, 64, generator=gen)
-        y = torch.randint(0, 10, (128,), generator=gen)
+        x = torch.randn(128, 64, generator=gen).to(dev)
+        y = torch.randint(0, 10, (128,), generator=gen).to(dev)
         return x, lambda out: F.cross_entropy(out, y)
 
     return {"GPT 4L d=256 (3.3M)": (gpt, gpt_batch), "MLP 64-256-256-10": (mlp, mlp_batch)}
+
+
+def sync() -> None:
+    """Wait for the GPU (timings on CUDA measure the work, not its launch)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
 def bandwidth(params: list[torch.Tensor], rounds: int) -> float:
@@ -120,11 +132,7 @@ def bandwidth(params: list[torch.Tensor], rounds: int) -> float:
     nbytes = sum(t.numel() * t.element_size() for t in a)
     for _ in range(3):
         torch._foreach_add_(a, b)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        torch._foreach_add_(a, b)
-        times.append(time.perf_counter() - t0)
+    times = [timed(lambda: torch._foreach_add_(a, b)) for _ in range(rounds)]
     return 3 * nbytes / statistics.median(times)
 
 
@@ -134,9 +142,7 @@ def _interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, l
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(timed(fns[n]))
     return times
 
 
@@ -154,9 +160,7 @@ def measure(name: str, model: nn.Module, batch: Callable, args) -> dict[str, Any
         for p in m.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         opts[n] = factories[n](list(m.parameters()))
-        t0 = time.perf_counter()
-        opts[n].step()  # kernels='compile': compiles here
-        first[n] = time.perf_counter() - t0
+        first[n] = timed(opts[n].step)  # kernels='compile': compiles here
         for _ in range(args.warmup):
             opts[n].step()
     step_times = _interleaved({n: opts[n].step for n in factories}, args.rounds)
@@ -214,7 +218,9 @@ def measure(name: str, model: nn.Module, batch: Callable, args) -> dict[str, Any
 
 def format_report(results: list[dict[str, Any]], args) -> str:
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} "
+        f"torch {torch.__version__}, {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+        + f", {torch.get_num_threads()} threads; {args.rounds} "
         f"interleaved step rounds, {args.full_rounds} full-step rounds (medians; ratios are "
         "medians of per-round ratios)",
         "",
@@ -274,6 +280,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gpt-batch", type=int, default=8)
     ap.add_argument("--only", choices=["gpt", "mlp"], help="one model only")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda: on CUDA SNRAdamW's defaults run the Triton step, and "
+        "every timing waits for the device",
+    )
     ap.add_argument(
         "--refresh-every", type=int, default=50, help="subspace refresh period (the default)"
     )

@@ -370,7 +370,8 @@ def fused_snr_adamw_step_device(
     for (device, _, _), idx in _groups(params, grads).items():
         table = step_table(key, device).covering(step_bound)
         if oks is not None:
-            ok = oks.index_select(0, torch.tensor(idx, device=oks.device)).to(device)
+            where = torch.tensor(idx).to(oks.device, non_blocking=True)
+            ok = oks.index_select(0, where).to(device)
         elif check_finite:
             ok = finite([grads[i] for i in idx])
         else:

@@ -228,7 +228,8 @@ def _constants(values: tuple[float, ...], device: torch.device) -> Tensor:
             if len(_const) > 256:  # schedulers: forget old values, keep the padding
                 for k in [k for k in _const if k[0] == "consts"]:
                     del _const[k]
-            t = _const[key] = torch.tensor(values, dtype=torch.float32, device=device)
+            t = torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+            _const[key] = t
     return t
 
 
@@ -326,7 +327,7 @@ def compiled_snr_adamw_step(
                     col.append(pad)
             ok = _real_first(dev, n)
             if oks is not None:  # flags agreed across ranks, False for the padding
-                where = torch.tensor(bucket + [0] * (BUCKET - n), device=dev)
+                where = torch.tensor(bucket + [0] * (BUCKET - n)).to(dev, non_blocking=True)
                 ok = ok.logical_and(oks.index_select(0, where))
             fn(*cols, ok, table, consts)
 

@@ -59,7 +59,8 @@ class StepTable:
         if have < need:
             size = max(need, 2 * have, 64)
             new = [[0.0] * len(FIELDS) if t == 0 else row(t, *self.key) for t in range(have, size)]
-            extra = torch.tensor(new, dtype=torch.float32).to(self.device)
+            # non_blocking: a host-to-device copy that does not wait for the device
+            extra = torch.tensor(new, dtype=torch.float32).to(self.device, non_blocking=True)
             self.rows = torch.cat([self.rows, extra]) if have else extra
         return self.rows
 
