@@ -470,18 +470,20 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             else:
                 plain.append(i)
         # fp32 directions go straight into their parameters, weight decay included (trackers
-        # fold it into a matmul); the direction is m / (sqrt(v) + eps bc) with the bias
-        # correction bc = sqrt(1 - beta2^t) moved into the step size: one pass fewer.
+        # fold it into a matmul), one parameter at a time through one scratch buffer (no
+        # direction per parameter to allocate; it is still in cache when the gate reads it).
         direct = all(params[i].dtype == torch.float32 for i in needs_direction)
         skip = set(needs_direction) if direct else set()
         other = [i for i in range(len(slots)) if i not in skip]
         if wd != 0 and other:
             torch._foreach_mul_([params[i] for i in other], 1.0 - lr * wd)
-        denom = torch._foreach_sqrt(exp_avg_sqs)
+        denom: list[Tensor | None] = [None] * len(slots)
         if other:
-            den = [denom[i] for i in other]
+            den = torch._foreach_sqrt([exp_avg_sqs[i] for i in other])
             torch._foreach_div_(den, [bc2_sqrt[i] for i in other])
             torch._foreach_add_(den, eps)
+            for i, d in zip(other, den):
+                denom[i] = d
         for (t, _), idx in fast.items():
             e = engine.estimator(slots[idx[0]].param, group)
             gates, scale = e.gates_foreach(group, [slots[i].state for i in idx], t)
@@ -500,20 +502,28 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 [step_sizes[i] for i in plain],
             )
         if needs_direction:
-            ps = [params[i] for i in needs_direction]
             sub = [slots[i] for i in needs_direction]
             if direct:  # gated step (and decay) straight into p
-                dirs = [denom[i] for i in needs_direction]
-                torch._foreach_add_(dirs, [eps * bc2_sqrt[i] for i in needs_direction])
-                for i, d in zip(needs_direction, dirs):
-                    torch.div(exp_avgs[i], d, out=d)
-                sizes = [step_sizes[i] * bc2_sqrt[i] for i in needs_direction]
-                engine.gate_(group, sub, dirs, out=ps, alphas=sizes, decay=1.0 - lr * wd)
+                scratch: dict[torch.device, Tensor] = {}
+                for i in needs_direction:
+                    v = exp_avg_sqs[i]
+                    buf = scratch.get(v.device)
+                    if buf is None:
+                        n = max(exp_avg_sqs[j].numel() for j in needs_direction)
+                        buf = scratch[v.device] = v.new_empty(n)
+                    # m / (sqrt(v) + eps bc), the bias correction bc moved into the step size
+                    d = torch.sqrt(v, out=buf[: v.numel()].view(v.shape))
+                    torch.div(exp_avgs[i], d.add_(eps * bc2_sqrt[i]), out=d)
+                    size = step_sizes[i] * bc2_sqrt[i]
+                    engine.gate_(
+                        group, [slots[i]], [d], out=[params[i]], alphas=[size], decay=1.0 - lr * wd
+                    )
                 return
             dirs = torch._foreach_div(
                 [exp_avgs[i] for i in needs_direction], [denom[i] for i in needs_direction]
             )
             sizes = [step_sizes[i] for i in needs_direction]
+            ps = [params[i] for i in needs_direction]
             engine.gate_(group, sub, dirs)
             torch._foreach_mul_(dirs, sizes)
             torch._foreach_add_(ps, [d.to(p.dtype) for d, p in zip(dirs, ps)])
