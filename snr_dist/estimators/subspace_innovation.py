@@ -128,15 +128,17 @@ class SubspaceInnovation(Estimator):
                 k = 1.0
             gates = gate_values(group, raw, var, k, t)
             energy = raw + var  # E||G||^2 = ||mu||^2 + tr(Sigma), by direction
-            for j, i in enumerate(idx):
+            inside, total = energy[:, :r].sum(dim=1).unbind(0), energy.sum(dim=1).unbind(0)
+            rows = zip(idx, raw.unbind(0), var.unbind(0), gates.unbind(0), inside, total)
+            for i, raw_j, var_j, gates_j, inside_j, total_j in rows:
                 p = slots[i].param
-                self.current[p] = gates[j]
+                self.current[p] = gates_j
                 self.last[p] = {
-                    "raw": raw[j],
-                    "var": var[j],
+                    "raw": raw_j,
+                    "var": var_j,
                     "k": k,
-                    "gates": gates[j],
-                    "captured": (energy[j, :r].sum(), energy[j].sum()),
+                    "gates": gates_j,
+                    "captured": (inside_j, total_j),
                 }
 
     def moments(self, p, state, group, step, index=None):
