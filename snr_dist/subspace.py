@@ -173,43 +173,82 @@ def observe_innovation(
     rho: float,
     sketch_beta: float,
     kernels: str = "torch",
-) -> None:
+) -> Tensor:
     """The innovation rule on the tracker: sketch, innovation energies, projected mean.
 
     ``mean`` is the full-space raw EMA of the gradient (factor ``beta``) *before* it takes
     ``grad``; ``proj_avg`` holds ``Q^T mean`` (it is the same EMA of ``Q^T G``, exact between
     refreshes). The innovation ``G - mean_hat_{t-1}`` is measured along each direction
     (``r`` energies) and in total, all as partial sums over the columns this rank holds.
+    Returns ``||lerp(mean, grad, 1 - beta)||^2`` (0-dim), the squared norm of the mean once it
+    has taken ``grad``, for `innovation_vector` (see `observe_innovation_many`).
     """
-    q = state["basis"]
-    rows = bool(state["basis_rows"])
-    g = matrix_view(grad, rows)
-    p, _ = project(q, g, kernels)
-    state["sketch"].mul_(sketch_beta).addmm_(g, p.T, alpha=1.0 - sketch_beta)
-    state["sketch_weight"].mul_(sketch_beta).add_(1.0 - sketch_beta)
-    if step >= 2:
-        c = 1.0 / (1.0 - beta ** (step - 1))
-        r_dir = (p - state["proj_avg"] * c).square_().sum(dim=1)
+    return observe_innovation_many([state], [grad], [mean], step, beta, rho, sketch_beta, kernels)[
+        0
+    ]
+
+
+@torch.no_grad()
+def observe_innovation_many(
+    states: list[dict],
+    grads: list[Tensor],
+    means: list[Tensor],
+    step: int,
+    beta: float,
+    rho: float,
+    sketch_beta: float,
+    kernels: str = "torch",
+) -> Tensor:
+    """`observe_innovation` for several trackers at the same ``step``: the two thin matmuls
+    and three dot products per matrix, the small updates as one multi-tensor op each.
+
+    The three dots ``g.g``, ``g.m``, ``m.m`` give both the innovation energy
+    ``||g - c m||^2`` and the squared norm of the next mean ``||b m + (1-b) g||^2``; the latter
+    (returned, one value per tracker) spares `innovation_vector` another pass over the mean.
+    """
+    ps, r_dirs, dots = [], [], []
+    c = 1.0 / (1.0 - beta ** (step - 1)) if step >= 2 else 0.0
+    for state, grad, mean in zip(states, grads, means):
+        q = state["basis"]
+        g = matrix_view(grad, bool(state["basis_rows"]))
+        p, _ = project(q, g, kernels)
+        state["sketch"].mul_(sketch_beta).addmm_(g, p.T, alpha=1.0 - sketch_beta)
         flat_g, flat_m = grad.reshape(-1), mean.reshape(-1)
-        total = (
-            torch.dot(flat_g, flat_g)
-            - (2.0 * c) * torch.dot(flat_g, flat_m)
-            + (c * c) * torch.dot(flat_m, flat_m)
-        )
-        state["noise_dir"].mul_(rho).add_(r_dir, alpha=1.0 - rho)
-        state["noise_energy"].mul_(rho).add_(total.clamp(min=0.0), alpha=1.0 - rho)
-    state["proj_avg"].lerp_(p, 1.0 - beta)
+        dots += [torch.dot(flat_g, flat_g), torch.dot(flat_g, flat_m), torch.dot(flat_m, flat_m)]
+        if step >= 2:
+            r_dirs.append(torch.sub(p, state["proj_avg"], alpha=c).square_().sum(dim=1))
+        ps.append(p)
+    d = torch.stack(dots).view(-1, 3)
+    gg, gm, mm = d.unbind(1)
+    sketch_weights = [st["sketch_weight"] for st in states]
+    torch._foreach_mul_(sketch_weights, sketch_beta)
+    torch._foreach_add_(sketch_weights, 1.0 - sketch_beta)
+    if step >= 2:
+        total = (gg - (2.0 * c) * gm + (c * c) * mm).clamp_(min=0.0)
+        noise_dirs = [st["noise_dir"] for st in states]
+        torch._foreach_mul_(noise_dirs, rho)
+        torch._foreach_add_(noise_dirs, r_dirs, alpha=1.0 - rho)
+        energies = [st["noise_energy"] for st in states]
+        torch._foreach_mul_(energies, rho)
+        torch._foreach_add_(energies, list(total.unbind(0)), alpha=1.0 - rho)
+    torch._foreach_lerp_([st["proj_avg"] for st in states], ps, 1.0 - beta)
+    w = 1.0 - beta
+    # >= 0 exactly (|g.m| <= ||g|| ||m||); the clamp only catches rounding
+    return ((w * w) * gg + (2.0 * beta * w) * gm + (beta * beta) * mm).clamp_(min=0.0)
 
 
-def innovation_vector(state: dict, mean: Tensor) -> Tensor:
+def innovation_vector(state: dict, mean: Tensor, mean_sq: Tensor | None = None) -> Tensor:
     """The ``2r + 2`` partial sums the innovation gates need: the squared norm of each row of
-    ``proj_avg`` (= ``Q^T mean``), the innovation energies, their total and ``||mean||^2``."""
+    ``proj_avg`` (= ``Q^T mean``), the innovation energies, their total and ``||mean||^2``
+    (``mean_sq`` when the caller has it, e.g. from `observe_innovation_many`)."""
+    if mean_sq is None:
+        mean_sq = squared_norm(mean.float())
     return torch.cat(
         [
             state["proj_avg"].square().sum(dim=1),
             state["noise_dir"],
             state["noise_energy"].reshape(1),
-            squared_norm(mean.float()).reshape(1),
+            mean_sq.reshape(1),
         ]
     )
 
@@ -285,11 +324,13 @@ def apply_gates(
     out: Tensor | None = None,
     alpha: float = 1.0,
     kernels: str = "torch",
+    decay: float = 1.0,
 ) -> None:
     """``D' = g_perp D + Q ((g - g_perp) * Q^T D)``; ``gates`` = r values + complement.
 
-    In place on ``direction``, or, with ``out``, ``out += alpha * D'`` (``D`` untouched): the
-    optimizer adds the gated step straight into the parameter, two passes instead of four.
+    In place on ``direction``, or, with ``out``, ``out <- decay * out + alpha * D'`` (``D``
+    untouched): the optimizer adds the gated step straight into the parameter, two passes
+    instead of four, and its weight decay rides on the reconstruction's matmul (``decay``).
     With ``kernels="triton"`` the two passes are one projection and one fused
     gate-and-reconstruct (on the transposed views: ``X = D^T``).
     """
@@ -305,6 +346,8 @@ def apply_gates(
         if out is None:
             gate_reconstruct(d.T, coef.T, q, g_dir - g_perp, g_perp, inplace=True, **kw)
         else:
+            if decay != 1.0:
+                out.mul_(decay)
             o = matrix_view(out, rows)
             c, a = (g_dir - g_perp) * alpha, g_perp * alpha
             gate_reconstruct(d.T, coef.T, q, c, a, out=o.T, accumulate=True, **kw)
@@ -316,8 +359,8 @@ def apply_gates(
         d.addmm_(q, coef)
         return
     o = matrix_view(out, rows)
+    o.addmm_(q, coef, beta=decay, alpha=alpha)
     o.addcmul_(d, g_perp, value=alpha)
-    o.addmm_(q, coef, alpha=alpha)
 
 
 def _psd_pinv(m: Tensor) -> Tensor:

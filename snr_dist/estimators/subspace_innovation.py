@@ -22,18 +22,26 @@ from snr_dist import subspace
 from snr_dist.distributors.base import RefreshJob
 from snr_dist.distributors.dtensor import global_shape, is_row_sharded
 from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
-from snr_dist.estimators.tracker import TRACKER_KINDS, refresh_job, tracker_cost, tracker_made
+from snr_dist.estimators.tracker import (
+    TRACKER_KINDS,
+    gate_trackers,
+    refresh_job,
+    tracker_cost,
+    tracker_made,
+)
 from snr_dist.layout import Kind
 
 
 class SubspaceInnovation(Estimator):
     name = "subspace_innovation"
     tracks = True
+    gate_decay = True  # gate_ takes the weight decay (decay * out + ...)
 
     def __init__(self, moments) -> None:
         super().__init__(moments)
         self.current: dict[Tensor, Tensor] = {}  # this step's gates
         self.last: dict[Tensor, dict] = {}
+        self.next_mean_sq: dict[Tensor, tuple[int, Tensor]] = {}  # from update to partial_sums
 
     def init_state(self, p, local_p, state, group, key) -> None:
         subspace.init_tracker(
@@ -68,26 +76,40 @@ class SubspaceInnovation(Estimator):
 
     @torch.no_grad()
     def update(self, group: dict, slots: list[Slot]) -> None:
+        batches: dict[tuple, list[Slot]] = defaultdict(list)
         for s in slots:
-            mean, beta = self.moments_of.mean(s.state, group)
-            subspace.observe_innovation(
-                s.state,
-                s.grad,
-                mean,
-                s.step,
+            batches[(s.step, s.grad.device)].append(s)
+        for (t, device), batch in batches.items():
+            beta = self.moments_of.beta_s(batch[0].state, group)
+            mean_sq = subspace.observe_innovation_many(
+                [s.state for s in batch],
+                [s.grad for s in batch],
+                [self.moments_of.mean(s.state, group)[0] for s in batch],
+                t,
                 beta,
                 beta,
                 group["sketch_beta"],
-                impl(group, s.grad.device),
+                impl(group, device),
             )
-            if "snr_avg" in s.state:  # SNRPreconditioner's own mean, after its innovation
-                s.state["snr_avg"].lerp_(s.grad, 1.0 - beta)
+            # the squared norm of each mean once it has taken this gradient (the optimizer's
+            # lerp for Adam's mean, the lerp below for an own one), for `partial_sums`
+            for s, v in zip(batch, mean_sq.unbind(0)):
+                self.next_mean_sq[s.param] = (t, v)
+            own = [s for s in batch if "snr_avg" in s.state]
+            if own:  # SNRPreconditioner's own mean, after its innovation
+                torch._foreach_lerp_(
+                    [s.state["snr_avg"] for s in own], [s.grad for s in own], 1.0 - beta
+                )
 
     def partial_sums(self, group: dict, slots: list[Slot]) -> list[Tensor]:
-        return [
-            subspace.innovation_vector(s.state, self.moments_of.mean(s.state, group)[0])
-            for s in slots
-        ]
+        out = []
+        for s in slots:
+            mean_sq = self.next_mean_sq.pop(s.param, None)
+            if mean_sq is not None and mean_sq[0] != s.step:
+                mean_sq = None
+            mean = self.moments_of.mean(s.state, group)[0]
+            out.append(subspace.innovation_vector(s.state, mean, mean_sq and mean_sq[1]))
+        return out
 
     @torch.no_grad()
     def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
@@ -106,15 +128,17 @@ class SubspaceInnovation(Estimator):
                 k = 1.0
             gates = gate_values(group, raw, var, k, t)
             energy = raw + var  # E||G||^2 = ||mu||^2 + tr(Sigma), by direction
-            for j, i in enumerate(idx):
+            inside, total = energy[:, :r].sum(dim=1).unbind(0), energy.sum(dim=1).unbind(0)
+            rows = zip(idx, raw.unbind(0), var.unbind(0), gates.unbind(0), inside, total)
+            for i, raw_j, var_j, gates_j, inside_j, total_j in rows:
                 p = slots[i].param
-                self.current[p] = gates[j]
+                self.current[p] = gates_j
                 self.last[p] = {
-                    "raw": raw[j],
-                    "var": var[j],
+                    "raw": raw_j,
+                    "var": var_j,
                     "k": k,
-                    "gates": gates[j],
-                    "captured": (energy[j, :r].sum(), energy[j].sum()),
+                    "gates": gates_j,
+                    "captured": (inside_j, total_j),
                 }
 
     def moments(self, p, state, group, step, index=None):
@@ -124,11 +148,10 @@ class SubspaceInnovation(Estimator):
     def gates(self, p, state, group, step, index=None) -> Tensor:
         return self.current[p]
 
-    def gate_(self, group, slots, directions, out=None, alphas=None, foreach=True) -> None:
-        for i, (s, d) in enumerate(zip(slots, directions)):
-            o = None if out is None else out[i]
-            alpha = 1.0 if out is None else alphas[i]
-            subspace.apply_gates(s.state, d, self.current[s.param], o, alpha, impl(group, d.device))
+    def gate_(
+        self, group, slots, directions, out=None, alphas=None, foreach=True, decay=1.0
+    ) -> None:
+        gate_trackers(self.current, group, slots, directions, out, alphas, decay)
 
     def refresh_jobs(self, group: dict, slots: list[Slot]) -> list[RefreshJob]:
         return [

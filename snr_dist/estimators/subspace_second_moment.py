@@ -19,13 +19,20 @@ from snr_dist.distributors.base import RefreshJob
 from snr_dist.distributors.dtensor import global_shape, is_row_sharded
 from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
 from snr_dist.estimators.diagonal_second_moment import update_own_moments
-from snr_dist.estimators.tracker import TRACKER_KINDS, refresh_job, tracker_cost, tracker_made
+from snr_dist.estimators.tracker import (
+    TRACKER_KINDS,
+    gate_trackers,
+    refresh_job,
+    tracker_cost,
+    tracker_made,
+)
 from snr_dist.layout import Kind
 
 
 class SubspaceSecondMoment(Estimator):
     name = "subspace_second_moment"
     tracks = True
+    gate_decay = True  # gate_ takes the weight decay (decay * out + ...)
 
     def __init__(self, moments) -> None:
         super().__init__(moments)
@@ -114,11 +121,10 @@ class SubspaceSecondMoment(Estimator):
     def gates(self, p, state, group, step, index=None) -> Tensor:
         return self.current[p]
 
-    def gate_(self, group, slots, directions, out=None, alphas=None, foreach=True) -> None:
-        for i, (s, d) in enumerate(zip(slots, directions)):
-            o = None if out is None else out[i]
-            alpha = 1.0 if out is None else alphas[i]
-            subspace.apply_gates(s.state, d, self.current[s.param], o, alpha, impl(group, d.device))
+    def gate_(
+        self, group, slots, directions, out=None, alphas=None, foreach=True, decay=1.0
+    ) -> None:
+        gate_trackers(self.current, group, slots, directions, out, alphas, decay)
 
     def refresh_jobs(self, group: dict, slots: list[Slot]) -> list[RefreshJob]:
         beta_s = self.moments_of.beta_s(slots[0].state, group) if slots else 0.0

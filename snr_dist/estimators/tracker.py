@@ -11,7 +11,7 @@ from torch import Tensor
 from snr_dist import subspace
 from snr_dist.distributors.base import RefreshJob
 from snr_dist.distributors.dtensor import global_shape, is_row_sharded
-from snr_dist.estimators.base import Slot
+from snr_dist.estimators.base import Slot, impl
 from snr_dist.layout import Kind
 
 TRACKER_KINDS = {
@@ -68,3 +68,26 @@ def refresh_job(slot: Slot, mean: Tensor | None, temporal: tuple | None) -> Refr
         subspace.refresh_apply(state, q_new, evals, cov, mean, carries_total, t, beta_s, beta_v)
 
     return RefreshJob(slot.param, subspace.refresh_partials(state), solve, placeholders, apply)
+
+
+@torch.no_grad()
+def gate_trackers(
+    current: dict[Tensor, Tensor],
+    group: dict,
+    slots: list[Slot],
+    directions: list[Tensor],
+    out: list[Tensor] | None,
+    alphas: list[float] | None,
+    decay: float = 1.0,
+) -> None:
+    """`subspace.apply_gates` on each slot with this step's gates (``current``): the
+    estimators' ``gate_``. With ``out``, ``out <- decay * out + alpha * gated direction``."""
+    kernels: dict = {}
+    for i, (s, d) in enumerate(zip(slots, directions)):
+        k = kernels.get(d.device)
+        if k is None:
+            k = kernels[d.device] = impl(group, d.device)
+        if out is None:
+            subspace.apply_gates(s.state, d, current[s.param], None, 1.0, k)
+        else:
+            subspace.apply_gates(s.state, d, current[s.param], out[i], alphas[i], k, decay)

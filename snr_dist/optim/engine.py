@@ -333,23 +333,36 @@ class SNREngine:
         out: list[Tensor] | None = None,
         alphas: list[float] | None = None,
         foreach: bool = True,
+        decay: float = 1.0,
     ) -> None:
         """Gate the base update ``directions`` (local tensors) in place, or, with ``out`` and
-        ``alphas``, add ``alpha * gated direction`` into ``out`` (directions untouched)."""
+        ``alphas``, ``out <- decay * out + alpha * gated direction`` (directions untouched;
+        ``decay``: the decoupled weight decay, which trackers fold into a matmul)."""
         by_est: dict[tuple[str, str], list[int]] = defaultdict(list)
         for i, s in enumerate(slots):
             if est.gate_active(group, s.step):
                 by_est[est.estimator_key(s.param, group)].append(i)
             elif out is not None:
+                if decay != 1.0:
+                    out[i].mul_(decay)
                 out[i].add_(directions[i], alpha=alphas[i])
         for key, idx in by_est.items():
-            self.estimators[key].gate_(
+            e = self.estimators[key]
+            outs = None if out is None else [out[i] for i in idx]
+            kw = {}
+            if outs is not None and decay != 1.0:
+                if getattr(e, "gate_decay", False):
+                    kw["decay"] = decay
+                else:
+                    torch._foreach_mul_(outs, decay)
+            e.gate_(
                 group,
                 [slots[i] for i in idx],
                 [directions[i] for i in idx],
-                None if out is None else [out[i] for i in idx],
+                outs,
                 None if alphas is None else [alphas[i] for i in idx],
                 foreach,
+                **kw,
             )
 
     # ------------------------------------------------------------------ phase 4: refresh

@@ -435,21 +435,15 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         exp_avg_sqs = [s.state["exp_avg_sq"] for s in slots]
         bc2_sqrt = [math.sqrt(1.0 - beta2**s.step) for s in slots]
         step_sizes = [-lr / (1.0 - beta1**s.step) for s in slots]
-        if wd != 0:
-            if foreach:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            else:
+        if not foreach:
+            if wd != 0:
                 for p in params:
                     p.mul_(1.0 - lr * wd)
-        if not foreach:
             for i, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):
                 d = m / (v.sqrt() / bc2_sqrt[i] + eps)
                 engine.gate_(group, [slots[i]], [d], foreach=False)
                 p.add_(d.to(p.dtype), alpha=step_sizes[i])
             return
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, eps)
         # Diagonal temporal gates are elementwise: fold them into the numerator, one
         # addcdiv per parameter as in torch's AdamW (no materialised direction).
         fast: dict[tuple[int, str], list[int]] = {}
@@ -464,6 +458,21 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 needs_direction.append(i)
             else:
                 plain.append(i)
+        # fp32 directions go straight into their parameters, weight decay included (trackers
+        # fold it into a matmul), one parameter at a time through one scratch buffer (no
+        # direction per parameter to allocate; it is still in cache when the gate reads it).
+        direct = all(params[i].dtype == torch.float32 for i in needs_direction)
+        skip = set(needs_direction) if direct else set()
+        other = [i for i in range(len(slots)) if i not in skip]
+        if wd != 0 and other:
+            torch._foreach_mul_([params[i] for i in other], 1.0 - lr * wd)
+        denom: list[Tensor | None] = [None] * len(slots)
+        if other:
+            den = torch._foreach_sqrt([exp_avg_sqs[i] for i in other])
+            torch._foreach_div_(den, [bc2_sqrt[i] for i in other])
+            torch._foreach_add_(den, eps)
+            for i, d in zip(other, den):
+                denom[i] = d
         for (t, _), idx in fast.items():
             e = engine.estimator(slots[idx[0]].param, group)
             gates, scale = e.gates_foreach(group, [slots[i].state for i in idx], t)
@@ -482,15 +491,28 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 [step_sizes[i] for i in plain],
             )
         if needs_direction:
-            ps = [params[i] for i in needs_direction]
+            sub = [slots[i] for i in needs_direction]
+            if direct:  # gated step (and decay) straight into p
+                scratch: dict[torch.device, Tensor] = {}
+                for i in needs_direction:
+                    v = exp_avg_sqs[i]
+                    buf = scratch.get(v.device)
+                    if buf is None:
+                        n = max(exp_avg_sqs[j].numel() for j in needs_direction)
+                        buf = scratch[v.device] = v.new_empty(n)
+                    # m / (sqrt(v) + eps bc), the bias correction bc moved into the step size
+                    d = torch.sqrt(v, out=buf[: v.numel()].view(v.shape))
+                    torch.div(exp_avgs[i], d.add_(eps * bc2_sqrt[i]), out=d)
+                    size = step_sizes[i] * bc2_sqrt[i]
+                    engine.gate_(
+                        group, [slots[i]], [d], out=[params[i]], alphas=[size], decay=1.0 - lr * wd
+                    )
+                return
             dirs = torch._foreach_div(
                 [exp_avgs[i] for i in needs_direction], [denom[i] for i in needs_direction]
             )
-            sub = [slots[i] for i in needs_direction]
             sizes = [step_sizes[i] for i in needs_direction]
-            if all(p.dtype == torch.float32 for p in ps):  # gated step straight into p
-                engine.gate_(group, sub, dirs, out=ps, alphas=sizes)
-                return
+            ps = [params[i] for i in needs_direction]
             engine.gate_(group, sub, dirs)
             torch._foreach_mul_(dirs, sizes)
             torch._foreach_add_(ps, [d.to(p.dtype) for d, p in zip(dirs, ps)])
