@@ -467,11 +467,18 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         if wd != 0 and other:
             torch._foreach_mul_([params[i] for i in other], 1.0 - lr * wd)
         denom: list[Tensor | None] = [None] * len(slots)
-        if other:
-            den = torch._foreach_sqrt([exp_avg_sqs[i] for i in other])
-            torch._foreach_div_(den, [bc2_sqrt[i] for i in other])
+        gated = [i for idx in fast.values() for i in idx]
+        if gated:  # sqrt(v) + eps bc, the bias correction bc moved into the step size
+            den = torch._foreach_sqrt([exp_avg_sqs[i] for i in gated])
+            torch._foreach_add_(den, [eps * bc2_sqrt[i] for i in gated])
+            for i, d in zip(gated, den):
+                denom[i] = d
+        rest = [i for i in other if denom[i] is None]
+        if rest:  # as torch's AdamW: sqrt(v) / bc + eps
+            den = torch._foreach_sqrt([exp_avg_sqs[i] for i in rest])
+            torch._foreach_div_(den, [bc2_sqrt[i] for i in rest])
             torch._foreach_add_(den, eps)
-            for i, d in zip(other, den):
+            for i, d in zip(rest, den):
                 denom[i] = d
         for (t, _), idx in fast.items():
             e = engine.estimator(slots[idx[0]].param, group)
@@ -481,7 +488,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 [params[i] for i in idx],
                 gates,
                 [denom[i] for i in idx],
-                [step_sizes[i] * scale for i in idx],
+                [step_sizes[i] * bc2_sqrt[i] * scale for i in idx],
             )
         if plain:  # no gate: exactly torch's AdamW update
             self._addcdiv(
