@@ -276,7 +276,7 @@ def format_report(results: list[dict[str, Any]], args) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=40, help="interleaved optimizer-step rounds")
-    ap.add_argument("--full-rounds", type=int, default=15, help="interleaved full-step rounds")
+    ap.add_argument("--full-rounds", type=int, default=40, help="interleaved full-step rounds")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gpt-batch", type=int, default=8)
     ap.add_argument("--only", choices=["gpt", "mlp"], help="one model only")
