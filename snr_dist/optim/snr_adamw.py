@@ -310,7 +310,8 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             if g is None or g.is_sparse:
                 continue
             lp, lg = local(p), local(g)
-            key = (p, lg.dtype, compilable(lp, lg), options)
+            # the parameter's own device and dtype too: Module.to() keeps the Parameter object
+            key = (p, lp.device, lp.dtype, lg.dtype, compilable(lp, lg), options)
             path = cache.get(key)
             if path is None:
                 path = cache[key] = self._route(group, p, lp, lg, choice)
