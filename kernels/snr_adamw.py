@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from snr_dist.kernels.reference import check_step
-from snr_dist.kernels.step_table import FIELD, FIELDS, advance, finite, row, step_table
+from snr_dist.kernels.step_table import FIELD, FIELDS, advance, finite, step_table
 from snr_dist.snr import GATE_FLOOR, GATE_RULES
 
 from ._common import TL_DTYPE, hopper, interpreted, next_pow2
@@ -305,30 +305,33 @@ def fused_snr_adamw_step(
     noise: str = "second_moment",
 ) -> None:
     """The Triton version of `snr_dist.kernels.fused_snr_adamw_step_torch` (same arguments:
-    every tensor at the host's ``step``). Tensors are grouped by (device, param dtype, grad
-    dtype), one launch per group."""
-    if noise == "innovation" and snr_avgs is None:
-        raise ValueError("fused_snr_adamw_step: noise='innovation' needs the innovation EMAs")
-    check_step(params, grads, exp_avgs, exp_avg_sqs, snr_avgs, gate_rule)
-    constants = row(step, tuple(betas), snr_beta, gate_rule, gate_a, warmup_steps, noise)
-    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([] if snr_avgs is None else [snr_avgs])
-    for (device, _, _), idx in _groups(params, grads).items():
-        rows = torch.tensor([constants] * len(idx), dtype=torch.float32).to(device)
-        _run(
-            [[ts[i] for i in idx] for ts in lists],
-            rows,
-            torch.ones(len(idx), device=device),
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            snr_beta=snr_beta,
-            gate_rule=gate_rule,
-            tau=tau,
-            maximize=maximize,
-            noise=noise,
-            shared_s=snr_avgs is None,
-        )
+    every tensor at the host's ``step``): `fused_snr_adamw_step_device` with every tensor's
+    step count at ``step - 1`` and no non-finite check (one code path for both)."""
+    steps = [torch.full((), float(step - 1), device=p.device) for p in params]
+    skips = [torch.zeros((), device=p.device) for p in params]
+    fused_snr_adamw_step_device(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        snr_avgs,
+        steps,
+        skips,
+        None,
+        step_bound=step,
+        check_finite=False,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        snr_beta=snr_beta,
+        gate_rule=gate_rule,
+        tau=tau,
+        gate_a=gate_a,
+        warmup_steps=warmup_steps,
+        maximize=maximize,
+        noise=noise,
+    )
 
 
 @torch.no_grad()
