@@ -19,6 +19,7 @@ from snr_dist.experiments.study import (
     run_study,
     select,
 )
+from snr_dist.experiments.study_report import PER_SEED_FROM
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = [
@@ -29,6 +30,7 @@ EXPERIMENTS = [
     "rule_candidates",
     "double_descent",
     "convergence",
+    "convergence_seeds",
     "entk_partition",
 ]
 
@@ -74,6 +76,13 @@ def test_smoke_run_writes_a_complete_report(name, tmp_path):
         assert sorted(names) == sorted(expected)
         for m in cfg.methods:
             assert f"| {m.name} |" in report
+    if len(cfg.seeds) >= PER_SEED_FROM:  # every seed's value, not only mean ± std
+        assert "| method | per seed | " + " | ".join(f"seed {s}" for s in cfg.seeds) in report
+        for m in cfg.methods:
+            per = [x for x in report.splitlines() if x.startswith(f"| {m.name} | ")][1:]
+            assert per and all(x.count("|") == len(cfg.seeds) + 3 for x in per), per
+    else:
+        assert "| per seed |" not in report
     for rec in lines:
         assert rec["history"], rec["key"]
         assert all(h["step"] <= cfg.budget.steps for h in rec["history"])

@@ -190,6 +190,25 @@ def plot_gates(cfg: StudyConfig, selected: dict[Any, list[Row]], path: Path) -> 
     return True
 
 
+#: From this many seeds on, a report also lists every seed's value: a mean and a standard
+#: deviation hide a heavy tail (a few seeds that take 10x longer, or never arrive).
+PER_SEED_FROM = 5
+
+
+def per_seed(rows: list[Row], columns: list[tuple[str, str, str]], seeds: list[int]) -> str:
+    """A table of each row's value per seed ("-" where a run never got there)."""
+    lines = [
+        "| method | per seed | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|" + "---:|" * len(seeds),
+    ]
+    for row in rows:
+        for key, label, fmt in columns:
+            vals = [s.get(key) for s in row.summaries]
+            shown = " | ".join("-" if v is None else fmt.format(v) for v in vals)
+            lines.append(f"| {row.method} | {label} | {shown} |")
+    return "\n".join(lines)
+
+
 def write(
     cfg: StudyConfig, selected: dict[Any, list[Row]], out_dir: Path, command: str, total_wall: float
 ) -> str:
@@ -199,6 +218,8 @@ def write(
     for setting, rows in selected.items():
         parts.append(f"## {study.setting_label}: {setting}\n")
         parts.append(markdown_table(rows, study.columns, n) + "\n")
+        if n >= PER_SEED_FROM:
+            parts.append(per_seed(rows, study.columns, cfg.seeds) + "\n")
     head = headline(cfg, selected)
     if head:
         parts.append("## Derived\n\n```json\n" + json.dumps(head, indent=2) + "\n```\n")
