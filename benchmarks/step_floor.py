@@ -18,6 +18,12 @@ read once more for their projections on the tracker bases). Timing is interleave
 runs every optimizer once, in rotated order) and ratios are medians of per-round ratios, as in
 ``benchmarks/step_overhead.py``: shared machines drift.
 
+The subspace rule also has a flops floor: four rank-r products per tracked matrix (8 r flops
+per matrix element, 256 at r=32) that no fusing removes. They are timed alone in the same
+full-step rounds; AdamW's training step plus their time is the shortest a subspace training
+step can be, and their share of the training step's forward + backward flops says how that
+floor moves with the batch (it falls as the tokens per step grow).
+
     python benchmarks/step_floor.py                 # GPT 3.3M and the 64-256-256-10 MLP
     python benchmarks/step_floor.py --rounds 60 --json out.json
     python benchmarks/step_floor.py --device cuda   # on a GPU: the Triton and compiled steps
@@ -39,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from snr_dist import SNRAdamW, subspace
 from snr_dist.experiments.models import GPT
@@ -51,6 +58,7 @@ PASSES = {
 }
 COMPILED = "SNRAdamW diagonal, kernels='compile'"
 SUBSPACE = "SNRAdamW subspace r=32"
+PRODUCTS = "subspace rank-32 products alone"
 
 
 def optimizers() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
@@ -60,6 +68,41 @@ def optimizers() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimiz
         COMPILED: lambda ps: SNRAdamW(ps, lr=1e-4, kernels="compile"),
         SUBSPACE: lambda ps: SNRAdamW(ps, lr=1e-4, mode="subspace", rank=32),
     }
+
+
+def tracked_products(opt: torch.optim.Optimizer) -> tuple[Callable[[], None], int]:
+    """``(run, flops)``: the four rank-r products a subspace step makes per tracked matrix
+    (``P = Q^T G``, the sketch ``G P^T``, ``Q^T D`` and the reconstruction ``Q coef``), alone,
+    on copies of the optimizer's own bases and matrix views. Their time is a floor for the
+    subspace step that no fusing of elementwise passes removes: the rule needs these flops."""
+    work, flops = [], 0
+    for p, st in opt.state.items():
+        if "basis" not in st:
+            continue
+        q = st["basis"].clone()
+        g = subspace.matrix_view(torch.randn_like(p), bool(st["basis_rows"])).contiguous()
+        d, r = q.shape
+        work.append((q, g, torch.zeros_like(q), torch.zeros_like(g)))
+        flops += 8 * d * g.shape[1] * r
+
+    def run() -> None:
+        for q, g, sketch, out in work:
+            proj = q.T @ g
+            sketch.addmm_(g, proj.T, beta=0.9, alpha=0.1)
+            coef = q.T @ g
+            out.addmm_(q, coef)
+
+    return run, flops
+
+
+def training_flops(model: nn.Module, batch: Callable) -> int:
+    """Forward + backward flops of one training step (torch's flop counter: matmuls and
+    convolutions, the part that scales with the batch)."""
+    m = copy.deepcopy(model)
+    inputs, loss_fn = batch()
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(m(inputs)).backward()
+    return counter.get_total_flops()
 
 
 def refresh_cost(model: nn.Module, refresh_every: int, periods: int) -> dict[str, float]:
@@ -181,6 +224,8 @@ def measure(name: str, model: nn.Module, batch: Callable, args) -> dict[str, Any
     for _ in range(args.warmup):
         for run in runs.values():
             run()
+    products, product_flops = tracked_products(full_opts[SUBSPACE])
+    runs[PRODUCTS] = products  # timed in the same rounds: a floor for the subspace row
     full_times = _interleaved(runs, args.full_rounds)
     params = list(model.parameters())
     nbytes = sum(p.numel() * 4 for p in params)
@@ -207,6 +252,10 @@ def measure(name: str, model: nn.Module, batch: Callable, args) -> dict[str, Any
     rows[COMPILED]["compile_s"] = compile_s
     rows[COMPILED]["saved_ms_per_step"] = 1e3 * saved
     rows[COMPILED]["pays_back_after_steps"] = compile_s / saved if saved > 0 else None
+    train_flops = training_flops(model, batch)
+    rows[SUBSPACE]["products_ms"] = 1e3 * statistics.median(full_times[PRODUCTS])
+    rows[SUBSPACE]["products_flops_share"] = product_flops / train_flops
+    rows[SUBSPACE]["full_vs_adamw_floor"] = 1.0 + _ratio(full_times, PRODUCTS, base)
     return {
         "model": name,
         "params": sum(p.numel() for p in params),
@@ -236,6 +285,16 @@ def format_report(results: list[dict[str, Any]], args) -> str:
             )
     bws = ", ".join(f"{r['model']}: {r['bandwidth_gb_s']:.1f} GB/s" for r in results)
     lines += ["", f"Measured multi-tensor add bandwidth: {bws}.", ""]
+    for res in results:
+        s = res["rows"][SUBSPACE]
+        lines.append(
+            f"{res['model']}: the subspace step's four rank-32 products per matrix alone take "
+            f"{s['products_ms']:.2f} ms ({100 * s['products_flops_share']:.1f}% of the training "
+            f"step's forward + backward flops): AdamW's training step plus them is "
+            f"{s['full_vs_adamw_floor']:.3f}x AdamW's, the floor of the subspace row at this "
+            f"batch size (measured {s['full_vs_adamw']:.3f}x)."
+        )
+    lines.append("")
     lines += [
         "| model | subspace step without refresh (ms) | a refresh adds (ms) | refresh_every "
         "| amortised per step (ms) | amortised / step |",

@@ -163,4 +163,12 @@ def test_step_floor_benchmark_reports_every_ratio(tmp_path):
             assert math.isfinite(r[key]) and r[key] > 0
     assert res["bandwidth_gb_s"] > 0
     assert math.isfinite(res["rows"][module.COMPILED]["compile_s"])
+    # the subspace flops floor: 8 r flops per element of each tracked matrix view (64 x 256
+    # and 256 x 256 at r=32, 10 x 256 at r=10) against the MLP's forward + backward matmuls
+    # (batch 128; the first layer's input needs no gradient)
+    sub = res["rows"][module.SUBSPACE]
+    products = 8 * 32 * (64 * 256 + 256 * 256) + 8 * 10 * 10 * 256
+    train = 2 * 128 * (64 * 256 + 256 * 256 + 256 * 10) * 3 - 2 * 128 * 64 * 256
+    assert sub["products_flops_share"] == pytest.approx(products / train)
+    assert sub["products_ms"] > 0 and sub["full_vs_adamw_floor"] > 1.0
     assert json.loads(out.read_text())["results"][0]["model"] == res["model"]
