@@ -40,7 +40,7 @@ class SubspaceInnovation(Estimator):
     def __init__(self, moments) -> None:
         super().__init__(moments)
         self.current: dict[Tensor, Tensor] = {}  # this step's gates
-        self.last: dict[Tensor, dict] = {}
+        self.last: dict[Tensor, tuple] = {}  # param -> (its finish batch, its row there)
         self.next_mean_sq: dict[Tensor, tuple[int, Tensor]] = {}  # from update to partial_sums
 
     def init_state(self, p, local_p, state, group, key) -> None:
@@ -127,22 +127,16 @@ class SubspaceInnovation(Estimator):
                 raw = var = torch.zeros(len(idx), r + 1, device=vecs.device)
                 k = 1.0
             gates = gate_values(group, raw, var, k, t)
-            energy = raw + var  # E||G||^2 = ||mu||^2 + tr(Sigma), by direction
-            inside, total = energy[:, :r].sum(dim=1).unbind(0), energy.sum(dim=1).unbind(0)
-            rows = zip(idx, raw.unbind(0), var.unbind(0), gates.unbind(0), inside, total)
-            for i, raw_j, var_j, gates_j, inside_j, total_j in rows:
+            # per-parameter metrics (moments, captured energy) are read from the batch's
+            # tensors only when asked: ~10 small ops per batch less on every step
+            batch = (raw, var, k, gates, r)
+            for j, (i, gates_j) in enumerate(zip(idx, gates.unbind(0))):
                 p = slots[i].param
                 self.current[p] = gates_j
-                self.last[p] = {
-                    "raw": raw_j,
-                    "var": var_j,
-                    "k": k,
-                    "gates": gates_j,
-                    "captured": (inside_j, total_j),
-                }
+                self.last[p] = (batch, j)
 
     def moments(self, p, state, group, step, index=None):
-        info = self.last[p]
+        info = self.info(p, state, group)
         return info["raw"], info["var"], info["k"]
 
     def gates(self, p, state, group, step, index=None) -> Tensor:
@@ -161,4 +155,15 @@ class SubspaceInnovation(Estimator):
         ]
 
     def info(self, p, state, group) -> dict | None:
-        return self.last.get(p)
+        entry = self.last.get(p)
+        if entry is None:
+            return None
+        (raw, var, k, gates, r), j = entry
+        energy = raw[j] + var[j]  # E||G||^2 = ||mu||^2 + tr(Sigma), by direction
+        return {
+            "raw": raw[j],
+            "var": var[j],
+            "k": k,
+            "gates": gates[j],
+            "captured": (energy[:r].sum(), energy.sum()),
+        }
