@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from snr_dist.experiments.config import ConfigError
 from snr_dist.experiments.study import (
@@ -27,6 +28,7 @@ EXPERIMENTS = [
     "grokking",
     "grokking_long",
     "grokking_paper",
+    "grokking_paper_long",
     "rule_candidates",
     "double_descent",
     "convergence",
@@ -123,6 +125,22 @@ def test_runs_are_deterministic_and_same_batches_for_every_method(tmp_path):
         ha = [{k: v for k, v in h.items() if k != "wall_s"} for h in a[key]["history"]]
         hb = [{k: v for k, v in h.items() if k != "wall_s"} for h in b[key]["history"]]
         assert ha == hb
+
+
+def test_in_process_runs_use_one_thread_as_workers_do(tmp_path):
+    """--workers 1 trains in this process: with one torch thread, as each worker process does
+    (thread counts change reduction orders, so results would depend on --workers), and the
+    caller's thread count is restored afterwards."""
+    path = ROOT / "configs/experiments/convergence.yaml"
+    cfg = load_study(path, ["seeds=[0]", "methods.1.weight_decay=[0.1]"], smoke=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        recs = run_study(cfg.model_copy(update={"workers": 1}), tmp_path, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert recs and {rec["threads"] for rec in recs.values()} == {1}
 
 
 def _fake_records(cfg: StudyConfig, val: dict, test: dict) -> dict:

@@ -230,7 +230,13 @@ def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
             if study.stop(task_cfg, rec, history) or rec.get("diverged"):
                 stopped = step
                 break
-    return {"key": job.key, "history": history, "wall_s": wall, "stopped": stopped}
+    return {
+        "key": job.key,
+        "history": history,
+        "wall_s": wall,
+        "stopped": stopped,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def gate_trace(opt, names: dict) -> dict[str, dict[str, float]]:
@@ -292,8 +298,15 @@ def run_study(
             bar.update(1)
 
         if cfg.workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                keep(train_job(cfg, job))
+            # one torch thread, as in each worker process: results do not depend on --workers
+            # (thread counts change reduction orders) and the report's "one thread" holds
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for job in jobs:
+                    keep(train_job(cfg, job))
+            finally:
+                torch.set_num_threads(threads)
         else:
             ctx = mp.get_context("spawn")
             env_threads = os.environ.get("OMP_NUM_THREADS")
