@@ -309,24 +309,33 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             g = p.grad
             if g is None or g.is_sparse:
                 continue
-            lp, lg = local(p), local(g)
+            lp = local(p)
             # the parameter's own device and dtype too: Module.to() keeps the Parameter object
-            key = (p, lp.device, lp.dtype, lg.dtype, compilable(lp, lg), options)
+            first = (p, lp.device, lp.dtype, options)
+            kind = cache.get(first)
+            if kind is None:
+                kind = cache[first] = self._kind(group, p, lp, choice)
+            if kind == "torch":  # the CPU default: nothing about the gradient matters
+                continue
+            lg = local(g)
+            flat = compilable(lp, lg)
+            key = (*first, lg.dtype, flat)
             path = cache.get(key)
             if path is None:
-                path = cache[key] = self._route(group, p, lp, lg, choice)
+                path = cache[key] = self._path(group, kind, lp.device, lp.dtype, lg.dtype, flat)
             if path != "torch":
                 out[p] = path
         return out
 
-    def _route(self, group: dict, p: Tensor, lp: Tensor, lg: Tensor, choice: str) -> str:
-        """Where ``p``'s step runs: "compile", "triton" or "torch"."""
+    def _kind(self, group: dict, p: Tensor, lp: Tensor, choice: str) -> str:
+        """Which fused step ``p``'s device and estimator allow: "compile", "triton" or
+        "torch" (`_path` then checks the gradient's dtype and layout)."""
         kind = step_kernels(choice, lp.device)
         if kind == "torch" or not isinstance(
             self._engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
         ):
             return "torch"
-        return self._path(group, kind, lp.device, lp.dtype, lg.dtype, compilable(lp, lg))
+        return kind
 
     def _path(self, group: dict, kind: str, device, pdt, gdt, flat: bool) -> str:
         """``kind`` (`step_kernels`' answer) for these dtypes: a configuration that cannot be
