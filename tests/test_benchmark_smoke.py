@@ -172,3 +172,20 @@ def test_step_floor_benchmark_reports_every_ratio(tmp_path):
     assert sub["products_flops_share"] == pytest.approx(products / train)
     assert sub["products_ms"] > 0 and sub["full_vs_adamw_floor"] > 1.0
     assert json.loads(out.read_text())["results"][0]["model"] == res["model"]
+
+
+def test_subspace_batching_benchmark_compares_the_same_work():
+    """benchmarks/subspace_batching.py: per-matrix products against one bmm per shape group,
+    on the optimizer's own trackers; both variants compute the same sketches and updates."""
+    path = SCRIPT.parent / "subspace_batching.py"
+    spec = importlib.util.spec_from_file_location("subspace_batching", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gpt, mlp = module.main(["--rounds", "2", "--warmup", "0"])
+    # GPT 4L: token and position embeddings, and per layer qkv, proj, fc1, fc2 (fc1 and fc2
+    # share a view shape with their basis on different sides: two groups), plus the head
+    assert (gpt["matrices"], gpt["shape_groups"]) == (19, 5)
+    assert (mlp["matrices"], mlp["shape_groups"], mlp["largest_group"]) == (3, 3, 1)
+    for r in (gpt, mlp):
+        assert r["max_rel_difference"] < 1e-5
+        assert r["per_matrix_ms"] > 0 and r["bmm_ms"] > 0 and r["bmm_vs_per_matrix"] > 0
