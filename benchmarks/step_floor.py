@@ -50,6 +50,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from snr_dist import SNRAdamW, subspace
 from snr_dist.experiments.models import GPT
 
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the sibling benchmark
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import subspace_batching  # noqa: E402  (the subspace products, shared with that benchmark)
+
 PASSES = {
     "AdamW (foreach)": 7,
     "SNRAdamW diagonal": 9,
@@ -68,31 +72,6 @@ def optimizers() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimiz
         COMPILED: lambda ps: SNRAdamW(ps, lr=1e-4, kernels="compile"),
         SUBSPACE: lambda ps: SNRAdamW(ps, lr=1e-4, mode="subspace", rank=32),
     }
-
-
-def tracked_products(opt: torch.optim.Optimizer) -> tuple[Callable[[], None], int]:
-    """``(run, flops)``: the four rank-r products a subspace step makes per tracked matrix
-    (``P = Q^T G``, the sketch ``G P^T``, ``Q^T D`` and the reconstruction ``Q coef``), alone,
-    on copies of the optimizer's own bases and matrix views. Their time is a floor for the
-    subspace step that no fusing of elementwise passes removes: the rule needs these flops."""
-    work, flops = [], 0
-    for p, st in opt.state.items():
-        if "basis" not in st:
-            continue
-        q = st["basis"].clone()
-        g = subspace.matrix_view(torch.randn_like(p), bool(st["basis_rows"])).contiguous()
-        d, r = q.shape
-        work.append((q, g, torch.zeros_like(q), torch.zeros_like(g)))
-        flops += 8 * d * g.shape[1] * r
-
-    def run() -> None:
-        for q, g, sketch, out in work:
-            proj = q.T @ g
-            sketch.addmm_(g, proj.T, beta=0.9, alpha=0.1)
-            coef = q.T @ g
-            out.addmm_(q, coef)
-
-    return run, flops
 
 
 def training_flops(model: nn.Module, batch: Callable) -> int:
@@ -224,7 +203,11 @@ def measure(name: str, model: nn.Module, batch: Callable, args) -> dict[str, Any
     for _ in range(args.warmup):
         for run in runs.values():
             run()
-    products, product_flops = tracked_products(full_opts[SUBSPACE])
+    # the four rank-r products per tracked matrix (a floor the subspace step cannot go below:
+    # the rule needs these flops), on the subspace optimizer's own bases and matrix views
+    work = subspace_batching.tracked(full_opts[SUBSPACE])
+    products, _ = subspace_batching.per_matrix(work)
+    product_flops = subspace_batching.product_flops(work)
     runs[PRODUCTS] = products  # timed in the same rounds: a floor for the subspace row
     full_times = _interleaved(runs, args.full_rounds)
     params = list(model.parameters())

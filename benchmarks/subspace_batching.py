@@ -38,19 +38,28 @@ from snr_dist import SNRAdamW, subspace
 from snr_dist.experiments.models import GPT
 
 
-def trackers(model: nn.Module, rank: int) -> list[tuple[Tensor, Tensor]]:
-    """``(basis, matrix view of a gradient)`` of each matrix the subspace optimizer tracks
+def tracked(opt: torch.optim.Optimizer) -> list[tuple[Tensor, Tensor]]:
+    """``(basis, matrix view of the gradient)`` of each matrix a subspace optimizer tracks
     (a transposed view where the basis is on the columns)."""
+    return [
+        (st["basis"].clone(), subspace.matrix_view(p.grad, bool(st["basis_rows"])))
+        for p, st in opt.state.items()
+        if "basis" in st
+    ]
+
+
+def product_flops(work: list[tuple[Tensor, Tensor]]) -> int:
+    """The four rank-r products' flops: ``8 d o r`` per ``d x o`` matrix view."""
+    return sum(8 * g.shape[0] * g.shape[1] * q.shape[1] for q, g in work)
+
+
+def trackers(model: nn.Module, rank: int) -> list[tuple[Tensor, Tensor]]:
+    """`tracked` for a subspace optimizer of ``model`` after one step on random gradients."""
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt = SNRAdamW(model.parameters(), lr=1e-4, mode="subspace", rank=rank)
     opt.step()
-    out = []
-    for p, st in opt.state.items():
-        if "basis" in st:
-            view = subspace.matrix_view(p.grad, bool(st["basis_rows"]))
-            out.append((st["basis"].clone(), view))
-    return out
+    return tracked(opt)
 
 
 Results = Callable[[], list[tuple[Tensor, Tensor]]]
