@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from snr_dist.grad_mode import no_grad
 from snr_dist.subspace import matrix_view, project, squared_norm
 
 
@@ -38,7 +39,7 @@ class MicrobatchStats:
         self.dir_sq: Tensor | None = None  # subspace: sum_i ||row_k(Q^T d_i)||^2 / w_i
         self.total_sq: Tensor | None = None  # ||sum_i d_i||^2 (this process's sum)
 
-    @torch.no_grad()
+    @no_grad
     def observe(
         self,
         d: Tensor,

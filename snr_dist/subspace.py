@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from snr_dist import snr as rule
+from snr_dist.grad_mode import no_grad
 
 
 def squared_norm(t: Tensor) -> Tensor:
@@ -137,7 +138,7 @@ def project(q: Tensor, g: Tensor, kernels: str = "torch") -> tuple[Tensor, Tenso
     return q.T @ g, None
 
 
-@torch.no_grad()
+@no_grad
 def observe(
     state: dict,
     grad: Tensor,
@@ -163,7 +164,7 @@ def observe(
     return p
 
 
-@torch.no_grad()
+@no_grad
 def observe_innovation(
     state: dict,
     grad: Tensor,
@@ -188,7 +189,7 @@ def observe_innovation(
     ]
 
 
-@torch.no_grad()
+@no_grad
 def observe_innovation_many(
     states: list[dict],
     grads: list[Tensor],
@@ -316,7 +317,7 @@ def cross_direction_moments(state: dict, step: int, beta: float) -> tuple[Tensor
     return raw, var
 
 
-@torch.no_grad()
+@no_grad
 def apply_gates(
     state: dict,
     direction: Tensor,
@@ -419,7 +420,7 @@ def _nystrom_basis(q_old: Tensor, sketch: Tensor, sketch_weight: float) -> tuple
     return q_new.float(), (evals.flip(0).clamp(min=0.0) * scale).float()
 
 
-@torch.no_grad()
+@no_grad
 def refresh_solve(
     q_old: Tensor,
     partials: list[Tensor],
@@ -445,7 +446,7 @@ def refresh_solve(
     return q_new, evals, cov_rot
 
 
-@torch.no_grad()
+@no_grad
 def refresh_apply(
     state: dict,
     q_new: Tensor,

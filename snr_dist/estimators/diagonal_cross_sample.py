@@ -17,6 +17,7 @@ from snr_dist import cross_sample
 from snr_dist.cross_sample import MicrobatchStats
 from snr_dist.distributors.dtensor import global_shape, is_row_sharded, row_chunk
 from snr_dist.estimators.base import Estimator, Slot
+from snr_dist.grad_mode import no_grad
 from snr_dist.layout import Kind
 
 
@@ -38,7 +39,7 @@ class DiagonalCrossSample(Estimator):
     def partial_sums(self, group: dict, slots: list[Slot]) -> list[Tensor]:
         return [s.micro.to_vector(False) for s in slots]
 
-    @torch.no_grad()
+    @no_grad
     def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
         w = 1.0 - group["snr_beta"]
         for s, vec in zip(slots, sums):

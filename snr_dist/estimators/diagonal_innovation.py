@@ -19,6 +19,7 @@ from torch import Tensor
 from snr_dist import snr as rule
 from snr_dist.estimators.base import Estimator, Slot
 from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES, gate_foreach_
+from snr_dist.grad_mode import no_grad
 from snr_dist.layout import Kind
 
 
@@ -37,7 +38,7 @@ class DiagonalInnovation(Estimator):
     def made(self, p: Tensor, state: dict, group: dict) -> bool:
         return "noise_avg" in state and "basis" not in state
 
-    @torch.no_grad()
+    @no_grad
     def update(self, group: dict, slots: list[Slot]) -> None:
         innovations_(self.moments_of, group, slots)
 

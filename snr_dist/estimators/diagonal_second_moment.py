@@ -13,6 +13,7 @@ from torch import Tensor
 
 from snr_dist import snr as rule
 from snr_dist.estimators.base import Estimator, Slot
+from snr_dist.grad_mode import no_grad
 from snr_dist.layout import Kind
 
 OWN_KEYS = ("snr_avg", "snr_sq")
@@ -34,7 +35,7 @@ class DiagonalSecondMoment(Estimator):
     def made(self, p: Tensor, state: dict, group: dict) -> bool:
         return not ({"basis", "raw_avg", "noise_avg"} & set(state))
 
-    @torch.no_grad()
+    @no_grad
     def update(self, group: dict, slots: list[Slot]) -> None:
         update_own_moments(self.moments_of, group, slots)
 

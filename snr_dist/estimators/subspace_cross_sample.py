@@ -26,6 +26,7 @@ from snr_dist.estimators.tracker import (
     tracker_cost,
     tracker_made,
 )
+from snr_dist.grad_mode import no_grad
 from snr_dist.layout import Kind
 
 
@@ -63,7 +64,7 @@ class SubspaceCrossSample(Estimator):
     def cost(self, p: Tensor, group: dict) -> float:
         return tracker_cost(p, group)
 
-    @torch.no_grad()
+    @no_grad
     def update(self, group: dict, slots: list[Slot]) -> None:
         for s in slots:
             device = s.grad.device
@@ -81,7 +82,7 @@ class SubspaceCrossSample(Estimator):
             out.append(vec)
         return out
 
-    @torch.no_grad()
+    @no_grad
     def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
         beta = group["snr_beta"]
         for s, vec in zip(slots, sums):

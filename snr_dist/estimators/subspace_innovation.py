@@ -29,6 +29,7 @@ from snr_dist.estimators.tracker import (
     tracker_cost,
     tracker_made,
 )
+from snr_dist.grad_mode import no_grad
 from snr_dist.layout import Kind
 
 
@@ -74,7 +75,7 @@ class SubspaceInnovation(Estimator):
     def cost(self, p: Tensor, group: dict) -> float:
         return tracker_cost(p, group)
 
-    @torch.no_grad()
+    @no_grad
     def update(self, group: dict, slots: list[Slot]) -> None:
         batches: dict[tuple, list[Slot]] = defaultdict(list)
         for s in slots:
@@ -111,7 +112,7 @@ class SubspaceInnovation(Estimator):
             out.append(subspace.innovation_vector(s.state, mean, mean_sq and mean_sq[1]))
         return out
 
-    @torch.no_grad()
+    @no_grad
     def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
         """Gates of all trackers of the group with the same rank and step at once."""
         batches: dict[tuple, list[int]] = defaultdict(list)

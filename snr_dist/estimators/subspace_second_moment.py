@@ -26,6 +26,7 @@ from snr_dist.estimators.tracker import (
     tracker_cost,
     tracker_made,
 )
+from snr_dist.grad_mode import no_grad
 from snr_dist.layout import Kind
 
 
@@ -72,7 +73,7 @@ class SubspaceSecondMoment(Estimator):
     def cost(self, p: Tensor, group: dict) -> float:
         return tracker_cost(p, group)
 
-    @torch.no_grad()
+    @no_grad
     def update(self, group: dict, slots: list[Slot]) -> None:
         update_own_moments(self.moments_of, group, slots)
         beta_v = self.moments_of.beta_v(group)
@@ -88,7 +89,7 @@ class SubspaceSecondMoment(Estimator):
             for s in slots
         ]
 
-    @torch.no_grad()
+    @no_grad
     def finish(self, group: dict, slots: list[Slot], sums: list[Tensor], world: int) -> None:
         """Gates of all trackers of the group with the same rank and step at once (one batch
         of small ops instead of one per matrix)."""

@@ -12,6 +12,7 @@ from snr_dist import subspace
 from snr_dist.distributors.base import RefreshJob
 from snr_dist.distributors.dtensor import global_shape, is_row_sharded
 from snr_dist.estimators.base import Slot, impl
+from snr_dist.grad_mode import no_grad
 from snr_dist.layout import Kind
 
 TRACKER_KINDS = {
@@ -70,7 +71,7 @@ def refresh_job(slot: Slot, mean: Tensor | None, temporal: tuple | None) -> Refr
     return RefreshJob(slot.param, subspace.refresh_partials(state), solve, placeholders, apply)
 
 
-@torch.no_grad()
+@no_grad
 def gate_trackers(
     current: dict[Tensor, Tensor],
     group: dict,

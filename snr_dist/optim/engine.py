@@ -35,6 +35,7 @@ from snr_dist.distributors.dtensor import (
     row_shard,
 )
 from snr_dist.estimators.base import Slot, impl
+from snr_dist.grad_mode import no_grad
 from snr_dist.kernels.compiled import AliasCache
 from snr_dist.layout import Kind
 from snr_dist.optim.capture import MicrobatchCapture
@@ -264,7 +265,7 @@ class SNREngine:
             )
 
     # ------------------------------------------------------------------ cross-sample capture
-    @torch.no_grad()
+    @no_grad
     def observe(self, p: Tensor, grad: Tensor, weight: float | None = None) -> None:
         """Record one micro-batch gradient contribution of ``p`` (hooks call this)."""
         if grad.is_sparse:
@@ -302,7 +303,7 @@ class SNREngine:
         for key, slots in by_est.items():
             self.estimators[key].update(group, slots)
 
-    @torch.no_grad()
+    @no_grad
     def exchange(self, work: Work) -> None:
         """One bucketed all-reduce of the step's partial statistics, then the estimators
         finish. Which vectors are partial: those pooling every rank's own gradients, and,
@@ -324,7 +325,7 @@ class SNREngine:
             e.finish(group, slots, vecs, world)
 
     # ------------------------------------------------------------------ phase 3: gates
-    @torch.no_grad()
+    @no_grad
     def gate_(
         self,
         group: dict,
@@ -366,7 +367,7 @@ class SNREngine:
             )
 
     # ------------------------------------------------------------------ phase 4: refresh
-    @torch.no_grad()
+    @no_grad
     def refresh(self, work: Work) -> None:
         jobs = [
             job
