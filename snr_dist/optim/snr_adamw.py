@@ -415,10 +415,9 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
         if group["maximize"]:
             grads = [-g for g in grads]
-        steps = []
-        for st in states:
-            st["step"] += 1
-            steps.append(int(st["step"].item()))
+        step_counts = [st["step"] for st in states]
+        torch._foreach_add_(step_counts, 1.0)  # one call, not one small op per parameter
+        steps = [int(t.item()) for t in step_counts]
         by_est = self._engine.slots(group, params, grads, steps)
         self._engine.update(group, by_est)
         beta1, beta2 = group["betas"]
