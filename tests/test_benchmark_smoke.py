@@ -189,3 +189,15 @@ def test_subspace_batching_benchmark_compares_the_same_work():
     for r in (gpt, mlp):
         assert r["max_rel_difference"] < 1e-5
         assert r["per_matrix_ms"] > 0 and r["bmm_ms"] > 0 and r["bmm_vs_per_matrix"] > 0
+
+
+def test_step_vs_revision_pairs_two_packages_and_checks_bit_identity():
+    """benchmarks/step_vs_revision.py: this tree against HEAD's package (the same code when the
+    tree is clean; either way the check and the ratio are well-formed)."""
+    path = SCRIPT.parent / "step_vs_revision.py"
+    spec = importlib.util.spec_from_file_location("step_vs_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    res = module.main(["--rev", "HEAD", "--rounds", "6", "--warmup", "1", "--check-steps", "3"])
+    assert isinstance(res["bit_identical"], bool)
+    assert res["old_us"] > 0 and res["new_us"] > 0 and res["new_vs_old"] > 0
