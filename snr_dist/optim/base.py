@@ -6,11 +6,20 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from snr_dist.distributors import Distributor
 from snr_dist.estimators import Estimator, Moments
 from snr_dist.optim.engine import SNREngine
+
+
+def advance_steps(states: list[dict]) -> list[int]:
+    """Add one to each state's ``step`` counter (one multi-tensor add, as torch's AdamW) and
+    return the new counts."""
+    counters = [st["step"] for st in states]
+    torch._foreach_add_(counters, 1.0)
+    return [int(t.item()) for t in counters]
 
 
 class _SharedGroup:

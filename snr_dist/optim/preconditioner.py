@@ -22,7 +22,7 @@ from torch import Tensor
 from snr_dist.distributors.dtensor import local
 from snr_dist.estimators import Moments, gate_active
 from snr_dist.layout import Kind
-from snr_dist.optim.base import SNROptimizerMixin
+from snr_dist.optim.base import SNROptimizerMixin, advance_steps
 from snr_dist.options import SNROptions
 
 _ADAM_KEYS = ("betas", "eps", "weight_decay", "amsgrad")
@@ -253,14 +253,12 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
             for group, params, grads in collected:
                 if not params:
                     continue
-                steps = []
                 for p in params:
                     st = self.state[p]
                     if "step" not in st:
                         st["step"] = torch.zeros((), dtype=torch.float32)
                         engine.init_state(p, group, st)
-                    st["step"] += 1
-                    steps.append(int(st["step"].item()))
+                steps = advance_steps([self.state[p] for p in params])
                 grads32 = [g if g.dtype == torch.float32 else g.float() for g in grads]
                 by_est = engine.slots(group, params, grads32, steps)
                 engine.update(group, by_est)

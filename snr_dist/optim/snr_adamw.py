@@ -31,7 +31,7 @@ from snr_dist.kernels import step_kernels, warn_no_compile
 from snr_dist.kernels.compiled import COMPILED_RULES, compilable, compiled_snr_adamw_step
 from snr_dist.kernels.compiled import prepare as prepare_compiled
 from snr_dist.layout import Kind
-from snr_dist.optim.base import SNROptimizerMixin
+from snr_dist.optim.base import SNROptimizerMixin, advance_steps
 from snr_dist.options import SNROptions, validate_adam, validate_kernels
 
 if TYPE_CHECKING:
@@ -415,9 +415,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
         if group["maximize"]:
             grads = [-g for g in grads]
-        step_counts = [st["step"] for st in states]
-        torch._foreach_add_(step_counts, 1.0)  # one call, not one small op per parameter
-        steps = [int(t.item()) for t in step_counts]
+        steps = advance_steps(states)
         by_est = self._engine.slots(group, params, grads, steps)
         self._engine.update(group, by_est)
         beta1, beta2 = group["betas"]
