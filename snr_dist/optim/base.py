@@ -46,6 +46,7 @@ class SNROptimizerMixin:
 
     _engine: SNREngine
     skip_nonfinite: bool
+    flush_denormals: bool
     process_group: Any
 
     @staticmethod
@@ -144,6 +145,7 @@ class SNROptimizerMixin:
         state = super().__getstate__()
         group = self.process_group
         state["skip_nonfinite"] = self.skip_nonfinite
+        state["flush_denormals"] = self.flush_denormals
         state["process_group"] = (
             group if group is None or isinstance(group, str) else (_SharedGroup(group))
         )
@@ -157,8 +159,11 @@ class SNROptimizerMixin:
             self.process_group = group.group if isinstance(group, _SharedGroup) else group
         if "skip_nonfinite" in state:
             self.skip_nonfinite = state.pop("skip_nonfinite")
+        if "flush_denormals" in state:
+            self.flush_denormals = state.pop("flush_denormals")
         super().__setstate__(state)
         if "_engine" not in self.__dict__:  # a copy or an unpickled optimizer
             self.skip_nonfinite = getattr(self, "skip_nonfinite", True)
+            self.flush_denormals = getattr(self, "flush_denormals", True)
             self.process_group = getattr(self, "process_group", None)
             self._start_engine()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from snr_dist import denormals
 from snr_dist.distributors.dtensor import local
 from snr_dist.estimators import Moments, gate_active
 from snr_dist.layout import Kind
@@ -55,7 +56,8 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
     group; keys already present in a base group (e.g.
     ``SGD([{"params": w, "mode": "subspace"}])``) win. ``param_groups`` is the base optimizer's
     list, so LR schedulers act on the base directly. The state_dict holds the base's state_dict
-    and the SNR statistics. ``process_group``: see `snr_dist.optim.snr_adamw.SNRAdamW`.
+    and the SNR statistics. ``process_group``, ``flush_denormals`` (which covers the base's step
+    too): see `snr_dist.optim.snr_adamw.SNRAdamW`.
 
     The article's form, ``SNRPreconditioner(model.parameters(), lr=1e-3, snr_threshold=0.5,
     rank=128)``, builds the equivalent optimizer: `torch.optim.Adam` over the parameters (``lr``,
@@ -74,6 +76,7 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
         snr: SNROptions | Mapping[str, Any] | None = None,
         foreach: bool = True,
         skip_nonfinite: bool = True,
+        flush_denormals: bool = True,
         process_group="auto",
         **snr_options: Any,
     ) -> None:
@@ -115,6 +118,7 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
         self.base = base_optimizer
         self.foreach = foreach
         self.skip_nonfinite = skip_nonfinite
+        self.flush_denormals = bool(flush_denormals)
         self.process_group = process_group
         self._snr_defaults = options
         for group in base_optimizer.param_groups:
@@ -234,6 +238,12 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        flush = self.flush_denormals and denormals.flush_allowed(self.param_groups)
+        with denormals.flush_denormals(flush):
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         engine = self._engine
         engine.begin_step()
         hidden: list[tuple[Tensor, Tensor]] = []  # non-finite grads hidden from the base
@@ -285,4 +295,3 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
             torch._foreach_add_(before, [d.to(b.dtype) for d, b in zip(delta, before)])
             torch._foreach_copy_(now, before)
         engine.refresh(work)
-        return loss

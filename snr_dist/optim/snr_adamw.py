@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from snr_dist import denormals
 from snr_dist import kernels as kernel_dispatch
 from snr_dist.distributors.dtensor import local
 from snr_dist.estimators import (
@@ -61,6 +62,9 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             unless the SNR_DIST_KERNELS environment variable says "torch" or "triton"),
             "torch" or "triton" (forced; on the CPU only under TRITON_INTERPRET=1).
         skip_nonfinite: skip, and count, parameters whose gradient holds NaN/Inf.
+        flush_denormals: treat subnormal floats (below 1.2e-38) as zero during the step on the
+            CPU (`snr_dist.denormals`): state that decays into that range otherwise slows the
+            step several-fold late in training. Off while a group's ``eps`` is below 1e-30.
         process_group: the data-parallel group. "auto" (default): the DTensor parameters'
             mesh under FSDP2, else local to this rank (right for DDP too, where every rank
             holds the same reduced gradient; the cross-sample estimator, which pools the
@@ -81,6 +85,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         foreach: bool | None = None,
         kernels: str = "auto",
         skip_nonfinite: bool = True,
+        flush_denormals: bool = True,
         process_group: ProcessGroup | str | None = "auto",
         **snr_options: Any,
     ) -> None:
@@ -105,6 +110,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         )
         self._validate_group(defaults)
         self.skip_nonfinite = skip_nonfinite
+        self.flush_denormals = bool(flush_denormals)
         self.process_group = process_group
         super().__init__(params, defaults)
         self._start_engine()
@@ -256,10 +262,17 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 loss = closure()
         if getattr(self, "_defer_steps", False):  # inside deepspeed.initialize: no real step
             return loss
-        zero = getattr(self, "_zero", None)
-        if zero is not None:  # DeepSpeed ZeRO: step the row shards of its partitions
-            zero.step()
-            return loss
+        flush = self.flush_denormals and denormals.flush_allowed(self.param_groups)
+        with denormals.flush_denormals(flush):
+            zero = getattr(self, "_zero", None)
+            if zero is not None:  # DeepSpeed ZeRO: step the row shards of its partitions
+                zero.step()
+            else:
+                self._step()
+        return loss
+
+    def _step(self) -> None:
+        """The step itself: gradients checked, statistics, all-reduce, gated update, refresh."""
         engine = self._engine
         engine.begin_step()
         engine.flat_aliases.next_step()
@@ -281,7 +294,6 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         for group, by_est in work:
             self._apply_update(group, [s for slots in by_est.values() for s in slots])
         engine.refresh(work)
-        return loss
 
     def _current_step_bound(self) -> int:
         """An upper bound of every parameter's step (read from the state once after a

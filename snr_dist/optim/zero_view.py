@@ -198,6 +198,7 @@ class ZeroView:
             groups,
             **defaults,
             skip_nonfinite=outer.skip_nonfinite,
+            flush_denormals=outer.flush_denormals,
             process_group=group if self.world > 1 else None,
         )
         # the model's parameters report their per-rank gradients under their row shards

@@ -1,0 +1,64 @@
+"""Subnormal floats flushed to zero while an optimizer steps on the CPU.
+
+Why: Adam's first moment of a coordinate whose gradient stays exactly zero (a dead ReLU unit, a
+pixel that is blank in every image) shrinks by ``beta1`` each step into the subnormal range
+(below 1.2e-38 in fp32) and then stays there for good, since ``0.9 * 2**-149`` rounds back to
+``2**-149``. x86 CPUs take a slow path for arithmetic on subnormal operands; matrix products
+over such state (subspace mode's projections) ran 50x slower per call on the digits MLP late in
+training, and its optimizer step 6-9x slower. Values that small cannot move an fp32 parameter
+of ordinary size, so treating them as zero during the step costs nothing measurable and gives
+the time back (`benchmarks/denormal_step.py`).
+
+The switch is the calling thread's (x86 MXCSR's flush-to-zero and denormals-are-zero bits, set
+by `torch.set_flush_denormal`); intra-op worker threads keep their own setting.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+
+import torch
+
+_SMALLEST_NORMAL = sys.float_info.min  # float64: CPython's float arithmetic obeys the same bits
+
+MIN_EPS = 1e-30
+"""Below this Adam ``eps`` (0 included) a step is not flushed: ``m / (sqrt(v) + eps)`` of a
+subnormal ``m`` and ``v`` would become 0 / 0 instead of a tiny finite number."""
+
+
+def flushing() -> bool:
+    """Whether this thread flushes subnormal floats to zero now (torch has no getter)."""
+    half = 0.5
+    return _SMALLEST_NORMAL * half == 0.0
+
+
+class flush_denormals:  # noqa: N801 - used like torch.no_grad
+    """Flush subnormals to zero inside the block when ``enabled``, then restore the thread's
+    previous setting (also on an exception). Re-entrant: an inner block that finds flushing on
+    already leaves it on. Does nothing where the CPU cannot flush."""
+
+    __slots__ = ("enabled", "_turned_on")
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._turned_on = False
+
+    def __enter__(self) -> None:
+        self._turned_on = self.enabled and not flushing() and torch.set_flush_denormal(True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._turned_on:
+            torch.set_flush_denormal(False)
+            self._turned_on = False
+
+
+def flush_allowed(param_groups: list[dict]) -> bool:
+    """Whether a step over these groups may flush: every Adam ``eps`` is at least `MIN_EPS`
+    (groups without an ``eps``, such as SGD's, do not object)."""
+    return all(g.get("eps", MIN_EPS) >= MIN_EPS for g in param_groups)
