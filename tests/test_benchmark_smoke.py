@@ -201,3 +201,22 @@ def test_step_vs_revision_pairs_two_packages_and_checks_bit_identity():
     res = module.main(["--rev", "HEAD", "--rounds", "6", "--warmup", "1", "--check-steps", "3"])
     assert isinstance(res["bit_identical"], bool)
     assert res["old_us"] > 0 and res["new_us"] > 0 and res["new_vs_old"] > 0
+
+
+def test_denormal_benchmark_runs_all_six_in_lockstep():
+    """benchmarks/denormal_step.py: AdamW, SNR diagonal and subspace, each with and without
+    flushing, the flushed run checked against its twin."""
+    path = SCRIPT.parent / "denormal_step.py"
+    spec = importlib.util.spec_from_file_location("denormal_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--steps", "6", "--batch", "32"])
+    assert [(r["optimizer"], r["flushed"]) for r in rows] == [
+        (name, flush)
+        for name in ("AdamW", "SNRAdamW diagonal", "SNRAdamW subspace r=32")
+        for flush in (False, True)
+    ]
+    assert rows[0]["vs_adamw"] == 1.0
+    for r in rows:
+        assert 0.0 <= r["subnormal_share"] <= 1.0 and r["train_s"] > 0 and r["step_ms"] > 0
+        assert r["same_parameters"] is (True if r["flushed"] else None)
