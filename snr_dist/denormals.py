@@ -4,10 +4,10 @@ Why: Adam's first moment of a coordinate whose gradient stays exactly zero (a de
 pixel that is blank in every image) shrinks by ``beta1`` each step into the subnormal range
 (below 1.2e-38 in fp32) and then stays there for good, since ``0.9 * 2**-149`` rounds back to
 ``2**-149``. x86 CPUs take a slow path for arithmetic on subnormal operands; matrix products
-over such state (subspace mode's projections) ran 50x slower per call on the digits MLP late in
-training, and its optimizer step 6-9x slower. Values that small cannot move an fp32 parameter
-of ordinary size, so treating them as zero during the step costs nothing measurable and gives
-the time back (`benchmarks/denormal_step.py`).
+over such state (subspace mode's projections) ran ~50x slower per call on the digits MLP late
+in training, and its optimizer step 6-7x slower. With Adam's ``eps`` at least `MIN_EPS`, values
+that small cannot move a parameter visibly, so treating them as zero during the step gives the
+time back at no cost (bit-identical runs in `benchmarks/denormal_step.py` and the studies).
 
 The switch is the calling thread's (x86 MXCSR's flush-to-zero and denormals-are-zero bits, set
 by `torch.set_flush_denormal`); intra-op worker threads keep their own setting.
@@ -22,9 +22,12 @@ import torch
 
 _SMALLEST_NORMAL = sys.float_info.min  # float64: CPython's float arithmetic obeys the same bits
 
-MIN_EPS = 1e-30
-"""Below this Adam ``eps`` (0 included) a step is not flushed: ``m / (sqrt(v) + eps)`` of a
-subnormal ``m`` and ``v`` would become 0 / 0 instead of a tiny finite number."""
+MIN_EPS = 1e-12
+"""Smallest Adam ``eps`` with which a step is flushed. Only values below 1.2e-38 are flushed:
+moments of coordinates whose gradient is below that, and products of gradients below 1.1e-19
+(subspace sketches hold squares). The Adam direction ``m / (sqrt(v) + eps)`` of such gradients
+is at most 1.1e-19 / eps, so with ``eps >= 1e-12`` nothing flushed could have moved a parameter
+by more than 1.1e-7 x lr (with 0 it would even be 0 / 0); below, the step runs unflushed."""
 
 
 def flushing() -> bool:
@@ -59,6 +62,11 @@ class flush_denormals:  # noqa: N801 - used like torch.no_grad
 
 
 def flush_allowed(param_groups: list[dict]) -> bool:
-    """Whether a step over these groups may flush: every Adam ``eps`` is at least `MIN_EPS`
-    (groups without an ``eps``, such as SGD's, do not object)."""
-    return all(g.get("eps", MIN_EPS) >= MIN_EPS for g in param_groups)
+    """Whether a step over these groups may flush: every group has a numeric ``eps`` of at least
+    `MIN_EPS`. Groups without one (SGD's: its update is proportional to the gradient, so a
+    flushed tiny gradient is not in its scale; sign-based Rprop's is) are not flushed."""
+    for g in param_groups:
+        eps = g.get("eps")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= MIN_EPS:
+            return False
+    return True

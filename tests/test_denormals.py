@@ -99,6 +99,48 @@ def test_no_flush_when_eps_is_zero_where_it_would_make_0_over_0(name):
     assert torch.isfinite(p).all()
 
 
+@pytest.mark.parametrize("name", ["diagonal", "preconditioner over Adam"])
+def test_no_flush_below_min_eps_where_a_flushed_gradient_could_still_move_a_parameter(name):
+    _, st, _ = _one_coordinate_gone_quiet(OPTIMIZERS[name], eps=1e-13)
+    assert st["exp_avg"].view(-1)[0].item() == SMALLEST
+
+
+def test_no_flush_over_a_base_without_eps():
+    """SGD's update is proportional to the gradient: a base group without ``eps`` says nothing
+    about how far a flushed value could move a parameter, so its steps keep IEEE underflow."""
+    p = nn.Parameter(torch.ones(3))
+    opt = SNRPreconditioner(torch.optim.SGD([p], lr=1e-3, momentum=0.9))
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.base.state[p]["momentum_buffer"][0] = SMALLEST
+    p.grad = torch.tensor([0.0, 1.0, 1.0])
+    opt.step()
+    assert opt.base.state[p]["momentum_buffer"][0].item() == SMALLEST  # 0.9 x it rounds back
+
+
+def test_tiny_gradients_stale_the_tracker_only_where_adam_cannot_move_anyway():
+    """Gradients of 1e-21 have subnormal squares: flushed, a subspace sketch is zero and the
+    refresh keeps its basis (IEEE finds the planted space, test_subspace). With eps = 1e-8 the
+    Adam direction of such gradients is ~1e-13, and the parameters come out the same."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(24, 4, generator=gen)).Q
+    grads = [u @ torch.randn(4, 40, generator=gen) * 1e-21 for _ in range(40)]
+
+    def train(flush: bool):
+        p = nn.Parameter(torch.zeros(24, 40))
+        opt = SNRAdamW([p], mode="subspace", rank=4, refresh_every=10, flush_denormals=flush)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach(), opt.state[p]
+
+    p_ieee, st_ieee = train(False)
+    p_flush, st_flush = train(True)
+    assert (st_ieee["eigvals"] > 0).all() and torch.equal(st_flush["eigvals"], torch.zeros(4))
+    assert torch.isfinite(st_flush["basis"]).all()
+    assert torch.equal(p_ieee, p_flush)
+
+
 def test_the_setting_survives_copies_pickles_and_old_pickles():
     opt = SNRAdamW([nn.Parameter(torch.ones(3))], flush_denormals=False)
     assert copy.deepcopy(opt).flush_denormals is False

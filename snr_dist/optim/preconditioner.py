@@ -56,8 +56,9 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
     group; keys already present in a base group (e.g.
     ``SGD([{"params": w, "mode": "subspace"}])``) win. ``param_groups`` is the base optimizer's
     list, so LR schedulers act on the base directly. The state_dict holds the base's state_dict
-    and the SNR statistics. ``process_group``, ``flush_denormals`` (which covers the base's step
-    too): see `snr_dist.optim.snr_adamw.SNRAdamW`.
+    and the SNR statistics. ``process_group``, ``flush_denormals``: see
+    `snr_dist.optim.snr_adamw.SNRAdamW`; the flush covers the base's step too, and applies only
+    when every base group has an ``eps`` of at least 1e-12 (Adam, AdamW, RMSprop; not SGD).
 
     The article's form, ``SNRPreconditioner(model.parameters(), lr=1e-3, snr_threshold=0.5,
     rank=128)``, builds the equivalent optimizer: `torch.optim.Adam` over the parameters (``lr``,

@@ -64,7 +64,8 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         skip_nonfinite: skip, and count, parameters whose gradient holds NaN/Inf.
         flush_denormals: treat subnormal floats (below 1.2e-38) as zero during the step on the
             CPU (`snr_dist.denormals`): state that decays into that range otherwise slows the
-            step several-fold late in training. Off while a group's ``eps`` is below 1e-30.
+            step several-fold late in training. Off while a group's ``eps`` is below 1e-12
+            (`snr_dist.denormals.MIN_EPS`).
         process_group: the data-parallel group. "auto" (default): the DTensor parameters'
             mesh under FSDP2, else local to this rank (right for DDP too, where every rank
             holds the same reduced gradient; the cross-sample estimator, which pools the
