@@ -63,8 +63,8 @@ class flush_denormals:  # noqa: N801 - used like torch.no_grad
 
 def flush_allowed(param_groups: list[dict]) -> bool:
     """Whether a step over these groups may flush: every group has a numeric ``eps`` of at least
-    `MIN_EPS`. Groups without one (SGD's: its update is proportional to the gradient, so a
-    flushed tiny gradient is not in its scale; sign-based Rprop's is) are not flushed."""
+    `MIN_EPS`. Nothing bounds what a flushed value would have changed in a group without one
+    (SGD's update is proportional to the gradient, Rprop's uses only its sign): not flushed."""
     for g in param_groups:
         eps = g.get("eps")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= MIN_EPS:
