@@ -4,10 +4,11 @@ Why: Adam's first moment of a coordinate whose gradient stays exactly zero (a de
 pixel that is blank in every image) shrinks by ``beta1`` each step into the subnormal range
 (below 1.2e-38 in fp32) and then stays there for good, since ``0.9 * 2**-149`` rounds back to
 ``2**-149``. x86 CPUs take a slow path for arithmetic on subnormal operands; matrix products
-over such state (subspace mode's projections) ran ~50x slower per call on the digits MLP late
-in training, and its optimizer step 6-7x slower. With Adam's ``eps`` at least `MIN_EPS`, values
-that small cannot move a parameter visibly, so treating them as zero during the step gives the
-time back at no cost (bit-identical runs in `benchmarks/denormal_step.py` and the studies).
+over such state (subspace mode's projections) ran many times slower per call on the digits MLP
+late in training, and its optimizer step 6.8x slower (`benchmarks/denormal_step.py`). With
+Adam's ``eps`` at least `MIN_EPS`, values that small cannot move a parameter visibly, so treating
+them as zero during the step gives the time back at no cost (bit-identical runs in that
+benchmark and in the studies).
 
 The switch is the calling thread's (x86 MXCSR's flush-to-zero and denormals-are-zero bits, set
 by `torch.set_flush_denormal`); intra-op worker threads keep their own setting.
