@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from snr_dist import denormals
 from snr_dist.distributors import Distributor
 from snr_dist.estimators import Estimator, Moments
 from snr_dist.optim.engine import SNREngine
@@ -55,6 +56,13 @@ class SNROptimizerMixin:
 
     def _start_engine(self) -> None:
         self._engine = SNREngine(self, self._moments(), self.process_group)
+
+    def _step_flush(self) -> denormals.flush_denormals:
+        """The step's subnormal flush (`snr_dist.denormals`): on when asked for and safe for
+        every param group."""
+        return denormals.flush_denormals(
+            self.flush_denormals and denormals.flush_allowed(self.param_groups)
+        )
 
     # ------------------------------------------------------------------ public extras
     @property

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from snr_dist import denormals
 from snr_dist.distributors.dtensor import local
 from snr_dist.estimators import Moments, gate_active
 from snr_dist.layout import Kind
@@ -239,8 +238,7 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        flush = self.flush_denormals and denormals.flush_allowed(self.param_groups)
-        with denormals.flush_denormals(flush):
+        with self._step_flush():
             self._step()
         return loss
 

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from snr_dist import denormals
 from snr_dist import kernels as kernel_dispatch
 from snr_dist.distributors.dtensor import local
 from snr_dist.estimators import (
@@ -263,8 +262,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 loss = closure()
         if getattr(self, "_defer_steps", False):  # inside deepspeed.initialize: no real step
             return loss
-        flush = self.flush_denormals and denormals.flush_allowed(self.param_groups)
-        with denormals.flush_denormals(flush):
+        with self._step_flush():
             zero = getattr(self, "_zero", None)
             if zero is not None:  # DeepSpeed ZeRO: step the row shards of its partitions
                 zero.step()
