@@ -220,3 +220,35 @@ def test_denormal_benchmark_runs_all_six_in_lockstep():
     for r in rows:
         assert 0.0 <= r["subnormal_share"] <= 1.0 and r["train_s"] > 0 and r["step_ms"] > 0
         assert r["same_parameters"] is (True if r["flushed"] else None)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the floor needs MKL's sqrt")
+def test_moment_sqrt_benchmark_times_every_pattern_and_reports_the_choice():
+    """benchmarks/moment_sqrt.py: plain and raised sqrt per zero pattern, and whether
+    MomentSqrt takes the floor (no for no zeros and 1%, yes from 12%)."""
+    rows = _load("moment_sqrt").main(["--rounds", "3", "--sizes", "4096"])
+    assert [r["zeros"] for r in rows] == [
+        "no zeros",
+        "1% scattered",
+        "12% scattered",
+        "12% whole rows",
+        "all zero",
+    ]
+    assert [r["floor_taken"] for r in rows] == [False, False, True, True, True]
+    assert all(r["plain_us"] > 0 and r["raised_us"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_step_vs_revision_times_a_real_training_run():
+    """benchmarks/step_vs_revision.py --train: both packages train digits in lockstep, the
+    steps of the last half timed (against HEAD's package: the same code when the tree is
+    clean)."""
+    res = _load("step_vs_revision").main(["--rev", "HEAD", "--mode", "diagonal", "--train", "4"])
+    assert isinstance(res["bit_identical"], bool)
+    assert res["old_us"] > 0 and res["new_us"] > 0

@@ -39,6 +39,7 @@ from snr_dist.grad_mode import no_grad
 from snr_dist.kernels.compiled import AliasCache
 from snr_dist.layout import Kind
 from snr_dist.optim.capture import MicrobatchCapture
+from snr_dist.optim.moment_sqrt import MomentSqrt
 from snr_dist.optim.nonfinite import NonfiniteCounter, finite_flags
 from snr_dist.options import LAYOUT_KEYS, SNROptions
 
@@ -61,6 +62,7 @@ class SNREngine:
         self.nonfinite = NonfiniteCounter()
         self.flat_aliases = AliasCache()  # the compiled step's aliases of params and state
         self.path_cache: dict = {}  # the optimizer's per-step routing decisions (see sync_groups)
+        self.moment_sqrt = MomentSqrt()  # Adam's sqrt(v) off MKL's slow path for zeros
         self._layouts: dict[int, tuple] = {}
         self._with_matrices: set[int] = set()  # ids of subspace groups that held matrices
         self._keys: dict[Tensor, int] = {}
@@ -94,6 +96,7 @@ class SNREngine:
     def sync_groups(self) -> None:
         """Re-derive what depends on ``param_groups`` (after add_param_group or a load)."""
         self.path_cache.clear()
+        self.moment_sqrt.clear()
         self.index()
         groups = self.opt.param_groups
         trackers, hooked = [], []

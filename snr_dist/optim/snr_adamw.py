@@ -458,7 +458,8 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 for p in params:
                     p.mul_(1.0 - lr * wd)
             for i, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):
-                d = m / (v.sqrt() / bc2_sqrt[i] + eps)
+                root = engine.moment_sqrt.sqrt(slots[i].param, v, eps, 1.0 / bc2_sqrt[i])
+                d = m / (root / bc2_sqrt[i] + eps)
                 engine.gate_(group, [slots[i]], [d], foreach=False)
                 p.add_(d.to(p.dtype), alpha=step_sizes[i])
             return
@@ -487,13 +488,22 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         denom: list[Tensor | None] = [None] * len(slots)
         gated = [i for idx in fast.values() for i in idx]
         if gated:  # sqrt(v) + eps bc, the bias correction bc moved into the step size
-            den = torch._foreach_sqrt([exp_avg_sqs[i] for i in gated])
-            torch._foreach_add_(den, [eps * bc2_sqrt[i] for i in gated])
+            added = [eps * bc2_sqrt[i] for i in gated]
+            den = engine.moment_sqrt.sqrt_foreach(
+                [slots[i].param for i in gated], [exp_avg_sqs[i] for i in gated], added
+            )
+            torch._foreach_add_(den, added)
             for i, d in zip(gated, den):
                 denom[i] = d
         rest = [i for i in other if denom[i] is None]
         if rest:  # as torch's AdamW: sqrt(v) / bc + eps
-            den = torch._foreach_sqrt([exp_avg_sqs[i] for i in rest])
+            scale = max(1.0 / bc2_sqrt[i] for i in rest)
+            den = engine.moment_sqrt.sqrt_foreach(
+                [slots[i].param for i in rest],
+                [exp_avg_sqs[i] for i in rest],
+                [eps] * len(rest),
+                scale,
+            )
             torch._foreach_div_(den, [bc2_sqrt[i] for i in rest])
             torch._foreach_add_(den, eps)
             for i, d in zip(rest, den):
@@ -526,8 +536,10 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                         n = max(exp_avg_sqs[j].numel() for j in needs_direction)
                         buf = scratch[v.device] = v.new_empty(n)
                     # m / (sqrt(v) + eps bc), the bias correction bc moved into the step size
-                    d = torch.sqrt(v, out=buf[: v.numel()].view(v.shape))
-                    torch.div(exp_avgs[i], d.add_(eps * bc2_sqrt[i]), out=d)
+                    added = eps * bc2_sqrt[i]
+                    out = buf[: v.numel()].view(v.shape)
+                    d = engine.moment_sqrt.sqrt(slots[i].param, v, added, out=out)
+                    torch.div(exp_avgs[i], d.add_(added), out=d)
                     size = step_sizes[i] * bc2_sqrt[i]
                     engine.gate_(
                         group, [slots[i]], [d], out=[params[i]], alphas=[size], decay=1.0 - lr * wd
