@@ -240,6 +240,27 @@ def test_convergence_picks_by_steps_to_the_validation_target_and_reports_test_ta
     assert row.stat("steps_to_target")[0] == 30
 
 
+def test_convergence_report_has_a_column_per_test_target():
+    """The columns follow ``task.test_targets`` (a third target was once dropped silently);
+    the default targets keep the published headers."""
+    from snr_dist.experiments.studies import STUDIES
+
+    study = STUDIES["convergence"]
+    labels = [label for _, label, _ in study.columns_for({"test_targets": [0.95, 0.96, 0.97]})]
+    assert labels[:6] == [
+        "steps to 0.95 test acc", "s to 0.95",
+        "steps to 0.96 test acc", "s to 0.96",
+        "steps to 0.97 test acc", "s to 0.97",
+    ]  # fmt: skip
+    default = [key for key, _, _ in study.columns_for({})]
+    assert default[:4] == [
+        "steps_to_test_95", "wall_to_test_95", "steps_to_test_97", "wall_to_test_97",
+    ]  # fmt: skip
+    assert "steps_to_test_96" not in default
+    label_noise = STUDIES["label_noise"]
+    assert label_noise.columns_for({}) is label_noise.columns
+
+
 def test_bad_study_configs_name_the_key(tmp_path):
     path = ROOT / "configs/experiments/label_noise.yaml"
     with pytest.raises(ConfigError, match=r"task\.hiden: unknown key"):

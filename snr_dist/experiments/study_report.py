@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from snr_dist.experiments.studies import STUDIES
+from snr_dist.experiments.studies import STUDIES, conv_test_keys
 from snr_dist.experiments.study import Row, StudyConfig, machine, markdown_table, mean_sd
 
 
@@ -25,7 +25,8 @@ def headline(cfg: StudyConfig, selected: dict[Any, list[Row]]) -> dict[str, Any]
             base = next((r for r in rows if r.method == cfg.methods[0].name), None)
             if base is None:
                 continue
-            keys = ("steps_to_test_95", "steps_to_test_97", "steps_to_target", "steps_to_val")
+            task = STUDIES["convergence"].task_model.model_validate(cfg.task)
+            keys = (*conv_test_keys(task), "steps_to_target", "steps_to_val")
             out[str(setting)] = {
                 r.method: {
                     f"{k}_x_{base.method}": _ratio(r.stat(k)[0], base.stat(k)[0])
@@ -213,13 +214,14 @@ def write(
     cfg: StudyConfig, selected: dict[Any, list[Row]], out_dir: Path, command: str, total_wall: float
 ) -> str:
     study = STUDIES[cfg.study]
+    columns = study.columns_for(cfg.task)
     n = len(cfg.seeds)
     parts = [f"# {cfg.name}\n"]
     for setting, rows in selected.items():
         parts.append(f"## {study.setting_label}: {setting}\n")
-        parts.append(markdown_table(rows, study.columns, n) + "\n")
+        parts.append(markdown_table(rows, columns, n) + "\n")
         if n >= PER_SEED_FROM:
-            parts.append(per_seed(rows, study.columns, cfg.seeds) + "\n")
+            parts.append(per_seed(rows, columns, cfg.seeds) + "\n")
     head = headline(cfg, selected)
     if head:
         parts.append("## Derived\n\n```json\n" + json.dumps(head, indent=2) + "\n```\n")
@@ -247,7 +249,7 @@ def write(
                     "point": r.point,
                     **{
                         k: mean_sd([x[k] for x in r.summaries if x.get(k) is not None])
-                        for k, _, _ in study.columns
+                        for k, _, _ in columns
                     },
                 }
                 for r in rows
