@@ -17,12 +17,17 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT)
+def _load(name: str):
+    """A script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("step_overhead")
 
 
 def test_benchmark_tiny_config(bench, tmp_path, capsys):
@@ -132,10 +137,7 @@ def test_comm_benchmark_measures_what_the_design_says():
 def test_step_floor_benchmark_reports_every_ratio(tmp_path):
     """benchmarks/step_floor.py (issue 16's yardstick) runs on the MLP and reports, per
     optimizer, step / AdamW step, step / bytes-moved floor and the full-step ratio."""
-    path = SCRIPT.parent / "step_floor.py"
-    spec = importlib.util.spec_from_file_location("step_floor", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("step_floor")
     out = tmp_path / "floor.json"
     (res,) = module.main(
         [
@@ -177,10 +179,7 @@ def test_step_floor_benchmark_reports_every_ratio(tmp_path):
 def test_subspace_batching_benchmark_compares_the_same_work():
     """benchmarks/subspace_batching.py: per-matrix products against one bmm per shape group,
     on the optimizer's own trackers; both variants compute the same sketches and updates."""
-    path = SCRIPT.parent / "subspace_batching.py"
-    spec = importlib.util.spec_from_file_location("subspace_batching", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("subspace_batching")
     gpt, mlp = module.main(["--rounds", "2", "--warmup", "0"])
     # GPT 4L: token and position embeddings, and per layer qkv, proj, fc1, fc2 (fc1 and fc2
     # share a view shape with their basis on different sides: two groups), plus the head
@@ -194,10 +193,7 @@ def test_subspace_batching_benchmark_compares_the_same_work():
 def test_step_vs_revision_pairs_two_packages_and_checks_bit_identity():
     """benchmarks/step_vs_revision.py: this tree against HEAD's package (the same code when the
     tree is clean; either way the check and the ratio are well-formed)."""
-    path = SCRIPT.parent / "step_vs_revision.py"
-    spec = importlib.util.spec_from_file_location("step_vs_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("step_vs_revision")
     res = module.main(["--rev", "HEAD", "--rounds", "6", "--warmup", "1", "--check-steps", "3"])
     assert isinstance(res["bit_identical"], bool)
     assert res["old_us"] > 0 and res["new_us"] > 0 and res["new_vs_old"] > 0
@@ -206,10 +202,7 @@ def test_step_vs_revision_pairs_two_packages_and_checks_bit_identity():
 def test_denormal_benchmark_runs_all_six_in_lockstep():
     """benchmarks/denormal_step.py: AdamW, SNR diagonal and subspace, each with and without
     flushing, the flushed run checked against its twin."""
-    path = SCRIPT.parent / "denormal_step.py"
-    spec = importlib.util.spec_from_file_location("denormal_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("denormal_step")
     rows = module.main(["--steps", "6", "--batch", "32"])
     assert [(r["optimizer"], r["flushed"]) for r in rows] == [
         (name, flush)
@@ -220,13 +213,6 @@ def test_denormal_benchmark_runs_all_six_in_lockstep():
     for r in rows:
         assert 0.0 <= r["subnormal_share"] <= 1.0 and r["train_s"] > 0 and r["step_ms"] > 0
         assert r["same_parameters"] is (True if r["flushed"] else None)
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the floor needs MKL's sqrt")

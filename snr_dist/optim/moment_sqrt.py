@@ -95,15 +95,12 @@ class MomentSqrt:
         raised = [i for i, f in enumerate(floors) if f is not None]
         if not raised:
             return torch._foreach_sqrt(vs)
-        out: list[Tensor] = [vs[0]] * len(vs)  # every slot is filled below
         plain = [i for i, f in enumerate(floors) if f is None]
+        roots = torch._foreach_clamp_min([vs[i] for i in raised], [floors[i] for i in raised])
+        torch._foreach_sqrt_(roots)
         if plain:
-            for i, t in zip(plain, torch._foreach_sqrt([vs[i] for i in plain])):
-                out[i] = t
-        for floor in set(floors[i] for i in raised):
-            idx = [i for i in raised if floors[i] == floor]
-            ts = torch._foreach_clamp_min([vs[i] for i in idx], floor)
-            torch._foreach_sqrt_(ts)
-            for i, t in zip(idx, ts):
-                out[i] = t
+            roots += torch._foreach_sqrt([vs[i] for i in plain])
+        out: list[Tensor] = [None] * len(vs)  # type: ignore[list-item]
+        for i, t in zip(raised + plain, roots):
+            out[i] = t
         return out
