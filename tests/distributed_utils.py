@@ -18,11 +18,47 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+_next_port: dict[str, int] = {}
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for one test's process group (or rendezvous) that no concurrent test picks.
+
+    Not ``bind(0)``: the kernel draws those from its ephemeral range, the same pool that
+    client sockets and torchrun's own free-port lookups (the workers' store under
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) draw from, so a port this test chose could be
+    handed to another test's process before this test binds it, and two tests would then share
+    one rendezvous store. Ports come from a block below the ephemeral range, one block per
+    pytest-xdist worker, tried in turn until one binds."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = min(_ephemeral_low(), 32768)
+    block = 500
+    start = max(1024, low - block * (index + 1) * 2)  # well clear of the ephemeral range
+    if start + block > low:  # an unusual range: fall back to the kernel's choice
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    # a random start within the block: a pytest run right after another does not meet the
+    # previous run's ports in TIME_WAIT first
+    nxt = _next_port.setdefault(worker, start + (os.getpid() * 7919) % block)
+    for i in range(block):
+        port = start + (nxt - start + i) % block
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _next_port[worker] = start + (port - start + 1) % block
+        return port
+    raise RuntimeError(f"no free port in {start}-{start + block - 1}")
 
 
 def _worker(rank, world, port, fn, args, results) -> None:
