@@ -4,6 +4,7 @@ selection rule, and config errors."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,18 +24,8 @@ from snr_dist.experiments.study import (
 from snr_dist.experiments.study_report import PER_SEED_FROM
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = [
-    "label_noise",
-    "grokking",
-    "grokking_long",
-    "grokking_paper",
-    "grokking_paper_long",
-    "rule_candidates",
-    "double_descent",
-    "convergence",
-    "convergence_seeds",
-    "entk_partition",
-]
+# every study config, so that a new one cannot ship without its smoke run
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs/experiments").glob("*.yaml"))
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -141,6 +132,26 @@ def test_in_process_runs_use_one_thread_as_workers_do(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert recs and {rec["threads"] for rec in recs.values()} == {1}
+
+
+def test_records_and_reports_name_the_kernels_instruction_set(tmp_path):
+    """The last bits of a run depend on the instruction set ATen's kernels were built for (a
+    seed on an edge lands elsewhere on another CPU), so every record and report says which."""
+    from snr_dist.experiments import report, study
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    assert f"ATen CPU capability {cap}" in study.machine()
+    assert f"ATen CPU capability {cap}" in report.machine()
+    path = ROOT / "configs/experiments/convergence.yaml"
+    cfg = load_study(path, ["seeds=[0]", "methods.1.weight_decay=[0.1]"], smoke=True)
+    recs = run_study(cfg.model_copy(update={"workers": 1}), tmp_path, progress=False)
+    assert recs and {rec["cpu_capability"] for rec in recs.values()} == {cap}
+    # a worker started with another capability records that one (the variable is read at the
+    # first kernel dispatch, so it must be set before the process starts)
+    code = "from snr_dist.experiments.study import machine; print(machine())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "ATen CPU capability DEFAULT" in out.stdout, out.stderr
 
 
 def _fake_records(cfg: StudyConfig, val: dict, test: dict) -> dict:

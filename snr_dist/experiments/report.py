@@ -53,10 +53,26 @@ def markdown_table(agg: dict[str, dict[str, tuple[float, float]]], n_seeds: int)
     return "\n".join(lines)
 
 
+def cpu() -> str:
+    """The CPU model and the instruction set ATen dispatches its kernels for. Both belong in a
+    result's provenance: ATen's AVX2 and AVX-512 kernels (and MKL's per-CPU paths) round in
+    the last bits differently, and the runs that sit on an edge (a seed that barely reaches a
+    target) land elsewhere on another CPU; on one CPU and thread count runs repeat exactly."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+            model = next(names, "")
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    return f"{model}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def machine() -> str:
     return (
-        f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
+        f"{platform.system()} {platform.machine()} ({cpu()}), {torch.get_num_threads()} torch "
+        f"threads, Python {platform.python_version()}, torch {torch.__version__}"
     )
 
 

@@ -236,6 +236,8 @@ def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
         "wall_s": wall,
         "stopped": stopped,
         "threads": torch.get_num_threads(),
+        # the last bits of every run depend on the kernels' instruction set (see `report.cpu`)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
@@ -407,7 +409,9 @@ def markdown_table(rows: list[Row], columns: list[tuple[str, str, str]], n_seeds
 def machine() -> str:
     import platform
 
+    from snr_dist.experiments.report import cpu
+
     return (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, Python "
-        f"{platform.python_version()}, torch {torch.__version__}"
+        f"{platform.system()} {platform.machine()} ({cpu()}), {os.cpu_count()} CPU cores, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
     )
