@@ -103,12 +103,17 @@ def _first(history: list[dict], key: str, ok) -> int | None:
     return next((h["step"] for h in history if ok(h[key])), None)
 
 
+def _test_target(a: float) -> str:
+    """The name of test-accuracy target ``a`` in summary keys (``test_95`` for 0.95)."""
+    return f"test_{round(100 * a)}"
+
+
 def _conv_reached(cfg: ConvergenceTask, history: list[dict]) -> dict:
     return {
         "target": _first(history, "train_loss", lambda v: v <= cfg.target_loss),
         "val": _first(history, "val_acc", lambda v: v >= cfg.val_target),
         **{
-            f"test_{round(100 * a)}": _first(history, "test_acc", lambda v, a=a: v >= a)
+            _test_target(a): _first(history, "test_acc", lambda v, a=a: v >= a)
             for a in cfg.test_targets
         },
     }
@@ -121,24 +126,24 @@ def _conv_stop(cfg: ConvergenceTask, rec: dict, history: list[dict]) -> bool:
 
 def _conv_summary(cfg: ConvergenceTask, history: list[dict], stopped: int | None) -> dict:
     last = history[-1]
+    reached = _conv_reached(cfg, history)
     out = {
-        "reached": 1.0 if _conv_reached(cfg, history)["target"] is not None else 0.0,
+        "reached": 1.0 if reached["target"] is not None else 0.0,
         "final_test_acc": last["test_acc"],
         "final_train_acc": last.get("train_acc"),
         "final_val_acc": last["val_acc"],
         "final_train_loss": last["train_loss"],
         "last_step": float(last["step"]),
     }
-    for name, step in _conv_reached(cfg, history).items():
-        key = "target" if name == "target" else name
-        out[f"steps_to_{key}"] = None if step is None else float(step)
-        out[f"wall_to_{key}"] = _wall_at(history, step)
+    for name, step in reached.items():
+        out[f"steps_to_{name}"] = None if step is None else float(step)
+        out[f"wall_to_{name}"] = _wall_at(history, step)
     return out
 
 
 def conv_test_keys(cfg: ConvergenceTask) -> list[str]:
     """The summary keys of the steps to each test target (``steps_to_test_95`` for 0.95)."""
-    return [f"steps_to_test_{round(100 * a)}" for a in cfg.test_targets]
+    return [f"steps_to_{_test_target(a)}" for a in cfg.test_targets]
 
 
 def _conv_columns(cfg: ConvergenceTask) -> list[tuple[str, str, str]]:
@@ -146,8 +151,8 @@ def _conv_columns(cfg: ConvergenceTask) -> list[tuple[str, str, str]]:
         column
         for a in cfg.test_targets
         for column in (
-            (f"steps_to_test_{round(100 * a)}", f"steps to {a:g} test acc", "{:.0f}"),
-            (f"wall_to_test_{round(100 * a)}", f"s to {a:g}", "{:.2f}"),
+            (f"steps_to_{_test_target(a)}", f"steps to {a:g} test acc", "{:.0f}"),
+            (f"wall_to_{_test_target(a)}", f"s to {a:g}", "{:.2f}"),
         )
     ]
     return per_target + [
