@@ -161,8 +161,16 @@ def test_step_floor_benchmark_reports_every_ratio(tmp_path):
     assert refresh["refresh_extra_ms"] >= 0 and math.isfinite(refresh["amortised_vs_plain_step"])
     assert res["rows"]["AdamW (foreach)"]["step_vs_adamw"] == 1.0
     for r in res["rows"].values():
-        for key in ("step_ms", "step_vs_floor", "full_vs_adamw", "floor_ms"):
+        for key in (
+            "step_ms",
+            "step_vs_floor",
+            "full_vs_adamw",
+            "floor_ms",
+            "in_training_step_ms",
+            "in_training_vs_adamw",
+        ):
             assert math.isfinite(r[key]) and r[key] > 0
+        assert r["step_faults"] >= 0
     assert res["bandwidth_gb_s"] > 0
     assert math.isfinite(res["rows"][module.COMPILED]["compile_s"])
     # the subspace flops floor: 8 r flops per element of each tracked matrix view (64 x 256

@@ -107,6 +107,10 @@ class Estimator(ABC):
     optimizer has a data-parallel group)."""
     tracks: ClassVar[bool] = False
     """It keeps an eigen-tracker: refreshes, and an owner rank for them."""
+    elementwise: ClassVar[bool] = False
+    """A parameter's whole step reads and writes only that parameter's own tensors (nothing
+    to exchange, nothing to refresh), so the optimizer may finish it in cache-sized chunks as
+    soon as the gradients are checked."""
 
     def __init__(self, moments: Moments) -> None:
         self.moments_of = moments

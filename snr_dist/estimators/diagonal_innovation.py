@@ -21,10 +21,12 @@ from snr_dist.estimators.base import Estimator, Slot
 from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES, gate_foreach_
 from snr_dist.grad_mode import no_grad
 from snr_dist.layout import Kind
+from snr_dist.optim.scratch import Scratch
 
 
 class DiagonalInnovation(Estimator):
     name = "diagonal_innovation"
+    elementwise = True
 
     def init_state(self, p, local_p, state, group, key) -> None:
         f32 = dict(device=local_p.device, dtype=torch.float32)
@@ -39,8 +41,8 @@ class DiagonalInnovation(Estimator):
         return "noise_avg" in state and "basis" not in state
 
     @no_grad
-    def update(self, group: dict, slots: list[Slot]) -> None:
-        innovations_(self.moments_of, group, slots)
+    def update(self, group: dict, slots: list[Slot], scratch: Scratch | None = None) -> None:
+        innovations_(self.moments_of, group, slots, scratch)
 
     def moments(self, p, state, group, step, index=None):
         mean, beta = self.moments_of.mean(state, group)
@@ -54,10 +56,13 @@ class DiagonalInnovation(Estimator):
             return super().gate_(group, slots, directions, out, alphas)
         gate_foreach_(self, group, slots, directions, out, alphas)
 
-    def gates_foreach(self, group: dict, states: list[dict], t: int) -> tuple[list[Tensor], float]:
+    def gates_foreach(
+        self, group: dict, states: list[dict], t: int, scratch: Scratch | None = None
+    ) -> tuple[list[Tensor], float]:
         """Multi-tensor `moments` + gate (wiener/clamp/paper) at step ``t``: ``(gates, scale)``
-        with the true gate ``scale * gates``. Works in the units of ``x``: ``var' = x``,
-        ``raw' = c m^2`` with ``c`` folding both bias corrections and ``kappa``."""
+        with the true gate ``scale * gates`` (in ``scratch``'s buffers when given). Works in
+        the units of ``x``: ``var' = x``, ``raw' = c m^2`` with ``c`` folding both bias
+        corrections and ``kappa``."""
         beta = self.moments_of.beta_s(states[0], group)
         k = rule.ema_noise_factor(beta, t)
         var_scale = 1.0 / ((1.0 - beta ** (t - 1)) * (1.0 + rule.innovation_kappa(beta, beta, t)))
@@ -65,10 +70,15 @@ class DiagonalInnovation(Estimator):
         shift = group["gate_a"] if group["gate"] == "paper" else k
         tau = group["tau"]
         means = [self.moments_of.mean(st, group)[0] for st in states]
-        var = torch._foreach_clamp_min(
-            [st["noise_avg"] for st in states], rule.GATE_FLOOR / var_scale
-        )
-        sig = torch._foreach_mul(var, -shift)
+        xs = [st["noise_avg"] for st in states]
+        if scratch is None:
+            var = torch._foreach_clamp_min(xs, rule.GATE_FLOOR / var_scale)
+            sig = torch._foreach_mul(var, -shift)
+        else:  # the same kernels into the buffers: the same bits
+            var, sig = scratch.like("var", xs), scratch.like("sig", xs)
+            for x, v, s in zip(xs, var, sig):
+                torch.clamp_min(x, rule.GATE_FLOOR / var_scale, out=v)
+                torch.mul(v, -shift, out=s)
         torch._foreach_addcmul_(sig, means, means, value=c)
         torch._foreach_clamp_min_(sig, 0.0)  # sig' (or the paper's p')
         if group["gate"] == "clamp":
@@ -81,9 +91,10 @@ class DiagonalInnovation(Estimator):
         return sig, 1.0 / tau
 
 
-def innovations_(moments, group: dict, slots: list[Slot]) -> None:
-    """Fold each slot's innovation into ``noise_avg`` (multi-tensor, bucketed by step), then
-    advance the estimator's own mean where it keeps one (SNRPreconditioner)."""
+def innovations_(moments, group: dict, slots: list[Slot], scratch: Scratch | None = None) -> None:
+    """Fold each slot's innovation into ``noise_avg`` (multi-tensor, bucketed by step; the
+    innovations in ``scratch``'s buffer when given), then advance the estimator's own mean
+    where it keeps one (SNRPreconditioner)."""
     by_step: dict[int, list[Slot]] = {}
     for s in slots:
         if s.step >= 2:
@@ -91,7 +102,13 @@ def innovations_(moments, group: dict, slots: list[Slot]) -> None:
     for t, batch in by_step.items():
         beta = moments.beta_s(batch[0].state, group)
         means = [moments.mean(s.state, group)[0] for s in batch]
-        r = torch._foreach_add([s.grad for s in batch], means, alpha=-1.0 / (1.0 - beta ** (t - 1)))
+        grads, alpha = [s.grad for s in batch], -1.0 / (1.0 - beta ** (t - 1))
+        if scratch is None:
+            r = torch._foreach_add(grads, means, alpha=alpha)
+        else:
+            r = scratch.like("innovation", means)
+            for out, g, m in zip(r, grads, means):
+                torch.add(g, m, alpha=alpha, out=out)
         xs = [s.state["noise_avg"] for s in batch]
         torch._foreach_mul_(xs, beta)
         torch._foreach_addcmul_(xs, r, r, value=1.0 - beta)

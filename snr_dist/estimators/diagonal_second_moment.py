@@ -15,12 +15,14 @@ from snr_dist import snr as rule
 from snr_dist.estimators.base import Estimator, Slot
 from snr_dist.grad_mode import no_grad
 from snr_dist.layout import Kind
+from snr_dist.optim.scratch import Scratch
 
 OWN_KEYS = ("snr_avg", "snr_sq")
 
 
 class DiagonalSecondMoment(Estimator):
     name = "diagonal_second_moment"
+    elementwise = True
 
     def init_state(self, p, local_p, state, group, key) -> None:
         f32 = dict(device=local_p.device, dtype=torch.float32)
@@ -36,7 +38,7 @@ class DiagonalSecondMoment(Estimator):
         return not ({"basis", "raw_avg", "noise_avg"} & set(state))
 
     @no_grad
-    def update(self, group: dict, slots: list[Slot]) -> None:
+    def update(self, group: dict, slots: list[Slot], scratch: Scratch | None = None) -> None:
         update_own_moments(self.moments_of, group, slots)
 
     def moments(self, p, state, group, step, index=None):
@@ -51,10 +53,12 @@ class DiagonalSecondMoment(Estimator):
             return super().gate_(group, slots, directions, out, alphas)
         gate_foreach_(self, group, slots, directions, out, alphas)
 
-    def gates_foreach(self, group: dict, states: list[dict], t: int) -> tuple[list[Tensor], float]:
+    def gates_foreach(
+        self, group: dict, states: list[dict], t: int, scratch: Scratch | None = None
+    ) -> tuple[list[Tensor], float]:
         """Multi-tensor `moments` + gate (wiener/clamp/paper) for states at step ``t``:
         ``(gates, scale)`` with the true gate ``scale * gates`` (the constant is left for the
-        caller to fold into its step size).
+        caller to fold into its step size; the gates in ``scratch``'s buffers when given).
 
         Works in units scaled by ``bc_v = 1 - beta_v^t`` so the bias corrections become
         constants: ``var' = v - c s^2`` (``c = bc_v / bc_s^2``) is ``(1-k) bc_v var``,
@@ -70,8 +74,14 @@ class DiagonalSecondMoment(Estimator):
         shift = (group["gate_a"] if group["gate"] == "paper" else k) / one_k
         s = [self.moments_of.mean(st, group)[0] for st in states]
         v = [self.moments_of.sq(st, group)[0] for st in states]
-        var = torch._foreach_addcmul(v, s, s, value=-c)  # (second - raw) in primed units
-        sig = torch._foreach_sub(v, var)  # raw'
+        if scratch is None:
+            var = torch._foreach_addcmul(v, s, s, value=-c)  # (second - raw) in primed units
+            sig = torch._foreach_sub(v, var)  # raw'
+        else:  # the same kernels into the buffers: the same bits
+            var, sig = scratch.like("var", v), scratch.like("sig", v)
+            for vi, si, a, b in zip(v, s, var, sig):
+                torch.addcmul(vi, si, si, value=-c, out=a)
+                torch.sub(vi, a, out=b)
         torch._foreach_clamp_min_(var, rule.GATE_FLOOR * one_k * bc_v)
         torch._foreach_add_(sig, var, alpha=-shift)
         torch._foreach_clamp_min_(sig, 0.0)  # sig' (or the paper's p')

@@ -41,6 +41,7 @@ from snr_dist.layout import Kind
 from snr_dist.optim.capture import MicrobatchCapture
 from snr_dist.optim.moment_sqrt import MomentSqrt
 from snr_dist.optim.nonfinite import NonfiniteCounter, finite_flags
+from snr_dist.optim.scratch import Scratch
 from snr_dist.options import LAYOUT_KEYS, SNROptions
 
 #: Options that must agree across data-parallel ranks.
@@ -63,6 +64,7 @@ class SNREngine:
         self.flat_aliases = AliasCache()  # the compiled step's aliases of params and state
         self.path_cache: dict = {}  # the optimizer's per-step routing decisions (see sync_groups)
         self.moment_sqrt = MomentSqrt()  # Adam's sqrt(v) off MKL's slow path for zeros
+        self.scratch = Scratch()  # the chunked CPU step's work buffers
         self._layouts: dict[int, tuple] = {}
         self._with_matrices: set[int] = set()  # ids of subspace groups that held matrices
         self._keys: dict[Tensor, int] = {}
@@ -97,6 +99,7 @@ class SNREngine:
         """Re-derive what depends on ``param_groups`` (after add_param_group or a load)."""
         self.path_cache.clear()
         self.moment_sqrt.clear()
+        self.scratch.clear()
         self.index()
         groups = self.opt.param_groups
         trackers, hooked = [], []
@@ -302,9 +305,17 @@ class SNREngine:
             out[est.estimator_key(p, group)].append(Slot(p, self.opt.state[p], g, t, micro))
         return out
 
-    def update(self, group: dict, by_est: dict[tuple[str, str], list[Slot]]) -> None:
+    def update(
+        self, group: dict, by_est: dict[tuple[str, str], list[Slot]], scratch: Scratch | None = None
+    ) -> None:
+        """The estimators fold the step's gradients in (elementwise ones into ``scratch``'s
+        buffers when given)."""
         for key, slots in by_est.items():
-            self.estimators[key].update(group, slots)
+            e = self.estimators[key]
+            if scratch is not None and e.elementwise:
+                e.update(group, slots, scratch)
+            else:
+                e.update(group, slots)
 
     @no_grad
     def exchange(self, work: Work) -> None:

@@ -87,12 +87,24 @@ class MomentSqrt:
         return torch.clamp_min(v, floor, out=out).sqrt_()
 
     def sqrt_foreach(
-        self, params: list[Tensor], vs: list[Tensor], added: list[float], scale: float = 1.0
+        self,
+        params: list[Tensor],
+        vs: list[Tensor],
+        added: list[float],
+        scale: float = 1.0,
+        out: list[Tensor] | None = None,
     ) -> list[Tensor]:
-        """`sqrt` of each ``vs[i]`` (new tensors) as multi-tensor ops; ``added[i]`` goes with
-        ``vs[i]``, ``scale`` with all."""
+        """`sqrt` of each ``vs[i]`` (new tensors, or ``out``) as multi-tensor ops;
+        ``added[i]`` goes with ``vs[i]``, ``scale`` with all."""
         floors = [self._floor(p, v, a, scale) for p, v, a in zip(params, vs, added)]
         raised = [i for i, f in enumerate(floors) if f is not None]
+        if out is not None:  # the same kernels into ``out``: the same bits
+            for v, o, f in zip(vs, out, floors):
+                if f is None:
+                    torch.sqrt(v, out=o)
+                else:
+                    torch.clamp_min(v, f, out=o).sqrt_()
+            return out
         if not raised:
             return torch._foreach_sqrt(vs)
         plain = [i for i, f in enumerate(floors) if f is None]
@@ -100,7 +112,7 @@ class MomentSqrt:
         torch._foreach_sqrt_(roots)
         if plain:
             roots += torch._foreach_sqrt([vs[i] for i in plain])
-        out: list[Tensor] = [None] * len(vs)  # type: ignore[list-item]
+        result: list[Tensor] = [None] * len(vs)  # type: ignore[list-item]
         for i, t in zip(raised + plain, roots):
-            out[i] = t
-        return out
+            result[i] = t
+        return result

@@ -32,12 +32,21 @@ from snr_dist.kernels.compiled import COMPILED_RULES, compilable, compiled_snr_a
 from snr_dist.kernels.compiled import prepare as prepare_compiled
 from snr_dist.layout import Kind
 from snr_dist.optim.base import SNROptimizerMixin, advance_steps
+from snr_dist.optim.scratch import Scratch
 from snr_dist.options import SNROptions, validate_adam, validate_kernels
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 _ADAM_KINDS = {"step": Kind.SHARED, "exp_avg": Kind.PARAM, "exp_avg_sq": Kind.PARAM}
+
+#: Elements per chunk of the elementwise step on the CPU (1 MB per fp32 vector: the step's
+#: ~8 live vectors of a chunk stay in the last-level cache; `benchmarks/step_floor.py`).
+CPU_CHUNK_ELEMENTS = 1 << 18
+#: Chunks from this size on keep their temporaries in reused buffers (`snr_dist.optim.scratch`):
+#: the C library's heap faults large fresh blocks in page by page; below it the copies into
+#: the buffers cost more than the allocations they save.
+SCRATCH_MIN_ELEMENTS = 1 << 17
 
 
 class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
@@ -287,6 +296,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         for group, params, grads, skipped, paths in collected:
             engine.capture.discard(skipped)
             params, grads = self._fused_step(group, params, grads, paths)
+            params, grads = self._elementwise_step(group, params, grads)
             if params:
                 work.append((group, self._update_moments(group, params, grads)))
         engine.exchange(work)  # one all-reduce of SNR statistics for the whole step
@@ -418,17 +428,59 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         rest = [i for i, p in enumerate(params) if p not in paths]
         return [params[i] for i in rest], [grads[i] for i in rest]
 
-    def _update_moments(self, group: dict, params: list[Tensor], grads: list[Tensor]):
+    def _elementwise_step(
+        self, group: dict, params: list[Tensor], grads: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The whole step of the CPU params whose estimator is elementwise (the diagonal
+        temporal rules), a cache-sized chunk of parameters at a time; returns the params (and
+        grads) left for the exchange.
+
+        The step runs ~20 multi-tensor passes over the parameters' bytes where AdamW's runs
+        ~12. Over the whole model each pass streams from memory and its temporaries are
+        model-sized (freed and faulted back in by the allocator every step); over
+        `CPU_CHUNK_ELEMENTS` at a time the passes after the first read from cache and the
+        temporaries live in buffers reused from step to step (`Scratch`). Every element goes
+        through the same kernels as in one multi-tensor call: the result is bit-identical."""
+        engine = self._engine
+        cache = engine.path_cache  # cleared when the groups change
+        options = ("elementwise", group["estimator"], group["noise"], group["mode"])
+        mine, sizes, rest = [], [], []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            ok = cache.get((p, options))
+            if ok is None:
+                ok = cache[(p, options)] = engine.estimator(p, group).elementwise
+            if ok and g.is_cpu:
+                mine.append(i)
+                sizes.append(g.numel())
+            else:
+                rest.append(i)
+        if not mine:
+            return params, grads
+        for idx, size in _chunks(mine, sizes, CPU_CHUNK_ELEMENTS):
+            if len(idx) == len(params):
+                ps, gs = params, grads
+            else:
+                ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+            scratch = engine.scratch if size >= SCRATCH_MIN_ELEMENTS else None
+            by_est = self._update_moments(group, ps, gs, scratch)
+            self._apply_update(group, [s for slots in by_est.values() for s in slots], scratch)
+        if not rest:
+            return [], []
+        return [params[i] for i in rest], [grads[i] for i in rest]
+
+    def _update_moments(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], scratch: Scratch | None = None
+    ):
         """The estimators' local statistics, then Adam's moments (the innovation rule measures
         each gradient against the mean of the previous step); returns the step's slots by
-        estimator."""
+        estimator. ``scratch``: the chunked step's work buffers."""
         states = [self._init_state(p, group) for p in params]
         grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
         if group["maximize"]:
             grads = [-g for g in grads]
         steps = advance_steps(states)
         by_est = self._engine.slots(group, params, grads, steps)
-        self._engine.update(group, by_est)
+        self._engine.update(group, by_est, scratch)
         beta1, beta2 = group["betas"]
         exp_avgs = [st["exp_avg"] for st in states]
         exp_avg_sqs = [st["exp_avg_sq"] for st in states]
@@ -442,8 +494,9 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         return by_est
 
-    def _apply_update(self, group: dict, slots: list[Slot]) -> None:
-        """Decoupled weight decay (not gated), then the gated Adam step."""
+    def _apply_update(self, group: dict, slots: list[Slot], scratch: Scratch | None = None) -> None:
+        """Decoupled weight decay (not gated), then the gated Adam step (its temporaries in
+        ``scratch``'s buffers when given)."""
         foreach = group["foreach"] is None or group["foreach"]
         engine = self._engine
         params = [local(s.param) for s in slots]
@@ -489,8 +542,12 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         gated = [i for idx in fast.values() for i in idx]
         if gated:  # sqrt(v) + eps bc, the bias correction bc moved into the step size
             added = [eps * bc2_sqrt[i] for i in gated]
+            vs = [exp_avg_sqs[i] for i in gated]
             den = engine.moment_sqrt.sqrt_foreach(
-                [slots[i].param for i in gated], [exp_avg_sqs[i] for i in gated], added
+                [slots[i].param for i in gated],
+                vs,
+                added,
+                out=None if scratch is None else scratch.like("den", vs),
             )
             torch._foreach_add_(den, added)
             for i, d in zip(gated, den):
@@ -498,11 +555,13 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         rest = [i for i in other if denom[i] is None]
         if rest:  # as torch's AdamW: sqrt(v) / bc + eps
             scale = max(1.0 / bc2_sqrt[i] for i in rest)
+            vs = [exp_avg_sqs[i] for i in rest]
             den = engine.moment_sqrt.sqrt_foreach(
                 [slots[i].param for i in rest],
-                [exp_avg_sqs[i] for i in rest],
+                vs,
                 [eps] * len(rest),
                 scale,
+                out=None if scratch is None else scratch.like("den_ungated", vs),
             )
             torch._foreach_div_(den, [bc2_sqrt[i] for i in rest])
             torch._foreach_add_(den, eps)
@@ -510,7 +569,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 denom[i] = d
         for (t, _), idx in fast.items():
             e = engine.estimator(slots[idx[0]].param, group)
-            gates, scale = e.gates_foreach(group, [slots[i].state for i in idx], t)
+            gates, scale = e.gates_foreach(group, [slots[i].state for i in idx], t, scratch)
             torch._foreach_mul_(gates, [exp_avgs[i] for i in idx])
             self._addcdiv(
                 [params[i] for i in idx],
@@ -561,6 +620,26 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             return
         for p, n, d, s in zip(params, numerators, denominators, scales):
             p.add_((n / d).to(p.dtype), alpha=s)
+
+
+def _chunks(items: list[int], sizes: list[int], limit: int) -> list[tuple[list[int], int]]:
+    """``items`` in consecutive runs whose sizes add up to at most ``limit`` (a larger one
+    alone), each with its total size."""
+    total = sum(sizes)
+    if total <= limit:
+        return [(items, total)]
+    out: list[tuple[list[int], int]] = []
+    run: list[int] = []
+    total = 0
+    for i, n in zip(items, sizes):
+        if run and total + n > limit:
+            out.append((run, total))
+            run, total = [], 0
+        run.append(i)
+        total += n
+    if run:
+        out.append((run, total))
+    return out
 
 
 def _fused_options(group: dict, states: list[dict]) -> tuple[list[Tensor] | None, dict]:
