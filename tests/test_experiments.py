@@ -325,6 +325,38 @@ def test_double_descent_bump_is_the_rise_above_both_sides():
     assert head["B"]["bump_height"] == 0.0  # only falls: no double descent
 
 
+def test_convergence_headline_medians_count_seeds_that_never_arrive_as_slowest():
+    from snr_dist.experiments.study import Row
+    from snr_dist.experiments.study_report import headline
+
+    raw = {
+        "name": "conv",
+        "study": "convergence",
+        "seeds": [0, 1, 2, 3, 4],
+        "task": {"hidden": [8], "test_targets": [0.97]},
+        "budget": {"steps": 1, "batch_size": 1, "eval_every": 1},
+        "methods": [
+            {"name": "AdamW", "type": "adamw", "lr": [1e-3]},
+            {"name": "SNR", "type": "snr_adamw", "lr": [1e-3]},
+            {"name": "Slow", "type": "snr_adamw", "lr": [1e-3]},
+        ],
+    }
+    cfg = StudyConfig.model_validate(raw)
+    steps = {
+        "AdamW": [100, 110, 120, 130, 140],
+        "SNR": [50, 60, None, None, 70],  # mean of arrivals 60; median seed 70 (None = slowest)
+        "Slow": [50, None, None, None, 60],  # the median seed never arrives
+    }
+    rows = [
+        Row(m, {"lr": 1e-3}, [{"steps_to_test_97": v} for v in vs], [])
+        for m, vs in steps.items()
+    ]
+    head = headline(cfg, {"x": rows})["x"]
+    assert head["SNR"]["steps_to_test_97_x_AdamW"] == pytest.approx(0.5)  # 60 / 120
+    assert head["SNR"]["median_steps_to_test_97_x_AdamW"] == pytest.approx(70 / 120, abs=1e-3)
+    assert head["Slow"]["median_steps_to_test_97_x_AdamW"] is None
+
+
 def test_publish_replaces_only_the_marked_sections(tmp_path):
     from snr_dist.experiments.publish import publish
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,21 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
         return None
     return round(a / b, 3)
+
+
+def _median_steps(row: Row, key: str) -> float:
+    """The median seed's steps to a target, a seed that never reached it counting as
+    infinitely slow: unlike the mean over the seeds that arrived, it neither drops the slowest
+    seeds nor lets one of them set the number."""
+    return statistics.median(
+        math.inf if s.get(key) is None else float(s[key]) for s in row.summaries
+    )
+
+
+def _median_ratio(row: Row, base: Row, key: str) -> float | None:
+    """``row``'s median steps over ``base``'s; None when either median seed never arrived."""
+    a, b = _median_steps(row, key), _median_steps(base, key)
+    return None if math.isinf(a) or math.isinf(b) else _ratio(a, b)
 
 
 def headline(cfg: StudyConfig, selected: dict[Any, list[Row]]) -> dict[str, Any]:
@@ -29,9 +45,12 @@ def headline(cfg: StudyConfig, selected: dict[Any, list[Row]]) -> dict[str, Any]
             keys = (*conv_test_keys(task), "steps_to_target", "steps_to_val")
             out[str(setting)] = {
                 r.method: {
-                    f"{k}_x_{base.method}": _ratio(r.stat(k)[0], base.stat(k)[0])
-                    for k in keys
-                    if any(s.get(k) is not None for s in r.summaries)
+                    **{
+                        f"{k}_x_{base.method}": _ratio(r.stat(k)[0], base.stat(k)[0])
+                        for k in keys
+                        if any(s.get(k) is not None for s in r.summaries)
+                    },
+                    **{f"median_{k}_x_{base.method}": _median_ratio(r, base, k) for k in keys},
                 }
                 for r in rows
             }
