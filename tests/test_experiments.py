@@ -348,8 +348,7 @@ def test_convergence_headline_medians_count_seeds_that_never_arrive_as_slowest()
         "Slow": [50, None, None, None, 60],  # the median seed never arrives
     }
     rows = [
-        Row(m, {"lr": 1e-3}, [{"steps_to_test_97": v} for v in vs], [])
-        for m, vs in steps.items()
+        Row(m, {"lr": 1e-3}, [{"steps_to_test_97": v} for v in vs], []) for m, vs in steps.items()
     ]
     head = headline(cfg, {"x": rows})["x"]
     assert head["SNR"]["steps_to_test_97_x_AdamW"] == pytest.approx(0.5)  # 60 / 120
