@@ -165,6 +165,21 @@ def test_chunked_step_allocates_no_model_sized_temporaries(monkeypatch):
     assert fresh.biggest == 64 * 64  # the test sees fresh temporaries when there are some
 
 
+def test_scratch_buffers_stay_chunk_sized_next_to_a_large_tensor(monkeypatch):
+    """A tensor larger than a chunk is a chunk of its own and gets fresh temporaries: the
+    buffers kept between steps never grow past a chunk."""
+    monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", 3000)
+    monkeypatch.setattr(snr_adamw, "SCRATCH_MIN_ELEMENTS", 1000)
+    model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 30))
+    opt = SNRAdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    sizes = [b.numel() for b in opt._engine.scratch._buffers.values()]
+    assert sizes and max(sizes) <= 3000  # the 100 x 100 weight (10,000) never went in
+
+
 @pytest.mark.parametrize("kw", MODES, ids=_ids)
 def test_state_dict_restart_is_bit_identical(kw):
     micro = 2 if kw.get("estimator") == "cross_sample" else 1

@@ -43,9 +43,9 @@ _ADAM_KINDS = {"step": Kind.SHARED, "exp_avg": Kind.PARAM, "exp_avg_sq": Kind.PA
 #: Elements per chunk of the elementwise step on the CPU (1 MB per fp32 vector: the step's
 #: ~8 live vectors of a chunk stay in the last-level cache; `benchmarks/step_floor.py`).
 CPU_CHUNK_ELEMENTS = 1 << 18
-#: Chunks from this size on keep their temporaries in reused buffers (`snr_dist.optim.scratch`):
-#: the C library's heap faults large fresh blocks in page by page; below it the copies into
-#: the buffers cost more than the allocations they save.
+#: Chunks from this size on (up to `CPU_CHUNK_ELEMENTS`) keep their temporaries in reused
+#: buffers (`snr_dist.optim.scratch`): the C library's heap faults large fresh blocks in page by
+#: page; below it the buffers save less than their bookkeeping costs.
 SCRATCH_MIN_ELEMENTS = 1 << 17
 
 
@@ -461,7 +461,10 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 ps, gs = params, grads
             else:
                 ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
-            scratch = engine.scratch if size >= SCRATCH_MIN_ELEMENTS else None
+            # a chunk above the limit is one large tensor: fresh temporaries, as the buffers
+            # are kept for good (four of at most `CPU_CHUNK_ELEMENTS` each)
+            fits = SCRATCH_MIN_ELEMENTS <= size <= CPU_CHUNK_ELEMENTS
+            scratch = engine.scratch if fits else None
             by_est = self._update_moments(group, ps, gs, scratch)
             self._apply_update(group, [s for slots in by_est.values() for s in slots], scratch)
         if not rest:
