@@ -8,13 +8,11 @@ and writes. This benchmark measures, on one machine in one run:
 * the ``optimizer.step()`` time of AdamW (``foreach=True``), SNRAdamW diagonal and SNRAdamW
   subspace r=32, given a fixed gradient (no forward or backward);
 * the full training step (zero_grad, forward, loss, backward, step) of each, on its own copy
-  of the model, and the optimizer step inside it timed apart.
+  of the model, and the optimizer step inside it timed apart;
 
-The isolated step and the step inside training differ on the CPU: the C library's heap hands
-large freed blocks back to the kernel, and a step that allocates model-sized temporaries then
-pays a page fault per 4 KB to get them back (the isolated rows count them: torch's AdamW pays
-thousands per step there); after a backward pass the heap holds freed activations and the same
-temporaries cost no fault. Both are printed.
+on three models: the 3.3M-parameter GPT of ``benchmarks/step_overhead.py``, the digits studies'
+64-256-256-10 MLP, and a 14.7M-parameter GPT whose embedding, head and MLP matrices are larger
+than the CPU step's chunks (`snr_dist.optim.snr_adamw.CPU_CHUNK_ELEMENTS`);
 
 and reports each step time as a multiple of AdamW's and of its *floor*: the passes over the
 parameters' fp32 bytes that its rule cannot avoid, divided by the measured bandwidth. Passes:
@@ -24,13 +22,20 @@ read once more for their projections on the tracker bases). Timing is interleave
 runs every optimizer once, in rotated order) and ratios are medians of per-round ratios, as in
 ``benchmarks/step_overhead.py``: shared machines drift.
 
+The isolated step and the step inside training differ on the CPU: the C library's heap hands
+large freed blocks back to the kernel, and a step that allocates model-sized temporaries then
+pays a page fault per 4 KB to get them back (the isolated rows count them: torch's AdamW pays
+thousands per step there); after a backward pass the heap holds freed activations and the same
+temporaries cost no fault. Both are printed.
+
 The subspace rule also has a flops floor: four rank-r products per tracked matrix (8 r flops
 per matrix element, 256 at r=32) that no fusing removes. They are timed alone in the same
 full-step rounds; AdamW's training step plus their time is the shortest a subspace training
 step can be, and their share of the training step's forward + backward flops says how that
 floor moves with the batch (it falls as the tokens per step grow).
 
-    python benchmarks/step_floor.py                 # GPT 3.3M and the 64-256-256-10 MLP
+    python benchmarks/step_floor.py                 # GPT 3.3M, the MLP, GPT 14.7M
+    python benchmarks/step_floor.py --only wide     # the 14.7M GPT with large tensors alone
     python benchmarks/step_floor.py --rounds 60 --json out.json
     python benchmarks/step_floor.py --device cuda   # on a GPU: the Triton and compiled steps
 """
@@ -115,8 +120,8 @@ def refresh_cost(model: nn.Module, refresh_every: int, periods: int) -> dict[str
     }
 
 
-def models(args: argparse.Namespace) -> dict[str, tuple[nn.Module, Callable]]:
-    """``name -> (model, batch maker)``; a batch maker returns ``(inputs, loss_fn)``."""
+def models(args: argparse.Namespace) -> dict[str, tuple[str, nn.Module, Callable]]:
+    """``key -> (name, model, batch maker)``; a batch maker returns ``(inputs, loss_fn)``."""
     gen = torch.Generator().manual_seed(0)
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -137,7 +142,21 @@ def models(args: argparse.Namespace) -> dict[str, tuple[nn.Module, Callable]]:
         y = torch.randint(0, 10, (128,), generator=gen).to(dev)
         return x, lambda out: F.cross_entropy(out, y)
 
-    return {"GPT 4L d=256 (3.3M)": (gpt, gpt_batch), "MLP 64-256-256-10": (mlp, mlp_batch)}
+    # tensors larger than the CPU step's chunks (a 4.2M-entry embedding and head, 1M-entry
+    # MLP matrices), which it steps in pieces
+    torch.manual_seed(0)
+    wide = GPT(8192, 64, 512, 2, 8).to(dev)
+
+    def wide_batch():
+        idx = torch.randint(0, 8192, (4, 65), generator=gen).to(dev)
+        target = idx[:, 1:].reshape(-1)
+        return idx[:, :-1], lambda out: F.cross_entropy(out.reshape(-1, 8192), target)
+
+    return {
+        "gpt": ("GPT 4L d=256 (3.3M)", gpt, gpt_batch),
+        "mlp": ("MLP 64-256-256-10", mlp, mlp_batch),
+        "wide": ("GPT 2L d=512 vocab 8192 (14.7M)", wide, wide_batch),
+    }
 
 
 def sync() -> None:
@@ -350,7 +369,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--full-rounds", type=int, default=40, help="interleaved full-step rounds")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gpt-batch", type=int, default=8)
-    ap.add_argument("--only", choices=["gpt", "mlp"], help="one model only")
+    ap.add_argument("--only", choices=["gpt", "mlp", "wide"], help="one model only")
     ap.add_argument(
         "--device",
         default="cpu",
@@ -378,8 +397,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.cold_compile:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="snr-inductor-")
     results = []
-    for name, (model, batch) in models(args).items():
-        if args.only and not name.lower().startswith(args.only):
+    for key, (name, model, batch) in models(args).items():
+        if args.only and key != args.only:
             continue
         results.append(measure(name, model, batch, args))
     print(format_report(results, args))

@@ -90,15 +90,16 @@ CHUNKED = MODES + [
     dict(warmup_steps=10, weight_decay=0.1),
     dict(noise="second_moment"),
     dict(noise="second_moment", gate="clamp", tau=0.5),
+    dict(maximize=True, weight_decay=0.05),
 ]
 
 
 @pytest.mark.parametrize("kw", CHUNKED, ids=_ids)
 def test_cache_sized_chunks_step_bit_identically(kw, monkeypatch):
-    """The CPU step of the elementwise rules in chunks of parameters, its temporaries in
-    reused buffers, gives the same bits as one multi-tensor step over all of them with fresh
-    temporaries (warmup, subspace and cross-sample params mixed in), and a chunk boundary
-    inside the model is really crossed."""
+    """The CPU step of the elementwise rules in chunks of parameters (the weights, larger
+    than a chunk, in flat pieces), its temporaries in reused buffers, gives the same bits as
+    one multi-tensor step over all of them with fresh temporaries (warmup, subspace and
+    cross-sample params mixed in), and chunk boundaries inside the model are really crossed."""
     micro = 2 if kw.get("estimator") == "cross_sample" else 1
     data = batches(30, micro=micro)
     monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", 1 << 30)
@@ -107,8 +108,13 @@ def test_cache_sized_chunks_step_bit_identically(kw, monkeypatch):
     run(whole, SNRAdamW(whole.parameters(), lr=1e-2, **kw), data)
     monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", 30)  # the biases: 24 and 5 elements
     monkeypatch.setattr(snr_adamw, "SCRATCH_MIN_ELEMENTS", 0)
-    calls = []
-    update = SNRAdamW._update_moments
+    calls, pieces = [], []
+    update, step_pieces = SNRAdamW._update_moments, SNRAdamW._pieces_step
+    monkeypatch.setattr(
+        SNRAdamW,
+        "_pieces_step",
+        lambda self, group, p, g: pieces.append(p.numel()) or step_pieces(self, group, p, g),
+    )
     monkeypatch.setattr(
         SNRAdamW,
         "_update_moments",
@@ -122,6 +128,8 @@ def test_cache_sized_chunks_step_bit_identically(kw, monkeypatch):
         assert torch.equal(p, q)
     if kw.get("estimator") != "cross_sample":  # cross-sample is not elementwise: one call
         assert max(calls) < 4 and len(calls) > len(data)
+    if kw.get("estimator") != "cross_sample" and kw.get("mode") != "subspace":
+        assert set(pieces) == {12 * 24, 24 * 5}  # the weights went in pieces
 
 
 def test_chunked_step_allocates_no_model_sized_temporaries(monkeypatch):
@@ -166,8 +174,8 @@ def test_chunked_step_allocates_no_model_sized_temporaries(monkeypatch):
 
 
 def test_scratch_buffers_stay_chunk_sized_next_to_a_large_tensor(monkeypatch):
-    """A tensor larger than a chunk is a chunk of its own and gets fresh temporaries: the
-    buffers kept between steps never grow past a chunk."""
+    """A tensor larger than a chunk is stepped in chunk-sized pieces: the buffers kept
+    between steps never grow past a chunk."""
     monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", 3000)
     monkeypatch.setattr(snr_adamw, "SCRATCH_MIN_ELEMENTS", 1000)
     model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 30))
@@ -178,6 +186,38 @@ def test_scratch_buffers_stay_chunk_sized_next_to_a_large_tensor(monkeypatch):
         opt.step()
     sizes = [b.numel() for b in opt._engine.scratch._buffers.values()]
     assert sizes and max(sizes) <= 3000  # the 100 x 100 weight (10,000) never went in
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pieces_of_large_and_non_contiguous_parameters_step_bit_identically(dtype, monkeypatch):
+    """bf16 parameters (fp32 state) and a non-contiguous one (stepped whole) in the chunked
+    step: the same bits as the one-call step, the step count advanced once per parameter."""
+
+    def build():
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(40, 30, dtype=dtype))
+        t = torch.nn.Parameter(torch.randn(30, 40, dtype=dtype).t())  # not contiguous
+        b = torch.nn.Parameter(torch.randn(30, dtype=dtype))
+        return [w, t, b]
+
+    def train(params, limit, scratch_min):
+        monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", limit)
+        monkeypatch.setattr(snr_adamw, "SCRATCH_MIN_ELEMENTS", scratch_min)
+        opt = SNRAdamW(params, lr=1e-2, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(12):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        return opt
+
+    whole, pieced = build(), build()
+    train(whole, 1 << 30, 1 << 30)
+    opt = train(pieced, 500, 100)
+    assert not pieced[1].is_contiguous()
+    for p, q in zip(whole, pieced):
+        assert torch.equal(p, q)
+    assert all(int(opt.state[p]["step"]) == 12 for p in pieced)
 
 
 @pytest.mark.parametrize("kw", MODES, ids=_ids)

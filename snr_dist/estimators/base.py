@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -43,6 +43,13 @@ class Slot:
     step: int
     micro: MicrobatchStats | None = None
     """The cross-sample sums of this step's micro-batches."""
+    key: Any = None
+    """What per-parameter caches key on when ``param`` is a flat piece of a parameter (the
+    chunked CPU step's ``(parameter, offset)``); None: ``param`` itself."""
+
+    @property
+    def cache_key(self) -> Any:
+        return self.param if self.key is None else self.key
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from snr_dist.estimators import (
     Slot,
     gate_active,
 )
+from snr_dist.estimators import estimator_key as est_key
 from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES
 from snr_dist.kernels import step_kernels, warn_no_compile
 from snr_dist.kernels.compiled import COMPILED_RULES, compilable, compiled_snr_adamw_step
@@ -457,19 +458,56 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         if not mine:
             return params, grads
         for idx, size in _chunks(mine, sizes, CPU_CHUNK_ELEMENTS):
+            if size > CPU_CHUNK_ELEMENTS:  # one large tensor: a chunk-sized piece at a time
+                self._pieces_step(group, params[idx[0]], grads[idx[0]])
+                continue
             if len(idx) == len(params):
                 ps, gs = params, grads
             else:
                 ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
-            # a chunk above the limit is one large tensor: fresh temporaries, as the buffers
-            # are kept for good (four of at most `CPU_CHUNK_ELEMENTS` each)
-            fits = SCRATCH_MIN_ELEMENTS <= size <= CPU_CHUNK_ELEMENTS
-            scratch = engine.scratch if fits else None
+            scratch = engine.scratch if size >= SCRATCH_MIN_ELEMENTS else None
             by_est = self._update_moments(group, ps, gs, scratch)
             self._apply_update(group, [s for slots in by_est.values() for s in slots], scratch)
         if not rest:
             return [], []
         return [params[i] for i in rest], [grads[i] for i in rest]
+
+    def _pieces_step(self, group: dict, p: Tensor, g: Tensor) -> None:
+        """The elementwise step of one parameter larger than a chunk, on flat pieces of
+        `CPU_CHUNK_ELEMENTS` of it and of its gradient and state (views: nothing is copied);
+        its step count advances once; bit-identical to the whole tensor's step. The pieces'
+        slots key per-parameter caches on ``(p, offset)``."""
+        lp = local(p)
+        state = self._init_state(p, group)
+        (step,) = advance_steps([state])
+        (g32,) = self._fp32_grads(group, [g])
+        key = est_key(p, group)
+        if not (lp.is_contiguous() and g32.is_contiguous()):  # no flat views: whole, as before
+            slots = [Slot(p, state, g32, step)]
+            self._fold_moments(group, {key: slots})
+            self._apply_update(group, slots)
+            return
+        # pieces start at multiples of 64 elements: every element then sits where it sits in
+        # the whole tensor's vectorised loops (a scalar tail rounds bf16 differently)
+        n, limit = lp.numel(), max(64, CPU_CHUNK_ELEMENTS // 64 * 64)
+        whole = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape == lp.shape]
+        for at in range(0, n, limit):
+            end = min(at + limit, n)
+            piece = dict(state)
+            for k in whole:
+                piece[k] = state[k].view(-1)[at:end]
+            slots = [Slot(lp.view(-1)[at:end], piece, g32.view(-1)[at:end], step, key=(p, at))]
+            scratch = self._engine.scratch if end - at >= SCRATCH_MIN_ELEMENTS else None
+            self._fold_moments(group, {key: slots}, scratch)
+            self._apply_update(group, slots, scratch)
+
+    @staticmethod
+    def _fp32_grads(group: dict, grads: list[Tensor]) -> list[Tensor]:
+        """The gradients the rule reads: fp32, negated for ``maximize``."""
+        grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
+        if group["maximize"]:
+            grads = [-g for g in grads]
+        return grads
 
     def _update_moments(
         self, group: dict, params: list[Tensor], grads: list[Tensor], scratch: Scratch | None = None
@@ -478,12 +516,26 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         each gradient against the mean of the previous step); returns the step's slots by
         estimator. ``scratch``: the chunked step's work buffers."""
         states = [self._init_state(p, group) for p in params]
-        grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
-        if group["maximize"]:
-            grads = [-g for g in grads]
+        grads = self._fp32_grads(group, grads)
         steps = advance_steps(states)
         by_est = self._engine.slots(group, params, grads, steps)
+        self._fold_moments(group, by_est, scratch, states, grads)
+        return by_est
+
+    def _fold_moments(
+        self,
+        group: dict,
+        by_est: dict,
+        scratch: Scratch | None = None,
+        states: list[dict] | None = None,
+        grads: list[Tensor] | None = None,
+    ) -> None:
+        """Fold the slots' gradients into the estimators' statistics, then into Adam's
+        moments (``states`` and ``grads``: the slots' own, in the caller's order)."""
         self._engine.update(group, by_est, scratch)
+        if states is None:
+            slots = [s for ss in by_est.values() for s in ss]
+            states, grads = [s.state for s in slots], [s.grad for s in slots]
         beta1, beta2 = group["betas"]
         exp_avgs = [st["exp_avg"] for st in states]
         exp_avg_sqs = [st["exp_avg_sq"] for st in states]
@@ -495,7 +547,6 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             for m, v, g in zip(exp_avgs, exp_avg_sqs, grads):
                 m.lerp_(g, 1.0 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        return by_est
 
     def _apply_update(self, group: dict, slots: list[Slot], scratch: Scratch | None = None) -> None:
         """Decoupled weight decay (not gated), then the gated Adam step (its temporaries in
@@ -514,7 +565,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 for p in params:
                     p.mul_(1.0 - lr * wd)
             for i, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):
-                root = engine.moment_sqrt.sqrt(slots[i].param, v, eps, 1.0 / bc2_sqrt[i])
+                root = engine.moment_sqrt.sqrt(slots[i].cache_key, v, eps, 1.0 / bc2_sqrt[i])
                 d = m / (root / bc2_sqrt[i] + eps)
                 engine.gate_(group, [slots[i]], [d], foreach=False)
                 p.add_(d.to(p.dtype), alpha=step_sizes[i])
@@ -547,7 +598,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             added = [eps * bc2_sqrt[i] for i in gated]
             vs = [exp_avg_sqs[i] for i in gated]
             den = engine.moment_sqrt.sqrt_foreach(
-                [slots[i].param for i in gated],
+                [slots[i].cache_key for i in gated],
                 vs,
                 added,
                 out=None if scratch is None else scratch.like("den", vs),
@@ -560,7 +611,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             scale = max(1.0 / bc2_sqrt[i] for i in rest)
             vs = [exp_avg_sqs[i] for i in rest]
             den = engine.moment_sqrt.sqrt_foreach(
-                [slots[i].param for i in rest],
+                [slots[i].cache_key for i in rest],
                 vs,
                 [eps] * len(rest),
                 scale,
@@ -600,7 +651,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                     # m / (sqrt(v) + eps bc), the bias correction bc moved into the step size
                     added = eps * bc2_sqrt[i]
                     out = buf[: v.numel()].view(v.shape)
-                    d = engine.moment_sqrt.sqrt(slots[i].param, v, added, out=out)
+                    d = engine.moment_sqrt.sqrt(slots[i].cache_key, v, added, out=out)
                     torch.div(exp_avgs[i], d.add_(added), out=d)
                     size = step_sizes[i] * bc2_sqrt[i]
                     engine.gate_(
