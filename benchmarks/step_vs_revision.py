@@ -17,11 +17,17 @@ their parameters at the end, and times the steps of the last half.
     python benchmarks/step_vs_revision.py --rev HEAD~1 --mode subspace
     python benchmarks/step_vs_revision.py --rev b673a1b --mode diagonal --rounds 5000
     python benchmarks/step_vs_revision.py --rev HEAD~1 --mode subspace --train 1500
+    python benchmarks/step_vs_revision.py --rev adfaa89 --mode diagonal --gpt 33
+
+``--gpt STEPS`` trains a 14.7M-parameter GPT whose tensors are larger than the CPU step's
+chunks instead, with torch's AdamW beside the two, and times each optimizer step inside its
+training step (where the heap's state is a training run's, not a benchmark loop's).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -121,6 +127,60 @@ def lockstep_training(old, new, mode: str, steps: int) -> dict[str, Any]:
     }
 
 
+def lockstep_gpt(old, new, mode: str, steps: int) -> dict[str, Any]:
+    """Both optimizers and torch's AdamW (``foreach=True``) train the 14.7M-parameter GPT of
+    ``benchmarks/step_floor.py`` (vocab 8192, d=512, 2 layers: tensors larger than the CPU
+    step's chunks) on the same batches, in rotating order; after the first 3 steps each
+    optimizer step is timed apart inside its training step, and the training step whole."""
+    from snr_dist.experiments.models import GPT
+
+    torch.manual_seed(0)
+    base = GPT(8192, 64, 512, 2, 8)
+    kw = dict(mode="subspace", rank=32) if mode == "subspace" else {}
+    makers = {
+        "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        "old": lambda ps: old.SNRAdamW(ps, lr=1e-4, **kw),
+        "new": lambda ps: new.SNRAdamW(ps, lr=1e-4, **kw),
+    }
+    runs = {}
+    for name, make in makers.items():
+        model = copy.deepcopy(base)
+        runs[name] = (model, make(list(model.parameters())))
+    gen = torch.Generator().manual_seed(0)
+    names = list(runs)
+    step_t: dict[str, list[float]] = {n: [] for n in names}
+    full_t: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(steps):
+        idx = torch.randint(0, 8192, (4, 65), generator=gen)
+        for name in names[i % 3 :] + names[: i % 3]:
+            model, opt = runs[name]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(idx[:, :-1]).reshape(-1, 8192), idx[:, 1:].reshape(-1)).backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            if i >= 3:
+                step_t[name].append(t2 - t1)
+                full_t[name].append(t2 - t0)
+
+    def ratio(times, a, b):
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    pairs = zip(runs["old"][0].parameters(), runs["new"][0].parameters())
+    return {
+        "bit_identical": all(torch.equal(a, b) for a, b in pairs),
+        "old_us": 1e6 * statistics.median(step_t["old"]),
+        "new_us": 1e6 * statistics.median(step_t["new"]),
+        "adamw_us": 1e6 * statistics.median(step_t["AdamW"]),
+        "new_vs_old": ratio(step_t, "new", "old"),
+        "old_vs_adamw": ratio(step_t, "old", "AdamW"),
+        "new_vs_adamw": ratio(step_t, "new", "AdamW"),
+        "old_full_vs_adamw": ratio(full_t, "old", "AdamW"),
+        "new_full_vs_adamw": ratio(full_t, "new", "AdamW"),
+    }
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rev", default="HEAD", help="the git revision to compare against")
@@ -136,6 +196,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="STEPS",
         help="train both on digits for STEPS steps and time the last half (default: off)",
     )
+    ap.add_argument(
+        "--gpt",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="train both, and torch's AdamW, on the 14.7M GPT for STEPS steps, each step "
+        "timed inside its training step (default: off)",
+    )
     return ap.parse_args(argv)
 
 
@@ -146,6 +214,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         old = package_at(args.rev)
         res: dict[str, Any] = {"rev": args.rev, "mode": args.mode}
+        if args.gpt:
+            res.update(lockstep_gpt(old, snr_dist, args.mode, args.gpt))
+            print(
+                f"SNRAdamW {args.mode}, GPT 14.7M (vocab 8192, d=512, 2 layers), "
+                f"{args.threads} thread(s), {args.gpt} training steps: this tree vs {args.rev}: "
+                f"trains bit-identically: {res['bit_identical']}; optimizer step inside the "
+                f"training step {res['new_us'] / 1e3:.1f} ms vs {res['old_us'] / 1e3:.1f} ms "
+                f"(AdamW {res['adamw_us'] / 1e3:.1f} ms): {res['new_vs_adamw']:.2f}x vs "
+                f"{res['old_vs_adamw']:.2f}x AdamW's; training step "
+                f"{res['new_full_vs_adamw']:.3f}x vs {res['old_full_vs_adamw']:.3f}x AdamW's; "
+                "new / old step "
+                f"{res['new_vs_old']:.3f}"
+            )
+            return res
         if args.train:
             res.update(lockstep_training(old, snr_dist, args.mode, args.train))
             same, how = res["bit_identical"], f"{args.train} digits steps, last half timed"

@@ -207,6 +207,16 @@ def test_step_vs_revision_pairs_two_packages_and_checks_bit_identity():
     assert res["old_us"] > 0 and res["new_us"] > 0 and res["new_vs_old"] > 0
 
 
+def test_step_vs_revision_gpt_mode_trains_three_optimizers_in_lockstep():
+    """``--gpt``: the 14.7M GPT (tensors larger than a chunk) with torch's AdamW beside the two
+    packages (the bit-identity check and the ratios well-formed)."""
+    module = _load("step_vs_revision")
+    res = module.main(["--rev", "HEAD", "--mode", "diagonal", "--gpt", "5"])
+    assert isinstance(res["bit_identical"], bool)
+    for key in ("old_us", "new_us", "adamw_us", "new_vs_adamw", "new_full_vs_adamw"):
+        assert res[key] > 0
+
+
 def test_denormal_benchmark_runs_all_six_in_lockstep():
     """benchmarks/denormal_step.py: AdamW, SNR diagonal and subspace, each with and without
     flushing, the flushed run checked against its twin."""

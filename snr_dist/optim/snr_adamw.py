@@ -475,8 +475,10 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
     def _pieces_step(self, group: dict, p: Tensor, g: Tensor) -> None:
         """The elementwise step of one parameter larger than a chunk, on flat pieces of
         `CPU_CHUNK_ELEMENTS` of it and of its gradient and state (views: nothing is copied);
-        its step count advances once; bit-identical to the whole tensor's step. The pieces'
-        slots key per-parameter caches on ``(p, offset)``."""
+        its step count advances once. Bit-identical to the whole tensor's step for fp32
+        parameters; for bf16 at one thread (with more, ATen's split of a tensor across threads
+        already moves bf16 roundings, whole or in pieces). The pieces' slots key per-parameter
+        caches on ``(p, offset)``."""
         lp = local(p)
         state = self._init_state(p, group)
         (step,) = advance_steps([state])
@@ -488,7 +490,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             self._apply_update(group, slots)
             return
         # pieces start at multiples of 64 elements: every element then sits where it sits in
-        # the whole tensor's vectorised loops (a scalar tail rounds bf16 differently)
+        # the whole tensor's vectorised loops (a loop's scalar tail rounds bf16 differently)
         n, limit = lp.numel(), max(64, CPU_CHUNK_ELEMENTS // 64 * 64)
         whole = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape == lp.shape]
         for at in range(0, n, limit):
