@@ -37,7 +37,9 @@ ARGS = [
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT from a C++ std::terminate, seen at the end
+    # of finished jobs in fresh-clone CI runs) prints where its Python threads were
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env.update({k: str(v) for k, v in extra.items()})
     return env
