@@ -97,7 +97,6 @@ class MomentSqrt:
         """`sqrt` of each ``vs[i]`` (new tensors, or ``out``) as multi-tensor ops;
         ``added[i]`` goes with ``vs[i]``, ``scale`` with all."""
         floors = [self._floor(p, v, a, scale) for p, v, a in zip(params, vs, added)]
-        raised = [i for i, f in enumerate(floors) if f is not None]
         if out is not None:  # the same kernels into ``out``: the same bits
             for v, o, f in zip(vs, out, floors):
                 if f is None:
@@ -105,6 +104,7 @@ class MomentSqrt:
                 else:
                     torch.clamp_min(v, f, out=o).sqrt_()
             return out
+        raised = [i for i, f in enumerate(floors) if f is not None]
         if not raised:
             return torch._foreach_sqrt(vs)
         plain = [i for i, f in enumerate(floors) if f is None]

@@ -4,9 +4,9 @@ A multi-tensor op that returns new tensors (``torch._foreach_sqrt``, ``_foreach_
 asks the allocator for fresh memory each step. On the CPU that memory comes from the C
 library's heap, which hands large freed blocks back to the kernel and then faults them in again,
 page by page, on the next step: the diagonal step's four temporaries cost more than the
-arithmetic they hold. The chunked step instead copies into views of a few buffers kept here
-(the size of one chunk each) and works in place: the same kernels on the same values, so the
-results are bit-identical, with no allocation and no fault. Not optimizer state: never saved,
+arithmetic they hold. The chunked step instead writes them (``out=``) into views of a few
+buffers kept here, one chunk each: the same kernels on the same values, so the results are
+bit-identical, with no allocation and no fault. Not optimizer state: never saved,
 rebuilt empty on a copy or a load.
 """
 

@@ -521,26 +521,18 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         grads = self._fp32_grads(group, grads)
         steps = advance_steps(states)
         by_est = self._engine.slots(group, params, grads, steps)
-        self._fold_moments(group, by_est, scratch, states, grads)
+        self._fold_moments(group, by_est, scratch)
         return by_est
 
-    def _fold_moments(
-        self,
-        group: dict,
-        by_est: dict,
-        scratch: Scratch | None = None,
-        states: list[dict] | None = None,
-        grads: list[Tensor] | None = None,
-    ) -> None:
+    def _fold_moments(self, group: dict, by_est: dict, scratch: Scratch | None = None) -> None:
         """Fold the slots' gradients into the estimators' statistics, then into Adam's
-        moments (``states`` and ``grads``: the slots' own, in the caller's order)."""
+        moments."""
         self._engine.update(group, by_est, scratch)
-        if states is None:
-            slots = [s for ss in by_est.values() for s in ss]
-            states, grads = [s.state for s in slots], [s.grad for s in slots]
+        slots = [s for ss in by_est.values() for s in ss]
+        grads = [s.grad for s in slots]
         beta1, beta2 = group["betas"]
-        exp_avgs = [st["exp_avg"] for st in states]
-        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+        exp_avgs = [s.state["exp_avg"] for s in slots]
+        exp_avg_sqs = [s.state["exp_avg_sq"] for s in slots]
         if group["foreach"] is None or group["foreach"]:
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
