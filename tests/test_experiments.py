@@ -214,6 +214,71 @@ def test_selection_uses_validation_not_test_and_oracle_uses_test():
     assert oracle.stat("final_memorised")[0] == 0.0
 
 
+def test_report_grid_lists_every_grid_point_with_its_own_numbers(tmp_path):
+    """`report_grid: true` shows where each method's optimum sits (the grokking study gives
+    SNR and AdamW different grids); by default the report shows the selected points only."""
+    from snr_dist.experiments import study_report
+
+    raw = {
+        "name": "grid",
+        "study": "label_noise",
+        "seeds": [0, 1],
+        "task": {"noise_levels": [0.4]},
+        "budget": {"steps": 20, "batch_size": 8, "eval_every": 10},
+        "methods": [{"name": "A", "type": "adamw", "lr": [1e-3, 3e-3], "weight_decay": [0.5]}],
+    }
+    recs = _fake_records(
+        StudyConfig.model_validate(raw),
+        val={("A", 0): 0.5, ("A", 1): 0.6},
+        test={("A", 0): 0.81, ("A", 1): 0.72},
+    )
+    for grid in (False, True):
+        cfg = StudyConfig.model_validate({**raw, "report_grid": grid})
+        text = study_report.write(cfg, select(cfg, recs), tmp_path, "cmd", 1.0)
+        assert ("Every grid point" in text) is grid
+        point0 = "| A | 0.001 | 0.5 | 0.910 ± 0.000 | 0.810 ± 0.000 |"  # best, final test acc
+        assert (point0 in text) is grid  # the point not selected appears only in the grid
+        assert "| A | 0.003 | 0.5 | 0.820 ± 0.000 | 0.720 ± 0.000 |" in text
+
+
+def test_lr_warmup_ramps_the_lr_and_leaves_other_methods_runs_valid(tmp_path):
+    """A method with `lr_warmup` trains with lr * step / lr_warmup at first; methods without
+    it keep the job hash they had before the option existed (their finished runs stay reused:
+    this AdamW's hash is the one its runs carried in 0.3.0)."""
+    from snr_dist.experiments.study import MethodConfig, train_job
+
+    adamw = MethodConfig(
+        name="AdamW", type="adamw", lr=[0.1], weight_decay=[1.0], betas=(0.9, 0.98)
+    )
+    assert method_hash(adamw) == "8691d352225694c5"
+    assert method_hash(adamw.model_copy(update={"lr_warmup": 10})) != method_hash(adamw)
+    raw = {
+        "name": "warm",
+        "study": "grokking",
+        "seeds": [0],
+        "task": {"p": 11, "ops": ["add"], "embed": 8, "hidden": 16, "target_acc": 1.0},
+        "budget": {"steps": 4, "batch_size": 16, "eval_every": 1},
+        "methods": [
+            {"name": "A", "type": "adamw", "lr": [0.1], "lr_warmup": 0},
+            {"name": "W", "type": "adamw", "lr": [0.1], "lr_warmup": 4},
+        ],
+    }
+    cfg = StudyConfig.model_validate(raw)
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", spy)
+        for m in cfg.methods:
+            train_job(cfg, Job("add", m.name, 0, 0, method_hash(m)))
+    assert seen[:4] == pytest.approx([0.1] * 4)
+    assert seen[4:] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+
+
 def test_convergence_picks_by_steps_to_the_validation_target_and_reports_test_targets():
     raw = {
         "name": "conv",

@@ -24,7 +24,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +50,9 @@ class MethodConfig(_Strict):
     weight_decay: list[float] = Field(default_factory=lambda: [0.01], min_length=1)
     betas: tuple[float, float] = (0.9, 0.999)
     snr: SNROptions | None = None
+    # linear lr warm-up over the first steps (lr * step / lr_warmup), as transformer recipes
+    # do; 0: constant lr
+    lr_warmup: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> MethodConfig:
@@ -82,6 +85,9 @@ class StudyConfig(_Strict):
     budget: BudgetConfig
     methods: list[MethodConfig] = Field(min_length=1)
     oracle_early_stopping: list[str] = Field(default_factory=list)
+    # the report also lists every grid point of every method (where a method's optimum sits,
+    # and how narrow it is, is part of the result when grids differ between methods)
+    report_grid: bool = False
     smoke: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -163,20 +169,23 @@ def _digest(d: Any) -> str:
 
 
 def config_hash(cfg: StudyConfig) -> str:
-    """What makes results comparable: everything but where and how fast they are produced and
-    which methods run (each job's key carries its own method's definition), plus the package
-    version (results of other code are not reused). So adding or changing one method reruns
-    only that method's jobs."""
+    """What makes results comparable: everything but where and how fast they are produced, how
+    they are reported and which methods run (each job's key carries its own method's
+    definition), plus the package version (results of other code are not reused). So adding or
+    changing one method reruns only that method's jobs."""
     from snr_dist import __version__
 
-    exclude = {"output_dir", "workers", "smoke", "methods", "oracle_early_stopping"}
+    exclude = {"output_dir", "workers", "smoke", "methods", "oracle_early_stopping", "report_grid"}
     d = cfg.model_dump(mode="json", exclude=exclude)
     d["snr_dist_version"] = __version__
     return _digest(d)
 
 
 def method_hash(method: MethodConfig) -> str:
-    return _digest(method.model_dump(mode="json"))
+    d = method.model_dump(mode="json")
+    if not d["lr_warmup"]:  # methods without warm-up keep the hashes (and runs) they had
+        del d["lr_warmup"]
+    return _digest(d)
 
 
 def build_optimizer(method: MethodConfig, point: dict[str, float], params) -> torch.optim.Optimizer:
@@ -199,6 +208,11 @@ def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
     point = method.grid()[job.point]
     model = task.model(job.seed)
     opt = build_optimizer(method, point, model.parameters())
+    warmup = (
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / method.lr_warmup))
+        if method.lr_warmup
+        else None
+    )
     order = torch.Generator().manual_seed(10_000 + job.seed)
     budget = cfg.budget
     callback = study.callback(task_cfg, task, job) if study.callback else None
@@ -217,6 +231,8 @@ def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if warmup is not None:
+            warmup.step()
         wall += time.perf_counter() - t0
         if step % budget.eval_every == 0 or step == budget.steps:
             rec = {"step": step, "wall_s": wall, **task.evaluate(model)}
@@ -341,6 +357,7 @@ class Row:
     point: dict[str, float]
     summaries: list[dict[str, float]]  # one per seed
     histories: list[list[dict]]
+    grid: list[Row] = field(default_factory=list)  # every grid point, the selected one included
 
     def stat(self, key: str) -> tuple[float, float]:
         return mean_sd([s[key] for s in self.summaries if s.get(key) is not None])
@@ -366,7 +383,8 @@ def select(cfg: StudyConfig, records: dict[str, dict]) -> dict[Any, list[Row]]:
                 score = statistics.fmean(study.score(s) for s in sums)
                 candidates.append((score, i, point, sums, hists))
             score, i, point, sums, hists = max(candidates, key=lambda c: (c[0], -c[1]))
-            out[setting].append(Row(m.name, point, sums, hists))
+            grid = [Row(m.name, c[2], c[3], c[4]) for c in candidates]
+            out[setting].append(Row(m.name, point, sums, hists, grid))
             if m.name in cfg.oracle_early_stopping:
                 oracle = []
                 for _, i, point, _, hists in candidates:

@@ -241,12 +241,21 @@ def write(
         parts.append(markdown_table(rows, columns, n) + "\n")
         if n >= PER_SEED_FROM:
             parts.append(per_seed(rows, columns, cfg.seeds) + "\n")
+        if cfg.report_grid:
+            every = [point for row in rows for point in row.grid]
+            parts.append(
+                "Every grid point (the rows above are the ones selected):\n\n"
+                + markdown_table(every, columns, n)
+                + "\n"
+            )
     head = headline(cfg, selected)
     if head:
         parts.append("## Derived\n\n```json\n" + json.dumps(head, indent=2) + "\n```\n")
     grids = "\n".join(
         f"- **{m.name}**: {m.type}, lr {m.lr}, weight_decay {m.weight_decay}, betas "
-        f"{list(m.betas)}" + (f", snr {m.snr.model_dump()}" if m.snr else "")
+        f"{list(m.betas)}"
+        + (f", lr warm-up {m.lr_warmup} steps" if m.lr_warmup else "")
+        + (f", snr {m.snr.model_dump()}" if m.snr else "")
         for m in cfg.methods
     )
     parts.append(
