@@ -188,16 +188,21 @@ def _fake_records(cfg: StudyConfig, val: dict, test: dict) -> dict:
     return recs
 
 
-def test_selection_uses_validation_not_test_and_oracle_uses_test():
-    raw = {
-        "name": "sel",
+def _noise_study(name: str, method: dict, **extra) -> dict:
+    """A two-seed label-noise study config with one method ``A`` (for `_fake_records`)."""
+    return {
+        "name": name,
         "study": "label_noise",
         "seeds": [0, 1],
         "task": {"noise_levels": [0.4]},
         "budget": {"steps": 20, "batch_size": 8, "eval_every": 10},
-        "methods": [{"name": "A", "type": "adamw", "lr": [1e-3, 3e-3]}],
-        "oracle_early_stopping": ["A"],
+        "methods": [{"name": "A", "type": "adamw", **method}],
+        **extra,
     }
+
+
+def test_selection_uses_validation_not_test_and_oracle_uses_test():
+    raw = _noise_study("sel", {"lr": [1e-3, 3e-3]}, oracle_early_stopping=["A"])
     cfg = StudyConfig.model_validate(raw)
     # point 0: better test, worse validation -> point 1 must be chosen
     recs = _fake_records(
@@ -219,14 +224,7 @@ def test_report_grid_lists_every_grid_point_with_its_own_numbers(tmp_path):
     SNR and AdamW different grids); by default the report shows the selected points only."""
     from snr_dist.experiments import study_report
 
-    raw = {
-        "name": "grid",
-        "study": "label_noise",
-        "seeds": [0, 1],
-        "task": {"noise_levels": [0.4]},
-        "budget": {"steps": 20, "batch_size": 8, "eval_every": 10},
-        "methods": [{"name": "A", "type": "adamw", "lr": [1e-3, 3e-3], "weight_decay": [0.5]}],
-    }
+    raw = _noise_study("grid", {"lr": [1e-3, 3e-3], "weight_decay": [0.5]})
     recs = _fake_records(
         StudyConfig.model_validate(raw),
         val={("A", 0): 0.5, ("A", 1): 0.6},
