@@ -89,8 +89,15 @@ def _train(args: argparse.Namespace) -> int:
         world.barrier()
     finally:
         if world.size > 1:
+            import gc
+
             import torch.distributed as dist
 
+            # the job's objects (model wrappers, optimizer, gloo work handles) can sit in
+            # reference cycles; left to interpreter shutdown, gloo's threads may be torn down
+            # after Python and abort the rank (SIGABRT at the end of finished jobs, seen in
+            # loaded test runs): free them while the interpreter is whole
+            gc.collect()
             dist.destroy_process_group()
     return 0
 

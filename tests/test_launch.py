@@ -45,9 +45,23 @@ def _env(**extra) -> dict:
     return env
 
 
+def _fault_dumps(out: str) -> str:
+    """The faulthandler dumps in a job's output, without their long "Extension modules" lines
+    (which pushed the stacks out of a tail of the output)."""
+    dumps = []
+    for part in out.split("Fatal Python error")[1:]:
+        stack = part.split("\nExtension modules:")[0]
+        dumps.append("Fatal Python error" + stack[:3000])
+    return "\n".join(dumps)
+
+
 def _check(proc: subprocess.CompletedProcess | subprocess.Popen, out: str) -> None:
     if proc.returncode != 0:
-        pytest.fail(f"exit code {proc.returncode}\n{out[-4000:]}", pytrace=False)
+        faults = _fault_dumps(out)
+        pytest.fail(
+            f"exit code {proc.returncode}\n{out[-4000:]}" + (f"\n\n{faults}" if faults else ""),
+            pytrace=False,
+        )
 
 
 def _torchrun(out_dir: Path, timeout=240, **env) -> str:
@@ -110,7 +124,7 @@ def test_two_nodes_equal_one_node_with_two_processes(one_node_two_procs, tmp_pat
         # (a worker's, or its store going away) often shows up as the other's error
         pytest.fail(
             "\n".join(
-                f"agent {i}: exit code {a.returncode}\n{out[-3000:]}"
+                f"agent {i}: exit code {a.returncode}\n{out[-3000:]}\n{_fault_dumps(out)}"
                 for i, (a, out) in enumerate(zip(agents, outs))
             ),
             pytrace=False,
