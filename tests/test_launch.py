@@ -55,13 +55,15 @@ def _fault_dumps(out: str) -> str:
     return "\n".join(dumps)
 
 
+def _failure(returncode: int, out: str, tail: int = 4000) -> str:
+    """A failed job's exit code, the tail of its output and its faulthandler dumps."""
+    faults = _fault_dumps(out)
+    return f"exit code {returncode}\n{out[-tail:]}" + (f"\n\n{faults}" if faults else "")
+
+
 def _check(proc: subprocess.CompletedProcess | subprocess.Popen, out: str) -> None:
     if proc.returncode != 0:
-        faults = _fault_dumps(out)
-        pytest.fail(
-            f"exit code {proc.returncode}\n{out[-4000:]}" + (f"\n\n{faults}" if faults else ""),
-            pytrace=False,
-        )
+        pytest.fail(_failure(proc.returncode, out), pytrace=False)
 
 
 def _torchrun(out_dir: Path, timeout=240, **env) -> str:
@@ -124,7 +126,7 @@ def test_two_nodes_equal_one_node_with_two_processes(one_node_two_procs, tmp_pat
         # (a worker's, or its store going away) often shows up as the other's error
         pytest.fail(
             "\n".join(
-                f"agent {i}: exit code {a.returncode}\n{out[-3000:]}\n{_fault_dumps(out)}"
+                f"agent {i}: {_failure(a.returncode, out, 3000)}"
                 for i, (a, out) in enumerate(zip(agents, outs))
             ),
             pytrace=False,

@@ -181,10 +181,16 @@ def config_hash(cfg: StudyConfig) -> str:
     return _digest(d)
 
 
+# MethodConfig fields added after runs were published: left out of a method's hash while at
+# their default, so methods that do not use them keep their hashes (and finished runs)
+_LATER_FIELDS = ("lr_warmup",)
+
+
 def method_hash(method: MethodConfig) -> str:
     d = method.model_dump(mode="json")
-    if not d["lr_warmup"]:  # methods without warm-up keep the hashes (and runs) they had
-        del d["lr_warmup"]
+    for name in _LATER_FIELDS:
+        if d[name] == MethodConfig.model_fields[name].default:
+            del d[name]
     return _digest(d)
 
 
@@ -383,7 +389,7 @@ def select(cfg: StudyConfig, records: dict[str, dict]) -> dict[Any, list[Row]]:
                 score = statistics.fmean(study.score(s) for s in sums)
                 candidates.append((score, i, point, sums, hists))
             score, i, point, sums, hists = max(candidates, key=lambda c: (c[0], -c[1]))
-            grid = [Row(m.name, c[2], c[3], c[4]) for c in candidates]
+            grid = [Row(m.name, pt, ss, hs) for _, _, pt, ss, hs in candidates]
             out[setting].append(Row(m.name, point, sums, hists, grid))
             if m.name in cfg.oracle_early_stopping:
                 oracle = []
