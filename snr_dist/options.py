@@ -187,6 +187,22 @@ SNR_DEFAULTS: dict[str, Any] = SNROptions().model_dump()
 """The SNR options and their defaults (a plain dict view of `SNROptions`)."""
 
 
+#: What a param group saved before an option existed meant: snr-dist 0.1's groups have no
+#: ``noise``, and its rule was the second-moment one (whose state, ``snr_avg``, they hold).
+SAVED_BEFORE: dict[str, Any] = {"noise": "second_moment"}
+
+
+def complete_saved_group(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a saved param group with the keys of ``defaults`` (an optimizer's
+    ``defaults``) that it predates filled in, as torch's optimizers load their older state
+    dicts: the value that keeps the behaviour of the release that saved it (`SAVED_BEFORE`),
+    else the option's default, else ``defaults``' value."""
+    missing = {k: v for k, v in defaults.items() if k not in group}
+    for k in missing:
+        missing[k] = SAVED_BEFORE.get(k, SNR_DEFAULTS.get(k, missing[k]))
+    return {**missing, **group}
+
+
 def validate_options(opts: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the key, the value and what is allowed."""
     SNROptions.parse(opts)

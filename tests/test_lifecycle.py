@@ -1,7 +1,8 @@
 """What torch.optim's own tests do to an optimizer: copies, pickles, garbage collection,
 add_param_group, schedulers that cycle betas, option changes after the first step.
 
-Each test here reproduced a defect on b673a1b (issue 12, point 3 and 4)."""
+Each test here reproduced a defect: on b673a1b (issue 12, point 3 and 4), and complex
+parameters on 17ad480."""
 
 from __future__ import annotations
 
@@ -146,3 +147,20 @@ def test_non_layout_options_may_change_between_steps():
     run(model, opt, data[1:])
     run(ref, ref_opt, data[1:])
     assert max_diff(model, ref) == 0.0
+
+
+@pytest.mark.parametrize(
+    "maker",
+    [lambda ps: SNRAdamW(ps), lambda ps: SNRPreconditioner(torch.optim.Adam(ps))],
+    ids=["SNRAdamW", "SNRPreconditioner"],
+)
+def test_complex_parameters_are_refused_not_trained_on_their_real_part(maker):
+    """The statistics are real: a complex gradient cast to them loses its imaginary part, and
+    SNRAdamW then never moved it (torch's AdamW steps complex parameters as pairs of reals)."""
+    z = torch.nn.Parameter(torch.zeros(3, 3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"complex parameters \(got torch.complex64 of shape"):
+        maker([z])
+    opt = maker([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="view_as_real"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1

@@ -23,6 +23,12 @@ def advance_steps(states: list[dict]) -> list[int]:
     return [int(t.item()) for t in counters]
 
 
+def step_tensor(value: Any) -> Tensor:
+    """A saved ``step`` as the step counter (a CPU fp32 0-dim tensor); torch's optimizers also
+    load state dicts whose ``step`` is a plain number."""
+    return torch.as_tensor(value).to(device="cpu", dtype=torch.float32)
+
+
 class _SharedGroup:
     """An explicit process group inside a copied optimizer: the copy shares the handle (a
     process group belongs to the running job, not to one optimizer); pickling refuses."""

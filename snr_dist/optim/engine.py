@@ -77,6 +77,13 @@ class SNREngine:
 
     def check_group(self, group: dict) -> None:
         """What a param group must satisfy beyond its options (before it is added)."""
+        for p in group["params"]:
+            if p.is_complex():  # the statistics are real: the imaginary part would be dropped
+                raise ValueError(
+                    f"{type(self.opt).__name__} does not support complex parameters (got "
+                    f"{p.dtype} of shape {tuple(p.shape)}); train torch.view_as_real(p) as a "
+                    "real parameter instead"
+                )
         if group["mode"] == "subspace":
             for p in group["params"]:
                 if est.estimator_key(p, group)[1] == "subspace":  # fail early on a bad side

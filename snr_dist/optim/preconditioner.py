@@ -22,8 +22,8 @@ from torch import Tensor
 from snr_dist.distributors.dtensor import local
 from snr_dist.estimators import Moments, gate_active
 from snr_dist.layout import Kind
-from snr_dist.optim.base import SNROptimizerMixin, advance_steps
-from snr_dist.options import SNROptions
+from snr_dist.optim.base import SNROptimizerMixin, advance_steps, step_tensor
+from snr_dist.options import SNROptions, complete_saved_group
 
 _ADAM_KEYS = ("betas", "eps", "weight_decay", "amsgrad")
 
@@ -198,7 +198,10 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
         bad = [i for i in snr_state if not 0 <= int(i) < len(params)]
         if bad:
             raise ValueError(f"SNR state refers to parameter indices {bad} that do not exist")
-        self.base.load_state_dict(state_dict["base"])
+        base = state_dict["base"]
+        # SNR options an earlier release's groups predate, as that release ran them
+        groups = [complete_saved_group(g, self._snr_defaults) for g in base["param_groups"]]
+        self.base.load_state_dict({**base, "param_groups": groups})
         self.param_groups = self.base.param_groups
         self._engine.index()
         dist = self._engine.distributor
@@ -208,7 +211,9 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
             installed = dist.install_state(p, dict(st), self._kinds(p, st))
             device = local(p).device
             self.state[p] = {
-                k: (v.to(device).clone() if torch.is_tensor(v) and k != "step" else v)
+                k: step_tensor(v)
+                if k == "step"
+                else (v.to(device).clone() if torch.is_tensor(v) else v)
                 for k, v in installed.items()
             }
         self._engine.sync_groups()

@@ -32,9 +32,14 @@ from snr_dist.kernels import step_kernels, warn_no_compile
 from snr_dist.kernels.compiled import COMPILED_RULES, compilable, compiled_snr_adamw_step
 from snr_dist.kernels.compiled import prepare as prepare_compiled
 from snr_dist.layout import Kind
-from snr_dist.optim.base import SNROptimizerMixin, advance_steps
+from snr_dist.optim.base import SNROptimizerMixin, advance_steps, step_tensor
 from snr_dist.optim.scratch import Scratch
-from snr_dist.options import SNROptions, validate_adam, validate_kernels
+from snr_dist.options import (
+    SNROptions,
+    complete_saved_group,
+    validate_adam,
+    validate_kernels,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -197,7 +202,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         for p, st in values.items():
             kinds = self.state_kinds(p, st.keys())
             device = local(p).device
-            st = {k: (v.cpu() if k == "step" else v) for k, v in st.items()}
+            st = {k: (step_tensor(v) if k == "step" else v) for k, v in st.items()}
             installed = dist.install_state(p, st, kinds)
             self.state[p] = {k: v if k == "step" else v.to(device) for k, v in installed.items()}
         self._engine.sync_groups()
@@ -234,12 +239,15 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters,
         keeps this optimizer's ``kernels`` choice, and accepts state written by another world
-        size or parallelism."""
+        size or parallelism, or by an earlier release (options its groups predate are filled
+        in as that release ran them: `snr_dist.options.SAVED_BEFORE`)."""
         zero = getattr(self, "_zero", None)
         if zero is not None:
             zero.load_state_dict(state_dict)
             return
         self._step_bound = None  # re-read from the loaded steps at the next step
+        groups = [complete_saved_group(g, self.defaults) for g in state_dict["param_groups"]]
+        state_dict = {**state_dict, "param_groups": groups}  # the caller's dict stays as it was
         saved = state_dict["state"]
         # Which kernels run is this process's choice (a GPU checkpoint may resume on a CPU).
         impls = [g.get("kernels", "auto") for g in self.param_groups]
