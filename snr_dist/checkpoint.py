@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from snr_dist.distributors.dtensor import DTensor, is_dtensor
-from snr_dist.options import SNROptions
+from snr_dist.options import SNROptions, complete_saved_group
 
 META = "snr_checkpoint.json"
 FORMAT = "snr-dist-checkpoint-v1"
@@ -191,6 +191,7 @@ def _check_compatible(meta: dict, model_sd: dict, optimizer, names, path) -> Non
         if old["params"] != new["params"]:
             raise CheckpointError(f"{path}: param group {i} holds different parameters")
         if _is_snr(optimizer):
+            old = complete_saved_group(old, optimizer.defaults)  # options it predates
             for k in _SNR_KEYS:
                 if old.get(k) != new.get(k):
                     raise CheckpointError(

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from snr_dist.layout import Kind
 from snr_dist.optim.snr_adamw import SNRAdamW
-from snr_dist.options import SNROptions, param_mode
+from snr_dist.options import SNROptions, complete_saved_group, param_mode
 
 try:
     from megatron.core import parallel_state
@@ -320,6 +320,7 @@ def load_snr_state(opt: SNRAdamW, state: dict[str, Any]) -> None:
             f"{len(opt.param_groups)} (was it built with the same snr options?)"
         )
     for i, (old, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        old = complete_saved_group(old, opt.defaults)  # options an earlier release predates
         for k in (*SNROptions.model_fields, "betas"):
             if k in old and k in group and old[k] != group[k]:
                 raise ValueError(

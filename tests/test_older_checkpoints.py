@@ -18,8 +18,10 @@ v0_1 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(v0_1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def checkpoint():
+    """Fresh for each test: a loaded optimizer steps the state dict's tensors in place (as
+    torch's optimizers do with tensors of the parameter's dtype and device)."""
     return torch.load(DATA / "checkpoint_v0_1.pt", weights_only=True)
 
 
@@ -76,3 +78,40 @@ def test_a_state_dict_with_plain_number_steps_loads_and_resumes_the_same(kind):
         assert torch.equal(pa, pb)
     steps = [st["step"] for st in ob.state.values() if "step" in st]
     assert steps and all(torch.is_tensor(t) and t.dtype == torch.float32 for t in steps)
+
+
+def test_a_0_1_dcp_checkpoint_loads_into_the_rule_it_was_written_by():
+    """`snr_dist.checkpoint` compares the SNR options it saved with the optimizer's: a 0.1
+    checkpoint has no ``noise``, which means the second-moment rule, not a mismatch."""
+    from snr_dist import SNRAdamW, checkpoint
+
+    m = v0_1.model()
+    opt = SNRAdamW(m.parameters(), lr=1e-2, weight_decay=0.1)  # today's default rule
+    with pytest.raises(checkpoint.CheckpointError, match="noise='second_moment' in the checkpoint"):
+        checkpoint.load(DATA / "dcp_v0_1", m, opt)
+    opt = SNRAdamW(m.parameters(), lr=1e-2, weight_decay=0.1, noise="second_moment")
+    assert checkpoint.load(DATA / "dcp_v0_1", m, opt) == 5
+    v0_1.train(m, opt, range(5, 10))
+    expected = torch.load(DATA / "dcp_v0_1_continued.pt", weights_only=True)
+    for name, value in m.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_megatron_load_compares_a_0_1_checkpoints_rule_as_second_moment(checkpoint):
+    """`snr_dist.megatron.load_snr_state` refuses a checkpoint of another SNR configuration;
+    a 0.1 one (no ``noise``) is the second-moment rule: refused by the default rule, loaded by
+    that one."""
+    megatron = pytest.importorskip("snr_dist.megatron")
+    from snr_dist import SNRAdamW
+
+    saved = checkpoint["diagonal"]
+    m = v0_1.model()
+    m.load_state_dict(saved["model"])
+    opt = SNRAdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    with pytest.raises(ValueError, match="noise='second_moment' in the checkpoint but 'inno"):
+        megatron.load_snr_state(opt, saved["optimizer"])
+    opt = SNRAdamW(m.parameters(), lr=1e-2, weight_decay=0.1, noise="second_moment")
+    megatron.load_snr_state(opt, saved["optimizer"])
+    v0_1.train(m, opt, range(5, 10))
+    for name, value in m.state_dict().items():
+        torch.testing.assert_close(value, saved["continued"][name], rtol=1e-5, atol=1e-6)

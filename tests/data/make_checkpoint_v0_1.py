@@ -8,7 +8,8 @@ Run it with snr-dist 0.1.0's package first on the path (commit 8c82152), e.g.::
 
 For each optimizer (SNRAdamW diagonal, SNRAdamW subspace, SNRPreconditioner around Adam) a
 small MLP takes five steps, its model and optimizer state dicts are saved, then it takes five
-more steps, whose parameters are saved as the expected continuation.
+more steps, whose parameters are saved as the expected continuation. The diagonal run is also
+saved with `snr_dist.checkpoint` (``dcp_v0_1/``, its continuation ``dcp_v0_1_continued.pt``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ def main(package: str) -> None:
         train(m, opt, range(5, 10))
         out[kind] = {**saved, "continued": m.state_dict()}
     torch.save(out, Path(__file__).with_name("checkpoint_v0_1.pt"))
+    # the same diagonal run through snr_dist.checkpoint (DCP: a directory), and how it went on
+    from snr_dist import checkpoint
+
+    torch.manual_seed(0)
+    m = model()
+    opt = make_optimizer("diagonal", m.parameters())
+    train(m, opt, range(5))
+    checkpoint.save(Path(__file__).with_name("dcp_v0_1"), m, opt, step=5)
+    train(m, opt, range(5, 10))
+    torch.save(m.state_dict(), Path(__file__).with_name("dcp_v0_1_continued.pt"))
 
 
 if __name__ == "__main__":
