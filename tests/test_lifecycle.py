@@ -164,3 +164,22 @@ def test_complex_parameters_are_refused_not_trained_on_their_real_part(maker):
     with pytest.raises(ValueError, match="view_as_real"):
         opt.add_param_group({"params": [z]})
     assert len(opt.param_groups) == 1
+
+
+def test_the_preconditioners_state_dict_hooks_run_as_torchs_do():
+    """SNRPreconditioner writes and reads its own state dict; the hooks registered on it (as
+    frameworks do, e.g. to rename keys) ran on 17ad480 for neither."""
+    model = tiny_mlp()
+    opt = SNRPreconditioner(torch.optim.Adam(model.parameters(), lr=1e-2))
+    run(model, opt, batches(2))
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("save pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "tag": 1})
+    opt.register_load_state_dict_pre_hook(
+        lambda o, sd: calls.append("load pre") or {k: v for k, v in sd.items() if k != "tag"}
+    )
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
+    sd = opt.state_dict()
+    assert sd["tag"] == 1 and calls == ["save pre"]
+    opt.load_state_dict(sd)  # the pre-hook strips the tag; without it the load would refuse
+    assert calls == ["save pre", "load pre", "load post"]

@@ -169,7 +169,10 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``{"base": base.state_dict(), "snr": {"state": {param index: SNR state}}}``,
         complete on every rank (under FSDP2 with trackers it raises: use
-        `snr_dist.checkpoint` with SNRAdamW, or a plain base optimizer)."""
+        `snr_dist.checkpoint` with SNRAdamW, or a plain base optimizer). Hooks registered
+        with ``register_state_dict_pre_hook`` / ``_post_hook`` run as in torch's."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         dist = self._engine.distributor
         items = [(p, st, self._kinds(p, st)) for p, st in self.state.items()]
         if any(dist.state_needs_collective(kinds) for _, _, kinds in items):
@@ -184,10 +187,20 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
             index[p]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in vals.items()}
             for (p, _, _), vals in zip(items, values)
         }
-        return {"base": self.base.state_dict(), "snr": {"state": snr_state}}
+        state_dict = {"base": self.base.state_dict(), "snr": {"state": snr_state}}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load what `state_dict` wrote (the base's state and groups, then the SNR state)."""
+        """Load what `state_dict` wrote (the base's state and groups, then the SNR state);
+        load hooks run as in torch's."""
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # shallow, as torch's: a pre-hook may edit it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
         if not isinstance(state_dict, Mapping) or set(state_dict) != {"base", "snr"}:
             got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict)
             raise ValueError(
@@ -217,6 +230,8 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
                 for k, v in installed.items()
             }
         self._engine.sync_groups()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
