@@ -82,6 +82,9 @@ def collect_metrics(opt, names: dict[Tensor, str] | None = None) -> dict[str, An
     params_out: dict[str, Any] = {}
     groups_out = []
     idx = 0
+    # built from named_parameters(), torch keeps the names in the groups; ``names`` wins
+    kept = {p: n for g in opt.param_groups for p, n in zip(g["params"], g.get("param_names", ()))}
+    names = {**kept, **(names or {})}
     for gi, group in enumerate(opt.param_groups):
         acc: dict[str, float] = {}
         total = 0

@@ -301,6 +301,16 @@ def test_per_group_options_and_1d_params_use_diagonal():
     assert opt.param_groups[1]["lr"] == 1e-3
 
 
+def test_an_optimizer_built_from_named_parameters_reports_metrics_by_those_names():
+    model = tiny_mlp()
+    opt = SNRAdamW(model.named_parameters(), lr=1e-2, mode="subspace", rank=2)
+    run(model, opt, batches(3))
+    assert list(opt.metrics()["params"]) == [n for n, _ in model.named_parameters()]
+    first = next(model.parameters())
+    named = list(opt.metrics(names={first: "w"})["params"])  # names= wins where it names
+    assert named == ["w"] + [n for n, _ in model.named_parameters()][1:]
+
+
 def test_torch_compiled_model():
     model = tiny_mlp()
     ref = copy.deepcopy(model)
