@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -256,3 +258,19 @@ def test_step_vs_revision_times_a_real_training_run():
     res = _load("step_vs_revision").main(["--rev", "HEAD", "--mode", "diagonal", "--train", "4"])
     assert isinstance(res["bit_identical"], bool)
     assert res["old_us"] > 0 and res["new_us"] > 0
+
+
+def test_gloo_exit_benchmark_counts_aborts_both_ways():
+    """benchmarks/gloo_exit.py (run as a script: its ranks are spawned and import it): ranks
+    that destroy their process group never abort at exit (the fix the docs give for the
+    SIGABRT at the end of finished jobs)."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "gloo_exit.py"), "--runs", "2", "--world", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = re.findall(r"process group (.+?): (\d) of 2 runs had a rank abort", proc.stdout)
+    assert [how for how, _ in counts] == ["left to interpreter exit", "destroyed at the end"]
+    assert counts[1][1] == "0", proc.stdout

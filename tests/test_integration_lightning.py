@@ -433,6 +433,9 @@ if __name__ == "__main__":
                ranks_differ=(gathered[0] - gathered[1]).abs().max().item())
     with open(f"ddp_rank{{t.global_rank}}.json", "w") as f:
         json.dump(out, f)
+    # Lightning leaves the process group up; left to interpreter exit, a gloo rank can abort
+    # (SIGABRT after the work is done: benchmarks/gloo_exit.py)
+    dist.destroy_process_group()
 """
 
 
