@@ -28,7 +28,6 @@ import io
 import json
 import os
 import queue
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +38,7 @@ import torch.multiprocessing as mp
 
 from snr_dist import SNRAdamW
 from snr_dist.distributors import assign_owners, balance_ratio
+from snr_dist.distributors.ports import free_port
 from snr_dist.experiments.models import GPT
 
 
@@ -183,16 +183,10 @@ def _zero_rows(rank: int, world: int, args: argparse.Namespace) -> dict[str, dic
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, args, out)) for r in range(2)]
     for p in procs:
         p.start()

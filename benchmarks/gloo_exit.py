@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from snr_dist.distributors.ports import free_port
 
 
 def _rank(rank: int, world: int, port: int, destroy: bool) -> None:
@@ -35,16 +36,10 @@ def _rank(rank: int, world: int, port: int, destroy: bool) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def one_run(world: int, destroy: bool) -> list[int | None]:
     """The ranks' exit codes."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, world, port, destroy)) for r in range(world)]
     for p in procs:
         p.start()
