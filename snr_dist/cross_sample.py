@@ -39,6 +39,19 @@ class MicrobatchStats:
         self.dir_sq: Tensor | None = None  # subspace: sum_i ||row_k(Q^T d_i)||^2 / w_i
         self.total_sq: Tensor | None = None  # ||sum_i d_i||^2 (this process's sum)
 
+    @classmethod
+    def none_seen(cls, grad: Tensor, tracker: dict | None) -> MicrobatchStats:
+        """Zero sums in the layout of ``grad`` (and ``tracker``): a step that saw no
+        micro-batch of a parameter still sends its part of the data-parallel sum."""
+        out = cls()
+        f32 = dict(dtype=torch.float32, device=grad.device)
+        if tracker is None:
+            out.sum_sq = torch.zeros(grad.shape, **f32)
+        else:
+            out.sum_sq = torch.zeros((), **f32)
+            out.dir_sq = torch.zeros(tracker["basis"].shape[1], **f32)
+        return out
+
     @no_grad
     def observe(
         self,

@@ -237,8 +237,8 @@ class _Microbatches(TrainerCallback):
 
 def test_cross_sample_fed_by_gradient_accumulation(tmp_path):
     """In one process each backward pass of Trainer's gradient accumulation is one micro-batch
-    of the cross-sample estimator: 2 per step with gradient_accumulation_steps=2, and the step
-    refuses with 1."""
+    of the cross-sample estimator: 2 per step with gradient_accumulation_steps=2, the first step
+    refuses with 1, and an epoch's short last window carries the statistics over."""
     snr = dict(estimator="cross_sample")
     trainer = _trainer(tmp_path / "acc2", "optimizer_cls_and_kwargs", snr)
     seen = _Microbatches()
@@ -254,6 +254,26 @@ def test_cross_sample_fed_by_gradient_accumulation(tmp_path):
     with pytest.raises(RuntimeError, match="needs >= 2 gradient contributions"):
         one.train()
 
+    # an epoch of 4 batches with accumulation 3 ends in a window of 1, on which Trainer
+    # steps: the step carries the statistics over (and says so once) instead of failing
+    odd = _trainer(
+        tmp_path / "acc3",
+        "optimizer_cls_and_kwargs",
+        snr,
+        gradient_accumulation_steps=3,
+        per_device_train_batch_size=16,
+        max_steps=-1,
+        num_train_epochs=2,
+    )
+    seen = _Microbatches()
+    odd.add_callback(seen)
+    with pytest.warns(UserWarning, match="fewer than 2 micro-batch") as caught:
+        odd.train()
+    assert len([w for w in caught if "fewer than 2" in str(w.message)]) == 1
+    assert seen.counts == [{3}, {1}, {3}, {1}]
+    assert odd.state.global_step == 4
+    assert all(torch.isfinite(p).all() for p in odd.model.parameters())
+
 
 def test_snr_adamw_takes_the_training_arguments(tmp_path):
     args = _args(tmp_path, learning_rate=3e-3, adam_beta1=0.8, adam_epsilon=1e-6)
@@ -268,6 +288,14 @@ def test_snr_adamw_takes_the_training_arguments(tmp_path):
     opt = unwrap(trainer.create_optimizer())
     assert [g["weight_decay"] for g in opt.param_groups] == [args.weight_decay, 0.0]
     assert opt.param_groups[0]["betas"] == (0.8, 0.999)
+    # Trainer.hyperparameter_search sets each trial's values on the same args, then builds
+    # the trial's optimizer: the values reach it (they are read when it is built)
+    args.learning_rate, args.adam_beta2, args.adam_epsilon = 5e-4, 0.95, 1e-7
+    trainer.optimizer = None
+    opt = unwrap(trainer.create_optimizer())
+    assert [g["lr"] for g in opt.param_groups] == [5e-4, 5e-4]
+    assert opt.param_groups[0]["betas"] == (0.8, 0.95)
+    assert opt.param_groups[0]["eps"] == 1e-7
 
 
 # ------------------------------------------------------------------------------- accelerate

@@ -282,6 +282,48 @@ def test_cross_sample_needs_accumulation_under_lightning():
         trainer(max_steps=2).fit(single, data)
 
 
+class _UnfreezeEmbeddings(pl.callbacks.BaseFinetuning):
+    """Lightning's gradual unfreezing: the token embedding is frozen before training and
+    unfrozen at epoch 1; the optimizer already holds it, so Lightning only sets requires_grad."""
+
+    def freeze_before_training(self, pl_module):
+        self.freeze(pl_module.model.transformer.wte)
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.model.transformer.wte, optimizer)
+
+
+@pytest.mark.filterwarnings("ignore:The provided params to be frozen already exist")
+def test_cross_sample_with_epoch_remainders_and_gradual_unfreezing():
+    """Epochs of 5 batches with accumulation 2 end in a window of 1 (Lightning steps on it:
+    the statistics carry over), and BaseFinetuning's unfreezing at epoch 1 reaches the
+    optimizer: the embedding trains from then on, observed from its first step."""
+    data = torch.utils.data.DataLoader(sequences(40), batch_size=8, shuffle=False)
+    module = TinyGPT(estimator="cross_sample")
+    wte = module.model.transformer.wte.weight
+    start = wte.detach().clone()
+    seen_at_epoch_1: list[float] = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                assert torch.equal(wte, start)  # frozen
+            elif not seen_at_epoch_1:
+                state = unwrap(trainer.optimizers[0]).state[wte]
+                seen_at_epoch_1.append(float(state["var_avg"].abs().sum()))
+
+    callbacks = [_UnfreezeEmbeddings(), Watch()]
+    run = trainer(max_epochs=3, accumulate_grad_batches=2, callbacks=callbacks)
+    with pytest.warns(UserWarning, match="fewer than 2 micro-batch") as caught:
+        run.fit(module, data)
+    assert not [w for w in caught if "became trainable" in str(w.message)]
+    assert run.global_step == 9  # 3 per epoch: windows of 2, 2 and 1
+    assert seen_at_epoch_1 and seen_at_epoch_1[0] > 0
+    assert not torch.equal(wte, start)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 # ---------------------------------------------------------------- telemetry
 
 

@@ -47,6 +47,8 @@ class DiagonalCrossSample(Estimator):
                 rows = row_chunk(vec[2:].reshape(global_shape(s.param)), s.param)
                 vec = torch.cat([vec[:2], rows.reshape(-1)])
             stats, c_sq = pooled(s, vec, world, subspace=False)
+            if stats.count < 2:  # no spread to measure (`Engine.check_ready`): carry over
+                continue
             raw, var = cross_sample.diagonal_moments(stats, s.grad, c_sq)
             s.state["raw_avg"].lerp_(raw, w)
             s.state["var_avg"].lerp_(var, w)

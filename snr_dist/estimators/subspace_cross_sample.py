@@ -92,13 +92,14 @@ class SubspaceCrossSample(Estimator):
                 r = st["basis"].shape[1]
                 vec, energies = vec[: -(r + 1)], (vec[-(r + 1) : -1], vec[-1])
             stats, c_sq = pooled(s, vec, world, subspace=True)
-            raw_d, var_d, raw_e, var_e = cross_sample.subspace_moments(
-                stats, s.grad, c_sq, st, impl(group, s.grad.device), energies
-            )
-            st["raw_dir"].lerp_(raw_d, 1.0 - beta)
-            st["noise_dir"].lerp_(var_d, 1.0 - beta)
-            st["raw_energy"].lerp_(raw_e, 1.0 - beta)
-            st["noise_energy"].lerp_(var_e, 1.0 - beta)
+            if stats.count >= 2:  # else no spread to measure (`Engine.check_ready`): carry over
+                raw_d, var_d, raw_e, var_e = cross_sample.subspace_moments(
+                    stats, s.grad, c_sq, st, impl(group, s.grad.device), energies
+                )
+                st["raw_dir"].lerp_(raw_d, 1.0 - beta)
+                st["noise_dir"].lerp_(var_d, 1.0 - beta)
+                st["raw_energy"].lerp_(raw_e, 1.0 - beta)
+                st["noise_energy"].lerp_(var_e, 1.0 - beta)
             raw, var = subspace.cross_direction_moments(st, s.step, beta)
             gates = gate_values(group, raw, var, 1.0, s.step)
             self.current[s.param] = gates

@@ -23,6 +23,7 @@ only.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 try:
@@ -50,21 +51,50 @@ _FROM_ARGS = {
 
 def snr_adamw(args: TrainingArguments, **options: Any) -> tuple[type[SNRAdamW], dict[str, Any]]:
     """``(SNRAdamW, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``: ``lr``, ``betas``
-    and ``eps`` from ``args`` (Trainer sets ``args.weight_decay`` per param group itself), plus
-    SNRAdamW's ``options`` (``estimator``, ``mode``, ``tau``, ``process_group``, ...)."""
+    and ``eps`` from ``args``, read when Trainer builds the optimizer (so a
+    ``hyperparameter_search`` trial's values reach it; Trainer sets ``args.weight_decay`` per
+    param group itself), plus SNRAdamW's ``options`` (``estimator``, ``mode``, ``tau``,
+    ``process_group``, ...)."""
     clash = sorted(set(options) & set(_FROM_ARGS))
     if clash:
         raise ValueError(
             f"snr_adamw: {clash[0]!r} comes from TrainingArguments "
             f"({_FROM_ARGS[clash[0]]}); set it there, not as an SNRAdamW option"
         )
-    kwargs = {
-        "lr": args.learning_rate,
-        "betas": (args.adam_beta1, args.adam_beta2),
-        "eps": args.adam_epsilon,
-        **options,
-    }
-    return SNRAdamW, kwargs
+    return SNRAdamW, _ArgsKwargs(args, options)
+
+
+class _ArgsKwargs(Mapping):
+    """SNRAdamW's keyword arguments, ``lr``, ``betas`` and ``eps`` read from ``args`` whenever
+    they are read: Trainer builds the optimizer from them in ``create_optimizer``, and
+    ``Trainer.hyperparameter_search`` sets each trial's values on the same ``args`` before
+    building the trial's optimizer (values copied at call time would train every trial
+    alike)."""
+
+    def __init__(self, args: TrainingArguments, options: dict[str, Any]) -> None:
+        self.args = args
+        self.options = dict(options)
+
+    def _now(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "lr": a.learning_rate,
+            "betas": (a.adam_beta1, a.adam_beta2),
+            "eps": a.adam_epsilon,
+            **self.options,
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self._now()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._now())
+
+    def __len__(self) -> int:
+        return len(self._now())
+
+    def __repr__(self) -> str:
+        return repr(self._now())
 
 
 class SNRMetricsCallback(TrainerCallback):

@@ -60,20 +60,35 @@ class MicrobatchCapture:
         self.handles: dict[Tensor, RemovableHandle] = {}
         self.fsdp_handles: dict[object, RemovableHandle] = {}  # module and unsharded-param hooks
         self.stats: dict[Tensor, MicrobatchStats] = {}
+        # params left unhooked because they did not require grad when last attached: torch's
+        # optimizers train a parameter unfrozen later (``requires_grad_(True)``), so `wake`
+        # hooks them once they do
+        self.dormant: dict[Tensor, None] = {}
         self.weight = 1.0
         self._finalizer = weakref.finalize(
             observe.__self__, _remove_all, self.handles, self.fsdp_handles
         )
 
     def attach(self, params: Iterable[Tensor]) -> None:
-        """Hook exactly ``params`` (those with ``requires_grad``); unhook any others. FSDP2's
+        """Hook exactly ``params`` (those with ``requires_grad``; the others once `wake` finds
+        them unfrozen); unhook any others. FSDP2's
         sharded (DTensor) parameters only ever see reduced gradients: see `attach_fsdp`."""
-        wanted = {p for p in params if p.requires_grad and not is_dtensor(p)}
+        params = [p for p in params if not is_dtensor(p)]
+        wanted = {p for p in params if p.requires_grad}
+        self.dormant = {p: None for p in params if not p.requires_grad}
         for p in [p for p in self.handles if p not in wanted]:
             self.handles.pop(p).remove()
         for p in wanted:
             if p not in self.handles:
                 self.handles[p] = p.register_hook(_hook(self._target, p))
+
+    def wake(self) -> list[Tensor]:
+        """Hook the dormant params that require grad now (unfrozen since); returns them."""
+        woken = [p for p in self.dormant if p.requires_grad]
+        for p in woken:
+            del self.dormant[p]
+            self.handles[p] = p.register_hook(_hook(self._target, p))
+        return woken
 
     def attach_fsdp(self, model: nn.Module, wanted: Iterable[Tensor]) -> int:
         """Observe ``wanted`` sharded FSDP2 parameters through their *unsharded* counterparts.
@@ -111,6 +126,7 @@ class MicrobatchCapture:
             self.fsdp_handles[unsharded] = unsharded.register_hook(_hook(self._target, sharded))
 
     def close(self) -> None:
+        self.dormant.clear()
         _remove_all(self.handles)
         _remove_all(self.fsdp_handles)
         self.stats.clear()

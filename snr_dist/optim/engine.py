@@ -17,6 +17,7 @@ a parameter has state.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -69,6 +70,7 @@ class SNREngine:
         self._with_matrices: set[int] = set()  # ids of subspace groups that held matrices
         self._keys: dict[Tensor, int] = {}
         self._group_of: dict[Tensor, dict] = {}
+        self._said: set[str] = set()  # the once-only warnings given
         self.sync_groups()
 
     # ------------------------------------------------------------------ groups
@@ -235,14 +237,29 @@ class SNREngine:
         return params, grads, skipped
 
     def check_ready(self, group: dict, params: list[Tensor]) -> None:
-        """Fail before any state changes if a cross-sample step lacks micro-batches."""
+        """Fail before any state changes if a cross-sample step lacks micro-batches.
+
+        Two shortfalls are expected, not mistakes, and pass: a short last window of gradient
+        accumulation in one process (frameworks step on an epoch's remainder), for parameters
+        with statistics from earlier steps; and a parameter unfrozen since the optimizer
+        hooked its parameters, whose micro-batches went unseen. Their estimators keep the
+        statistics they have for this step (none yet: the gate stays closed)."""
         if group["estimator"] != "cross_sample":
             return
         world = self.distributor.world
         need = 2 if world == 1 else 1  # under data parallelism the ranks add up
+        short, late = 0, 0
         for p in params:
             stats = self.capture.stats.get(p)
             count = 0 if stats is None else stats.count
+            if count >= need:
+                continue
+            if p in self.capture.dormant and p.requires_grad:
+                late += 1
+                continue
+            if world == 1 and self._has_statistics(p, group):
+                short += 1
+                continue
             if count < need:
                 fsdp = is_dtensor(p) and not self.capture.fsdp_handles
                 raise RuntimeError(
@@ -258,6 +275,37 @@ class SNREngine:
                         "estimator='temporal'."
                     )
                 )
+        if late:
+            self.capture.wake()
+            self._say_once(
+                "late",
+                f"snr-dist: {late} parameter(s) of an estimator='cross_sample' group became "
+                "trainable after the optimizer hooked its parameters, so this step saw none of "
+                "their micro-batches: they are observed from the next step on, and until a "
+                "step has measured their noise their gate is closed (unfreeze before "
+                "optimizer.zero_grad(), or call optimizer.sync_param_groups(), to observe them "
+                "at once)",
+            )
+        if short:
+            self._say_once(
+                "short",
+                f"snr-dist: a step of estimator='cross_sample' saw fewer than 2 micro-batch "
+                f"gradients of {short} parameter(s) (a short last window of gradient "
+                "accumulation, e.g. at the end of an epoch): their noise statistics carry over "
+                "from the previous steps (said once)",
+            )
+
+    def _has_statistics(self, p: Tensor, group: dict) -> bool:
+        """``p`` has finished a step of its estimator (its statistics are worth carrying)."""
+        state = self.opt.state.get(p)
+        if not state or "step" not in state:
+            return False
+        return float(state["step"]) >= 1 and self.estimator(p, group).made(p, state, group)
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            warnings.warn(message, stacklevel=4)
 
     def attach_fsdp(self, model) -> None:
         """Observe the cross-sample parameters' per-rank gradients on ``model``'s FSDP2
@@ -291,9 +339,13 @@ class SNREngine:
             if "basis" not in state:
                 self.init_state(p, group, state)
             tracker = state
-        stats = self.capture.stats.setdefault(p, MicrobatchStats())
         # FSDP2 / ZeRO: ``grad`` is the whole parameter's, ``p`` holds some of its rows
         sharded = is_dtensor(p) or row_shard(p) is not None
+        if p.grad is None and not sharded:
+            # the sums describe what ``p.grad`` holds: cleared without this optimizer's
+            # zero_grad (``model.zero_grad()`` after a step a loss scaler skipped), they go too
+            self.capture.stats.pop(p, None)
+        stats = self.capture.stats.setdefault(p, MicrobatchStats())
         prev = None if p.grad is None or sharded else local(p.grad)
         w = self.capture.weight if weight is None else weight
         kernels = "torch" if tracker is None else impl(group, grad.device)
@@ -309,7 +361,10 @@ class SNREngine:
         out: dict[tuple[str, str], list[Slot]] = defaultdict(list)
         for p, g, t in zip(params, grads, steps):
             micro = self.capture.stats.pop(p, None)
-            out[est.estimator_key(p, group)].append(Slot(p, self.opt.state[p], g, t, micro))
+            state = self.opt.state[p]
+            if micro is None and self.estimator(p, group).pools_ranks:  # see `check_ready`
+                micro = MicrobatchStats.none_seen(g, state if "basis" in state else None)
+            out[est.estimator_key(p, group)].append(Slot(p, state, g, t, micro))
         return out
 
     def update(

@@ -249,6 +249,7 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
         """The base's zero_grad; also forgets micro-batch gradients recorded since the last step."""
         self.base.zero_grad(set_to_none=set_to_none)
         self._engine.capture.discard()
+        self._engine.capture.wake()  # parameters unfrozen since: observed from this backward
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -314,3 +315,4 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
             torch._foreach_add_(before, [d.to(b.dtype) for d, b in zip(delta, before)])
             torch._foreach_copy_(now, before)
         engine.refresh(work)
+        engine.capture.wake()

@@ -269,6 +269,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         """Also forgets micro-batch gradients recorded since the last step."""
         super().zero_grad(set_to_none=set_to_none)
         self._engine.capture.discard()
+        self._engine.capture.wake()  # parameters unfrozen since: observed from this backward
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -312,6 +313,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         for group, by_est in work:
             self._apply_update(group, [s for slots in by_est.values() for s in slots])
         engine.refresh(work)
+        engine.capture.wake()
 
     def _current_step_bound(self) -> int:
         """An upper bound of every parameter's step (read from the state once after a
