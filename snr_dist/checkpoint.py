@@ -8,7 +8,9 @@
   against the model and optimizer first (missing or extra parameters, shapes, SNR options),
   tensors are read into fresh buffers, and only then copied in.
 - Nothing lost on failure: a checkpoint is written to a temporary directory and renamed into
-  place once every rank has finished, so an interrupted save leaves the previous one intact.
+  place once every rank has finished, so an interrupted save leaves the previous one intact
+  (interrupted between the two renames of the swap, `load` and `settle` put the newest
+  complete one back in place).
 
 Works with `snr_dist.SNRAdamW` and with plain ``torch.optim`` optimizers (through DCP's own
 ``get_optimizer_state_dict``). One process needs no process group.
@@ -149,6 +151,22 @@ def save(
     return path
 
 
+def settle(path: str | os.PathLike) -> Path | None:
+    """Finish a `save` interrupted between its two renames (the previous checkpoint moved to
+    ``<path>.old``, the new one complete in ``<path>.tmp``): the newest complete one becomes
+    ``path`` again. Returns what was moved into place, if anything (one process: rank 0)."""
+    path = Path(path)
+    if (path / META).is_file():
+        return None
+    for candidate in (path.with_name(f"{path.name}.tmp"), path.with_name(f"{path.name}.old")):
+        if (candidate / META).is_file():
+            if path.exists():
+                shutil.rmtree(path)
+            candidate.rename(path)
+            return candidate
+    return None
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta_file = Path(path) / META
     if not meta_file.is_file():
@@ -216,6 +234,9 @@ def _clone_like(v):
 def load(path: str | os.PathLike, model: nn.Module, optimizer) -> int:
     """Load a checkpoint written by `save` (any world size) and return its step."""
     path = Path(path)
+    if _rank() == 0:
+        settle(path)
+    _barrier()
     meta = read_meta(path)
     names = param_names(model)
     model_sd = get_model_state_dict(model)

@@ -32,6 +32,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"snr-dist: {e}", file=sys.stderr)
         return 2
     # Only now (config valid) import the heavy parts and start work.
+    from snr_dist.checkpoint import CheckpointError
     from snr_dist.experiments.report import write_report
     from snr_dist.experiments.trainer import init_world, run_experiment
 
@@ -57,7 +58,14 @@ def _train(args: argparse.Namespace) -> int:
             ds_config.setdefault("zero_optimization", {})
             for o in cfg.optimizers:  # fail before any work on an unsupported stage/mode pair
                 if o.type == "snr_adamw":
-                    check_support(ds_config, experiment_options(o.snr, ds_config))
+                    opts = experiment_options(o.snr, ds_config)
+                    check_support(ds_config, opts)
+                    if opts.estimator == "cross_sample" and cfg.train.microbatches < 2:
+                        raise DeepSpeedConfigError(
+                            f"optimizer {o.name!r} gets estimator 'cross_sample', which needs "
+                            f"train.microbatches >= 2 in {args.config} (got "
+                            f"{cfg.train.microbatches}; --set train.microbatches=2)"
+                        )
         except DeepSpeedConfigError as e:
             print(f"snr-dist: {args.deepspeed}: {e}", file=sys.stderr)
             return 2
@@ -75,9 +83,14 @@ def _train(args: argparse.Namespace) -> int:
             given = ", ".join(f"{k}={v}" for k, v in block.items())
             print(f"  SNRAdamW options from {args.deepspeed}: {given}", flush=True)
     try:
-        results = run_experiment(
-            cfg, out_dir, False if args.no_progress else None, world, ds_config, args.report_to
-        )
+        try:
+            results = run_experiment(
+                cfg, out_dir, False if args.no_progress else None, world, ds_config, args.report_to
+            )
+        except (ConfigError, CheckpointError) as e:  # every rank finds the same, at the start
+            if world.main:
+                print(f"snr-dist: {e}", file=sys.stderr)
+            return 2
         if world.main:
             command = "snr-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:])
             table = write_report(cfg, results, out_dir, command, world)
@@ -126,7 +139,10 @@ def _experiment(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"snr-dist: {e}", file=sys.stderr)
         return 2
-    if args.workers:
+    if args.workers is not None:
+        if args.workers < 1:
+            print(f"snr-dist: --workers {args.workers}: allowed: an int >= 1", file=sys.stderr)
+            return 2
         cfg = cfg.model_copy(update={"workers": args.workers})
     from snr_dist.experiments import study_report
     from snr_dist.experiments.study import all_jobs, run_study, select

@@ -95,7 +95,16 @@ def experiment_options(snr: SNROptions | None, ds_config: dict) -> SNROptions:
     ``"snr_preconditioner"`` block, when present, overrides the keys it names."""
     base = (snr or SNROptions()).model_dump()
     block = _snr_block({"snr_preconditioner": ds_config.get("snr_preconditioner", {})})
-    return SNROptions.model_validate({**base, **block.model_dump(exclude_unset=True)})
+    given = block.model_dump(exclude_unset=True)
+    try:
+        return SNROptions.model_validate({**base, **given})
+    except ValidationError as err:  # each part valid alone, not together
+        lines = error_lines(err, prefix="")
+        named = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise DeepSpeedConfigError(
+            f"the experiment's SNR options with the snr_preconditioner block's ({named}) "
+            "on top do not go together:\n  " + "\n  ".join(lines)
+        ) from None
 
 
 def _adam_options(cfg: dict) -> dict[str, Any]:
@@ -197,14 +206,41 @@ def build(config, model_parameters) -> tuple[Any, dict[str, Any]]:
     return opt, cfg
 
 
-def initialize(model, config, model_parameters=None, **kwargs):
-    """`deepspeed.initialize` with SNRAdamW built from the JSON; see the module docstring."""
+def _given_config(args: Any, config: Any, config_params: Any) -> Any:
+    """The config as `deepspeed.initialize` finds it: ``config``, its older name
+    ``config_params``, or ``args.deepspeed_config`` (``--deepspeed_config``, from
+    ``deepspeed.add_config_arguments``); exactly one of them."""
+    given = {"config": config, "config_params": config_params}
+    for name in ("deepspeed_config", "deepscale_config"):
+        if getattr(args, name, None) is not None:
+            given[f"args.{name}"] = getattr(args, name)
+    named = [k for k, v in given.items() if v is not None]
+    if len(named) != 1:
+        raise DeepSpeedConfigError(
+            "snr_dist.deepspeed.initialize needs the DeepSpeed config exactly once, as "
+            "config=, config_params= or args.deepspeed_config (--deepspeed_config); got "
+            + (", ".join(named) if named else "none")
+        )
+    return given[named[0]]
+
+
+def initialize(
+    model=None, config=None, model_parameters=None, *, args=None, config_params=None, **kwargs
+):
+    """`deepspeed.initialize` with SNRAdamW built from the JSON; see the module docstring.
+
+    Takes what `deepspeed.initialize` takes, by keyword: ``args`` (with
+    ``args.deepspeed_config``), ``config`` or ``config_params``, ``model_parameters``,
+    ``training_data``, ``lr_scheduler``, ``mpu``, ... (not ``optimizer``: it is built here)."""
     import deepspeed
 
     if "optimizer" in kwargs:
         raise DeepSpeedConfigError(
             'pass the optimizer settings in the config\'s "optimizer" block, not optimizer='
         )
+    if model is None:
+        raise DeepSpeedConfigError("snr_dist.deepspeed.initialize needs a model (model=...)")
+    config = _given_config(args, config, config_params)
     params = model_parameters if model_parameters is not None else model.parameters()
     if not dist.is_initialized():  # as deepspeed.initialize would, before the optimizer exists
         deepspeed.init_distributed()
@@ -213,12 +249,33 @@ def initialize(model, config, model_parameters=None, **kwargs):
     # with zero gradients; SNRAdamW allocates its state at the first real step, and that fake
     # step would count as one (decaying the weights, advancing the bias corrections).
     opt._defer_steps = True
+    # ``args`` still reaches DeepSpeed (it sets ``args.local_rank``), without the config file it
+    # names: DeepSpeed gets the config this function derived, and refuses to be given two
+    hidden = {
+        n: getattr(args, n) for n in ("deepspeed_config", "deepscale_config") if hasattr(args, n)
+    }
     try:
+        for n in hidden:
+            setattr(args, n, None)
+        if args is not None:
+            kwargs["args"] = args
         out = deepspeed.initialize(model=model, optimizer=opt, config=cfg, **kwargs)
     finally:
         opt._defer_steps = False
+        for n, v in hidden.items():
+            setattr(args, n, v)
     wrapper = out[1]
     if wrapper is not opt and needs_rows(_snr_block(_load(config))):
         # ZeRO 1-3 or the bf16 optimizer: it handed SNRAdamW flat partitions
         opt.attach_zero(wrapper, getattr(wrapper, "dp_process_group", None))
     return out
+
+
+def __getattr__(name: str) -> Any:
+    """The rest of `deepspeed` (``add_config_arguments``, ``init_distributed``, ...), so that
+    ``import snr_dist.deepspeed as deepspeed`` leaves the rest of a DeepSpeed script working."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    import deepspeed
+
+    return getattr(deepspeed, name)

@@ -50,6 +50,14 @@ def test_quickstart_config_is_valid():
         ("optimizers.1.name", "AdamW", ["names must be unique", "AdamW"]),
         ("optimizers.1.snr.estimator", "cross_sample", ["cross_sample", "train.microbatches"]),
         ("name", "has space", ["name", "'has space'", "pattern"]),
+        # what the optimizers would refuse only after other runs had trained
+        ("optimizers.1.betas", [0.9, 1.5], ["optimizers.1", "Invalid betas[1]: 1.5"]),
+        ("optimizers.0.betas", [-0.1, 0.99], ["optimizers.0", "Invalid betas[0]: -0.1"]),
+        ("optimizers.1.snr.snr_beta2", 0.5, ["optimizers.1", "snr_beta2", "set betas[1]"]),
+        # names become folder names inside the output directory
+        ("optimizers.0.name", "../../escaped", ["optimizers.0.name", "must not contain '/'"]),
+        ("optimizers.0.name", "..", ["optimizers.0.name", "'.' or '..'"]),
+        ("train.seeds", [0, 0], ["train.seeds", "seeds must be distinct"]),
     ],
 )
 def test_bad_config_names_key_and_value(path, value, expected):

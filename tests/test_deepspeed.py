@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,6 +305,47 @@ def test_bad_json_fails_at_initialize_naming_the_problem(patch, words):
         snr_ds.build(cfg, tiny_mlp().parameters())
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def _signature_worker(rank: int, world: int, path: str):
+    """The three ways DeepSpeed's tutorials pass the config: config=, config_params= and
+    ``--deepspeed_config`` through ``deepspeed.add_config_arguments``."""
+    import argparse
+    import json
+
+    import deepspeed
+
+    _ds_env(rank, world)
+    cfg = json.loads(Path(path).read_text())
+    assert snr_ds.add_config_arguments is deepspeed.add_config_arguments  # the rest is theirs
+    args = snr_ds.add_config_arguments(argparse.ArgumentParser()).parse_args(
+        ["--deepspeed", "--deepspeed_config", path]
+    )
+    args.local_rank = None
+    out = []
+    for kw in (dict(config=cfg), dict(config_params=cfg), dict(args=args)):
+        engine, _, _, _ = snr_ds.initialize(model=tiny_mlp(), **kw)
+        _train(engine, rank, 1, 0, 2)
+        out.append(_params(engine))
+        engine.destroy()
+    return out, args.deepspeed_config, args.local_rank
+
+
+def test_initialize_takes_the_config_as_deepspeed_does(tmp_path):
+    import json
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(_config(2, dict(mode="diagonal"))))
+    for runs, kept, local_rank in run_distributed(_signature_worker, 2, str(path)):
+        assert kept == str(path)  # the caller's args are as they were
+        assert local_rank is not None  # DeepSpeed still set it
+        for other in runs[1:]:
+            for p, q in zip(runs[0], other):
+                assert torch.equal(p, q)
+    with pytest.raises(snr_ds.DeepSpeedConfigError, match="exactly once.*config, config_params"):
+        snr_ds.initialize(model=tiny_mlp(), config={}, config_params={})
+    with pytest.raises(snr_ds.DeepSpeedConfigError, match="exactly once.*got none"):
+        snr_ds.initialize(model=tiny_mlp())
 
 
 def _layout_worker(rank: int, world: int):

@@ -75,3 +75,43 @@ def test_report_to_tensorboard_writes_scalars_per_layer_and_gate_histograms(tmp_
     assert not [t for t in adamw["scalars"] if t.startswith("snr/")]
     report = (run / "report.md").read_text()
     assert "![gates per layer](gates.png)" in report and (run / "gates.png").stat().st_size > 0
+
+
+def test_a_histogram_with_nan_gates_is_written_without_them(tmp_path):
+    """A diverging run (``skip_nonfinite=False``) can reach non-finite gates; the sink must
+    not end the run over its logging: the finite values are written, the rest left out."""
+    import torch
+
+    from snr_dist.integrations.tensorboard import TensorBoardSink
+
+    sink = TensorBoardSink(tmp_path)
+    gates = torch.tensor([0.2, float("nan"), 0.7, float("inf"), 0.9])
+    sink.write({"step": 3, "loss": float("nan")}, 3, histograms={"layer": gates})
+    sink.write({"step": 4}, 4, histograms={"all_nan": torch.full((3,), float("nan"))})
+    sink.close()
+    hist = _events(tmp_path).Histograms("gates/layer")
+    assert [h.step for h in hist] == [3]
+    assert hist[0].histogram_value.num == 3
+    assert math.isclose(hist[0].histogram_value.sum, 1.8, rel_tol=1e-6)
+    assert "gates/all_nan" not in _events(tmp_path).Tags()["histograms"]
+
+
+def test_an_optimizer_over_flat_partitions_still_reports_the_whole_model():
+    """DeepSpeed ZeRO 1-3 hand an elementwise SNRAdamW flat partitions that belong to no layer:
+    the per-layer scalars cannot exist, the ``all`` ones (what it holds) still do."""
+    import torch
+
+    from snr_dist import SNRAdamW
+    from snr_dist.integrations import telemetry
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3))
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    opt = SNRAdamW([flat], lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        flat.grad = torch.randn(flat.shape, generator=gen) + 0.5
+        opt.step()
+    scalars, hists = telemetry.collect(opt, telemetry.layer_groups(model), gates=True)
+    assert sorted(scalars) == [f"all/{k}" for k in sorted(telemetry.KEYS)]
+    assert 0.0 <= scalars["all/gate_mean"] <= 1.0
+    assert hists["all"].numel() == flat.numel()

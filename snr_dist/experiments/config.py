@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from snr_dist.options import SNROptions
+from snr_dist.options import SNROptions, validate_adam
 
 
 class ConfigError(ValueError):
@@ -32,10 +32,24 @@ class OptimizerConfig(_Strict):
     weight_decay: float = Field(default=0.01, ge=0)
     snr: SNROptions | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _a_file_name(cls, value: str) -> str:
+        # it names the run's checkpoint and TensorBoard folders, inside the output directory
+        if any(c in value for c in "/\\\0") or value in (".", ".."):
+            raise ValueError("must not contain '/', '\\' or be '.' or '..' (it names folders)")
+        return value
+
     @model_validator(mode="after")
     def _snr_only_for_snr(self) -> OptimizerConfig:
         if self.type == "adamw" and self.snr is not None:
             raise ValueError("'snr' options apply only to type 'snr_adamw'")
+        validate_adam(self.lr, self.betas, 1e-8, self.weight_decay)  # as the optimizers will
+        if self.snr is not None and "snr_beta2" in self.snr.model_fields_set:
+            raise ValueError(
+                "snr.snr_beta2 applies to SNRPreconditioner; SNRAdamW's squared-gradient EMA "
+                "is Adam's own: set betas[1]"
+            )
         return self
 
 
@@ -62,6 +76,14 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=128, ge=1)
     microbatches: int = Field(default=1, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):  # a repeated seed would reuse the first one's run
+            raise ValueError(f"seeds must be distinct, got {value}")
+        return value
+
     eval_every: int = Field(default=1, ge=1)
     threads: int | None = Field(default=None, ge=1)
     progress: bool = True

@@ -300,10 +300,26 @@ def run_study(
     digest = config_hash(cfg)
     done: dict[str, dict] = {}
     if path.is_file() and not fresh:
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
+        text = path.read_text()
+        lines = text.splitlines()
+        kept = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a write cut short (a kill, a full disk)
+                continue
+            kept.append(line)
             if rec.get("config") == digest:
                 done[rec["key"]] = rec
+        if len(kept) < len(lines):
+            print(
+                f"{path}: {len(lines) - len(kept)} incomplete record(s) left out "
+                "(their runs run again)",
+                flush=True,
+            )
+        if len(kept) < len(lines) or not text.endswith("\n"):
+            # rewritten whole, so that what is appended starts a line of its own
+            path.write_text("".join(line + "\n" for line in kept))
     elif path.is_file():
         path.unlink()
     wanted = {j.key for j in all_jobs(cfg)}

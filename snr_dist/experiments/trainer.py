@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from snr_dist import SNRAdamW
 from snr_dist import checkpoint as ckpt
-from snr_dist.experiments.config import ExperimentConfig, OptimizerConfig
+from snr_dist.experiments.config import ConfigError, ExperimentConfig, OptimizerConfig
 from snr_dist.experiments.data import NoisyDataset, load_digits_noisy
 from snr_dist.experiments.models import mlp
 from snr_dist.integrations import telemetry
@@ -270,7 +270,14 @@ def train_run(
     n = len(data.x_train)
     result = RunResult(ocfg.name, seed)
     steps, start = 0, 1
-    extra = _resume(run, ckpt_dir) if ckpt_dir is not None and tc.resume else None
+    extra = None
+    if ckpt_dir is not None:
+        fingerprint = run_fingerprint(cfg, ocfg, seed, ds_config)
+        if tc.resume and _has_checkpoint(run, ckpt_dir, world):
+            check_resumable(ckpt_dir, fingerprint)  # before anything is loaded
+            extra = _resume(run, ckpt_dir)
+        if extra is None and world.main:
+            _write_fingerprint(ckpt_dir, fingerprint)
     if extra is not None:
         steps = extra["steps"]
         start = extra["epoch"] + 1
@@ -367,6 +374,71 @@ def train_run(
 _DS_CLIENT_KEY = "snr_dist_run"  # the run's own state inside a DeepSpeed checkpoint
 
 
+class ResumeMismatch(ConfigError):
+    """A run's checkpoints were written with another configuration."""
+
+
+def run_fingerprint(
+    cfg: ExperimentConfig, ocfg: OptimizerConfig, seed: int, ds_config: dict | None
+) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote its checkpoints: everything that
+    shapes its trajectory. ``train.epochs`` may grow (a run is extended by resuming it), and
+    evaluation, progress and checkpoint cadence may change."""
+    ds = ds_config or {}
+    return {
+        "seed": seed,
+        "data": cfg.data.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json", include={"batch_size", "microbatches"}),
+        "distributed": cfg.distributed.model_dump(mode="json"),
+        "optimizer": ocfg.model_dump(mode="json"),
+        "deepspeed": {
+            "zero_stage": ds.get("zero_optimization", {}).get("stage", 0) if ds else None,
+            "snr_preconditioner": ds.get("snr_preconditioner"),
+            "bf16": bool(ds.get("bf16", {}).get("enabled", False)),
+        },
+    }
+
+
+def _fingerprint_path(ckpt_dir: Path) -> Path:
+    # beside the checkpoint folder: a save replaces the folder itself
+    return ckpt_dir.with_name(f"{ckpt_dir.name}.config.json")
+
+
+def _write_fingerprint(ckpt_dir: Path, fingerprint: dict) -> None:
+    path = _fingerprint_path(ckpt_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+        return out
+    return [] if old == new else [f"{where}: {old!r} then, {new!r} now"]
+
+
+def check_resumable(ckpt_dir: Path, fingerprint: dict) -> None:
+    """Refuse to resume checkpoints written with another configuration (a resumed run would
+    mix two runs, and its report would name only the second). Checkpoints of releases that
+    wrote no fingerprint resume unchecked."""
+    path = _fingerprint_path(ckpt_dir)
+    if not path.is_file():
+        return
+    diffs = _differences(json.loads(path.read_text()), json.loads(json.dumps(fingerprint)))
+    if diffs:
+        raise ResumeMismatch(
+            f"{ckpt_dir}: checkpoints of a run with another configuration ("
+            + "; ".join(diffs)
+            + "). Resume with the configuration they were written with, or start this one "
+            "elsewhere (--output-dir) or over them (--set train.resume=false)"
+        )
+
+
 def _save(run: Trainable, ckpt_dir: Path, steps: int, extra: dict, world: World) -> None:
     """DCP (`snr_dist.checkpoint`) for plain / DDP / FSDP2 runs; DeepSpeed's own
     ``save_checkpoint`` (which carries the SNR state) for engine runs. A DeepSpeed checkpoint
@@ -383,6 +455,15 @@ def _save(run: Trainable, ckpt_dir: Path, steps: int, extra: dict, world: World)
         import shutil
 
         shutil.rmtree(ckpt_dir / before, ignore_errors=True)
+
+
+def _has_checkpoint(run: Trainable, ckpt_dir: Path, world: World) -> bool:
+    if run.engine is not None:
+        return (ckpt_dir / "latest").is_file()
+    if world.main:
+        ckpt.settle(ckpt_dir)  # a save interrupted between its two renames
+    world.barrier()
+    return (ckpt_dir / ckpt.META).is_file()
 
 
 def _resume(run: Trainable, ckpt_dir: Path) -> dict | None:
@@ -426,12 +507,24 @@ def run_experiment(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     world = world or World()
+    per_step = cfg.train.microbatches * world.size
+    if cfg.train.batch_size < per_step:
+        raise ConfigError(
+            f"train.batch_size = {cfg.train.batch_size}: each step splits a batch into "
+            f"train.microbatches ({cfg.train.microbatches}) per rank x {world.size} ranks, so "
+            f"it must be >= {per_step} (a smaller batch would train no step)"
+        )
     progress = cfg.train.progress if progress is None else progress
     results = []
     handle = None
+    metrics = partial = None
     if out_dir is not None and world.main:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        handle = open(Path(out_dir) / "metrics.jsonl", "w")  # noqa: SIM115 - closed below
+        # written aside and moved into place when every run has finished: a run that fails
+        # leaves the previous metrics.jsonl (and the report made from it) as they were
+        metrics = Path(out_dir) / "metrics.jsonl"
+        partial = metrics.with_name("metrics.jsonl.partial")
+        handle = open(partial, "w")  # noqa: SIM115 - closed below
     try:
 
         def sink(rec):
@@ -468,4 +561,6 @@ def run_experiment(
     finally:
         if handle is not None:
             handle.close()
+    if partial is not None:
+        os.replace(partial, metrics)
     return results

@@ -10,7 +10,9 @@ A *layer group* is a module: the parameter's name without its last component
   from a strided sample above `snr_dist.metrics.SAMPLE` coordinates);
 
 plus the same over the whole model under ``all``. Nothing here runs a collective: under data
-parallelism each rank reports what it holds (log from rank 0, as loggers do).
+parallelism each rank reports what it holds (log from rank 0, as loggers do). An optimizer that
+holds none of the model's parameters (DeepSpeed ZeRO 1-3's flat partitions, in the elementwise
+diagonal mode) reports ``all`` only, over what it holds.
 """
 
 from __future__ import annotations
@@ -48,10 +50,18 @@ def _params_of(opt, groups: dict[Tensor, str]):
                 if piece.lp in groups:
                     yield inner, piece.shard, group, groups[piece.lp]
         return
+    named = False
     for group in opt.param_groups:
         for p in group["params"]:
             if p in groups:
+                named = True
                 yield opt, p, group, groups[p]
+    if not named:
+        # no parameter of the model in the optimizer: ZeRO 1-3 hand an elementwise SNRAdamW
+        # flat partitions cutting across layers; their statistics still make ``all``
+        for group in opt.param_groups:
+            for p in group["params"]:
+                yield opt, p, group, None
 
 
 def collect(
@@ -70,7 +80,7 @@ def collect(
         if n == 0:
             continue
         m["closed_frac"] = m["frac_gate_below_0.1"]
-        for key in (name, "all"):
+        for key in ("all",) if name is None else (name, "all"):
             a = acc.setdefault(key, {})
             weight[key] = weight.get(key, 0.0) + n
             for k in KEYS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 
@@ -48,6 +49,7 @@ class TensorBoardSink:
         for key, value in (scalars or {}).items():
             self.writer.add_scalar(f"snr/{key}", value, step)
         for key, values in (histograms or {}).items():
+            values = values[torch.isfinite(values)]  # a diverging run's NaN must not end it here
             if values.numel():
                 self.writer.add_histogram(f"gates/{key}", values, step, bins="auto")
         self.writer.flush()
