@@ -281,6 +281,8 @@ def train_run(
     if extra is not None:
         steps = extra["steps"]
         start = extra["epoch"] + 1
+        if world.main:
+            print(f"  {ocfg.name} seed {seed}: resumed after epoch {extra['epoch']}", flush=True)
         result.history, result.wall_s = extra["history"], extra["wall_s"]
         order.set_state(torch.tensor(extra["order_rng"], dtype=torch.uint8))
         if sink is not None:
@@ -414,10 +416,12 @@ def _write_fingerprint(ckpt_dir: Path, fingerprint: dict) -> None:
 
 
 def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Values both records hold that differ: a key one release records and another does not
+    (an option added since) cannot be compared, so it does not count."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
-        for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+        for key in sorted(set(old) & set(new)):
+            out += _differences(old[key], new[key], f"{where}.{key}" if where else key)
         return out
     return [] if old == new else [f"{where}: {old!r} then, {new!r} now"]
 
