@@ -231,6 +231,34 @@ def test_bf16_runs_with_fp32_statistics(stage):
             assert dtypes == {torch.float32}, snr
 
 
+def _bf16_counts_worker(rank: int, world: int):
+    """bf16 at stage 0 with accumulation 2: the cross-sample hooks sit on the model's bf16
+    parameters and report under DeepSpeed's fp32 copies, whose ``.grad`` stays empty until the
+    step: every micro-batch must still count."""
+    _ds_env(rank, world)
+    cfg = _config(0, XDIAG, micro=4, gas=2, bf16={"enabled": True})
+    engine, opt, _, _ = snr_ds.initialize(model=tiny_mlp(), config=cfg)
+    capture = getattr(opt, "optimizer", opt)._engine.capture
+    counts = []
+    for step in range(3):
+        x, y = _data(step)
+        mine = slice(rank * 8, (rank + 1) * 8)
+        for i in range(2):
+            part = slice(mine.start + 4 * i, mine.start + 4 * (i + 1))
+            out = engine(x[part].bfloat16()).float()
+            engine.backward(torch.nn.functional.cross_entropy(out, y[part]))
+            if i == 1:
+                counts.append({s.count for s in capture.stats.values()})
+            engine.step()
+    engine.destroy()
+    return counts
+
+
+def test_bf16_stage0_cross_sample_counts_every_micro_batch():
+    for counts in run_distributed(_bf16_counts_worker, 2):
+        assert counts == [{2}, {2}, {2}]
+
+
 def _ckpt_worker(rank: int, world: int, cfg: dict, path: str, phase: str):
     _ds_env(rank, world)
     model = tiny_mlp(seed=0 if phase != "resume" else 5)

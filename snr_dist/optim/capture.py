@@ -42,11 +42,14 @@ def _fsdp_forward_hook(capture: MicrobatchCapture, get_state, wanted: dict[int, 
     return hook
 
 
-def _hook(target: weakref.WeakMethod, p: Tensor) -> Callable[[Tensor], None]:
+def _hook(target: weakref.WeakMethod, p: Tensor, direct: bool) -> Callable[[Tensor], None]:
+    """``direct``: the hook is on ``p`` itself, so ``p.grad`` is the running sum of what it
+    reports (a proxy's gradient accumulates on another tensor: the model's parameter)."""
+
     def hook(grad: Tensor) -> None:
         observe = target()
         if observe is not None:
-            observe(p, grad)
+            observe(p, grad, direct=direct)
 
     return hook
 
@@ -80,14 +83,14 @@ class MicrobatchCapture:
             self.handles.pop(p).remove()
         for p in wanted:
             if p not in self.handles:
-                self.handles[p] = p.register_hook(_hook(self._target, p))
+                self.handles[p] = p.register_hook(_hook(self._target, p, True))
 
     def wake(self) -> list[Tensor]:
         """Hook the dormant params that require grad now (unfrozen since); returns them."""
         woken = [p for p in self.dormant if p.requires_grad]
         for p in woken:
             del self.dormant[p]
-            self.handles[p] = p.register_hook(_hook(self._target, p))
+            self.handles[p] = p.register_hook(_hook(self._target, p, True))
         return woken
 
     def attach_fsdp(self, model: nn.Module, wanted: Iterable[Tensor]) -> int:
@@ -117,13 +120,15 @@ class MicrobatchCapture:
         exists only on the model's parameter, before ZeRO reduces it."""
         for model_param, key in pairs:
             if model_param.requires_grad and model_param not in self.fsdp_handles:
-                handle = model_param.register_hook(_hook(self._target, key))
+                handle = model_param.register_hook(_hook(self._target, key, False))
                 self.fsdp_handles[model_param] = handle
 
     def _hook_unsharded(self, fsdp_param, sharded: Tensor) -> None:
         unsharded = getattr(fsdp_param, "_unsharded_param", None)
         if unsharded is not None and unsharded not in self.fsdp_handles:
-            self.fsdp_handles[unsharded] = unsharded.register_hook(_hook(self._target, sharded))
+            self.fsdp_handles[unsharded] = unsharded.register_hook(
+                _hook(self._target, sharded, False)
+            )
 
     def close(self) -> None:
         self.dormant.clear()

@@ -327,8 +327,11 @@ class SNREngine:
 
     # ------------------------------------------------------------------ cross-sample capture
     @no_grad
-    def observe(self, p: Tensor, grad: Tensor, weight: float | None = None) -> None:
-        """Record one micro-batch gradient contribution of ``p`` (hooks call this)."""
+    def observe(
+        self, p: Tensor, grad: Tensor, weight: float | None = None, direct: bool = False
+    ) -> None:
+        """Record one micro-batch gradient contribution of ``p`` (hooks call this; ``direct``:
+        from a hook on ``p`` itself, whose ``.grad`` then holds the sum of what was recorded)."""
         if grad.is_sparse:
             raise RuntimeError("snr-dist does not support sparse gradients")
         group = self.group_of(p)
@@ -341,7 +344,7 @@ class SNREngine:
             tracker = state
         # FSDP2 / ZeRO: ``grad`` is the whole parameter's, ``p`` holds some of its rows
         sharded = is_dtensor(p) or row_shard(p) is not None
-        if p.grad is None and not sharded:
+        if direct and p.grad is None:
             # the sums describe what ``p.grad`` holds: cleared without this optimizer's
             # zero_grad (``model.zero_grad()`` after a step a loss scaler skipped), they go too
             self.capture.stats.pop(p, None)
