@@ -19,6 +19,7 @@ Works with `snr_dist.SNRAdamW` and with plain ``torch.optim`` optimizers (throug
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -66,13 +67,18 @@ def _dcp(fn, state_dict, path) -> None:
 
 
 def param_names(model: nn.Module) -> dict[torch.Tensor, str]:
-    """Parameter -> fully qualified name without wrapper prefixes (DDP, torch.compile)."""
-    out = {}
-    for name, p in model.named_parameters():
-        for prefix in ("module.", "_orig_mod."):
-            name = name.replace(prefix, "")
-        out[p] = name
-    return out
+    """Parameter -> fully qualified name without the prefixes of the wrappers around
+    ``model`` (DDP's ``module.``, torch.compile's ``_orig_mod.``), as DCP names model keys: a
+    submodule that happens to be called ``module`` keeps its name."""
+    prefix, inner = "", model
+    while True:
+        if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            prefix, inner = prefix + "module.", inner.module
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):  # torch.compile
+            prefix, inner = prefix + "_orig_mod.", inner._orig_mod
+        else:
+            break
+    return {p: name.removeprefix(prefix) for name, p in model.named_parameters()}
 
 
 def _is_snr(optimizer) -> bool:
@@ -231,6 +237,36 @@ def _clone_like(v):
     return v.clone() if torch.is_tensor(v) else v
 
 
+def _check_tracker_sides(md: dict, optimizer, by_name: dict, path: Path) -> None:
+    """A saved eigen-tracker keeps the side of its matrix it was built on (its state says
+    which), and a whole matrix can be tracked on either side; a row shard (FSDP2, ZeRO) only on
+    its columns. ``basis_side="auto"`` picks the smaller side of a whole matrix, so a
+    one-process checkpoint can hold row-side bases that a sharded run cannot take."""
+    from snr_dist.distributors.dtensor import global_shape, is_row_sharded
+
+    wrong = []
+    for key, item in md.items():
+        if not (key.startswith("optim.state.") and key.endswith(".basis")):
+            continue
+        name = key[len("optim.state.") : -len(".basis")]
+        p = by_name.get(name)
+        if p is None:
+            continue
+        shape = global_shape(p)
+        cols = math.prod(shape[1:])
+        sides = (cols,) if is_row_sharded(p) else (shape[0], cols)
+        if item.size[0] not in sides:
+            group = optimizer._engine.group_of(p)
+            wrong.append(f"{name} (basis_side={group['basis_side']!r})")
+    if wrong:
+        raise CheckpointError(
+            f"{path}: the eigen-trackers of {', '.join(wrong)} were saved on the rows of their "
+            "matrices, which this run holds as row shards and can track on the columns only "
+            "(basis_side='auto' picks the smaller side of a whole matrix); nothing was loaded. "
+            "Set basis_side='cols' in the run that saves as well"
+        )
+
+
 def load(path: str | os.PathLike, model: nn.Module, optimizer) -> int:
     """Load a checkpoint written by `save` (any world size) and return its step."""
     path = Path(path)
@@ -245,6 +281,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer) -> int:
     target: dict[str, Any] = {"model": {k: _clone_like(v) for k, v in model_sd.items()}}
     if _is_snr(optimizer):
         md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        _check_tracker_sides(md, optimizer, by_name, path)
         state: dict[str, dict[str, Any]] = {}
         for key, item in md.items():
             if not key.startswith("optim.state."):

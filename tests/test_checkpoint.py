@@ -176,3 +176,57 @@ def test_plain_torch_optimizer_round_trip(tmp_path):
     _steps(model2, opt2, step, TOTAL)
     for a, b in zip(model2.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _resume_error_worker(rank, world, wrapper, kw, path):
+    model, opt = _build(wrapper, kw)
+    before = _full(model)
+    try:
+        checkpoint.load(path, model, opt)
+    except checkpoint.CheckpointError as e:
+        return str(e), all(torch.equal(a, b) for a, b in zip(before, _full(model)))
+    return "loaded", None
+
+
+def test_row_side_trackers_of_one_process_are_refused_by_fsdp2_before_reading(tmp_path):
+    """basis_side="auto" tracks a whole (5, 24) matrix on its rows; FSDP2 holds it as row
+    shards and tracks columns only: the load fails naming the parameter and the fix (it used to
+    fail inside DCP's reader), and changes nothing. The other way, 2 ranks -> 1, loads: a whole
+    matrix takes a tracker on either side."""
+    kw = dict(mode="subspace", rank=3, refresh_every=4)  # basis_side="auto"
+    single = str(tmp_path / "ck1")
+    _save_worker(None, 1, "single", kw, single)
+    for msg, unchanged in run_distributed(_resume_error_worker, 2, "fsdp2", kw, single):
+        assert "2.weight (basis_side='auto')" in msg and "basis_side='cols'" in msg, msg
+        assert unchanged
+    two = str(tmp_path / "ck2")
+    run_distributed(_save_worker, 2, "fsdp2", kw, two)
+    for p in _resume_single(kw, two):
+        assert torch.isfinite(p).all()
+
+
+def test_a_submodule_called_module_keeps_its_name():
+    """Only the prefixes of the wrappers around the model go (DDP's ``module.``, compile's
+    ``_orig_mod.``): a child called ``module`` beside a parameter of the same last name must
+    not merge their optimizer states."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = torch.nn.Linear(3, 3, bias=False)
+            self.weight = torch.nn.Parameter(torch.randn(3, 3))
+
+    names = sorted(checkpoint.param_names(Wrapper()).values())
+    assert names == ["module.weight", "weight"]
+    inner = tiny_mlp()
+    wrapped = sorted(checkpoint.param_names(torch.nn.DataParallel(inner)).values())
+    assert (
+        wrapped
+        == sorted(checkpoint.param_names(inner).values())
+        == [
+            "0.bias",
+            "0.weight",
+            "2.bias",
+            "2.weight",
+        ]
+    )

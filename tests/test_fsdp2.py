@@ -188,3 +188,43 @@ def _unattached_worker(rank: int, world: int):
     except RuntimeError as e:
         return str(e)
     return "no error"
+
+
+def _frozen_and_added_worker(rank: int, world: int):
+    """cross_sample under FSDP2: a frozen parameter in the optimizer (fine-tuning), and a
+    layer added with add_param_group after attach_fsdp; 2 ranks x 2 micro-batches."""
+    model = tiny_mlp()
+    model[0].bias.requires_grad_(False)
+    model = fsdp.shard(model)
+    opt = SNRAdamW([model[0].weight, model[0].bias], lr=1e-2, estimator="cross_sample")
+    opt.attach_fsdp(model)
+    half = slice(rank * 8, (rank + 1) * 8)
+    for step in range(STEPS):
+        if step == 2:
+            opt.add_param_group({"params": list(model[2].parameters())})
+        x, y = _data(step)
+        opt.zero_grad()
+        for k in range(2):
+            part = slice(half.start + 4 * k, half.start + 4 * k + 4)
+            (torch.nn.functional.cross_entropy(model(x[part]), y[part]) / 2).backward()
+        opt.step()
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def test_fsdp2_cross_sample_with_a_frozen_parameter_and_a_group_added_later():
+    model = tiny_mlp()
+    model[0].bias.requires_grad_(False)
+    opt = SNRAdamW([model[0].weight, model[0].bias], lr=1e-2, estimator="cross_sample")
+    for step in range(STEPS):
+        if step == 2:
+            opt.add_param_group({"params": list(model[2].parameters())})
+        x, y = _data(step)
+        opt.zero_grad()
+        for k in range(4):
+            part = slice(4 * k, 4 * k + 4)
+            (torch.nn.functional.cross_entropy(model(x[part]), y[part]) / 4).backward()
+        opt.step()
+    ref = [p.detach().clone() for p in model.parameters()]
+    for out in run_distributed(_frozen_and_added_worker, 2):
+        for p, q in zip(out, ref):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5)

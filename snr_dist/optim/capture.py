@@ -67,6 +67,8 @@ class MicrobatchCapture:
         # optimizers train a parameter unfrozen later (``requires_grad_(True)``), so `wake`
         # hooks them once they do
         self.dormant: dict[Tensor, None] = {}
+        self.fsdp_wanted: dict[int, Tensor] = {}  # sharded params observed through FSDP2
+        self.fsdp_modules = 0  # FSDP2 modules hooked by `attach_fsdp`
         self.weight = 1.0
         self._finalizer = weakref.finalize(
             observe.__self__, _remove_all, self.handles, self.fsdp_handles
@@ -102,7 +104,9 @@ class MicrobatchCapture:
         reused after). A forward hook on every FSDP module hooks those as they appear; the
         hook reports each contribution under the sharded parameter. Returns how many FSDP
         modules were found."""
-        wanted = {id(p): p for p in wanted}
+        self.fsdp_wanted.clear()
+        self.fsdp_wanted.update({id(p): p for p in wanted})
+        wanted = self.fsdp_wanted  # the hooks read it: `set_fsdp_wanted` updates it in place
         found = 0
         for module in model.modules():
             get_state = getattr(module, "_get_fsdp_state", None)
@@ -111,7 +115,13 @@ class MicrobatchCapture:
             found += 1
             handle = module.register_forward_hook(_fsdp_forward_hook(self, get_state, wanted))
             self.fsdp_handles[handle] = handle
+        self.fsdp_modules += found
         return found
+
+    def set_fsdp_wanted(self, wanted: Iterable[Tensor]) -> None:
+        """The sharded params to observe after the groups changed (``add_param_group``)."""
+        self.fsdp_wanted.clear()
+        self.fsdp_wanted.update({id(p): p for p in wanted})
 
     def attach_proxies(self, pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
         """Hook each model parameter of ``(model_param, key)`` and report its gradients under
@@ -125,13 +135,17 @@ class MicrobatchCapture:
 
     def _hook_unsharded(self, fsdp_param, sharded: Tensor) -> None:
         unsharded = getattr(fsdp_param, "_unsharded_param", None)
-        if unsharded is not None and unsharded not in self.fsdp_handles:
+        if unsharded is None or not unsharded.requires_grad:  # frozen: nothing to observe yet
+            return
+        if unsharded not in self.fsdp_handles:
             self.fsdp_handles[unsharded] = unsharded.register_hook(
                 _hook(self._target, sharded, False)
             )
 
     def close(self) -> None:
         self.dormant.clear()
+        self.fsdp_wanted.clear()
+        self.fsdp_modules = 0
         _remove_all(self.handles)
         _remove_all(self.fsdp_handles)
         self.stats.clear()

@@ -126,6 +126,8 @@ class SNREngine:
             self._check_layout(i, group)
         self.distributor.assign(trackers)
         self.capture.attach(hooked)
+        if self.capture.fsdp_modules:  # attached before: groups added since are observed too
+            self.capture.set_fsdp_wanted(self._fsdp_wanted())
 
     def _check_layout(self, index: int, group: dict) -> None:
         """Layout options are fixed once a parameter of the group has state."""
@@ -261,7 +263,7 @@ class SNREngine:
                 short += 1
                 continue
             if count < need:
-                fsdp = is_dtensor(p) and not self.capture.fsdp_handles
+                fsdp = is_dtensor(p) and id(p) not in self.capture.fsdp_wanted
                 raise RuntimeError(
                     "snr-dist: estimator='cross_sample' needs >= 2 gradient contributions per "
                     "step (micro-batches of gradient accumulation or data-parallel ranks); a "
@@ -307,16 +309,19 @@ class SNREngine:
             self._said.add(key)
             warnings.warn(message, stacklevel=4)
 
-    def attach_fsdp(self, model) -> None:
-        """Observe the cross-sample parameters' per-rank gradients on ``model``'s FSDP2
-        modules (see `MicrobatchCapture.attach_fsdp`)."""
-        wanted = [
+    def _fsdp_wanted(self) -> list[Tensor]:
+        return [
             p
             for g in self.opt.param_groups
             if g["estimator"] == "cross_sample"
             for p in g["params"]
             if is_dtensor(p)
         ]
+
+    def attach_fsdp(self, model) -> None:
+        """Observe the cross-sample parameters' per-rank gradients on ``model``'s FSDP2
+        modules (see `MicrobatchCapture.attach_fsdp`)."""
+        wanted = self._fsdp_wanted()
         if not wanted:
             return
         if self.capture.attach_fsdp(model, wanted) == 0:
