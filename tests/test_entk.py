@@ -114,6 +114,38 @@ def test_bad_inputs_are_named():
         nystrom_entk(model, x, 9)
     with pytest.raises(ValueError, match="num_probes must be >= 3"):
         hutchpp(lambda v: v, 10, 2)
+    # edge cases that used to give a bare StopIteration, meta tensors or a silent truncation
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        entk(torch.nn.ReLU(), x)
+    with torch.device("meta"):
+        meta = _mlp()
+    with pytest.raises(ValueError, match="meta device"):
+        entk(meta, x)
+    with pytest.raises(ValueError, match="landmark indices must be integers"):
+        nystrom_entk(model, x, torch.tensor([1.9, 3.2]))
+    ny = nystrom_entk(model, x, [0, 2])  # a list of indices is fine
+    assert ny.landmarks.tolist() == [0, 2]
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        ny.eigh(-1)
+
+
+def test_target_spectrum_of_a_rank_deficient_kernel_uses_its_range_only():
+    """More points than parameters: the kernel has a null space whose eigenvectors are an
+    arbitrary basis. The exact kernel's spectrum keeps its range only, as the Nystrom factor
+    does, so reordering the points changes nothing and the two agree."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
+    model = model.double()
+    x = torch.randn(60, 4, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.randint(0, 3, (60,)), 3).double()
+    seen = []
+    for order in (torch.arange(60), torch.randperm(60, generator=torch.Generator().manual_seed(1))):
+        out = record(model, x[order], y[order], mode="trace")
+        ny = record(model, x[order], y[order], kernel="nystrom", landmarks=60, mode="trace")
+        assert out["k90"] == ny["k90"]
+        seen.append((out["k90"], out["clean_cumulative"][-1]))
+    assert seen[0][0] == seen[1][0]
+    assert seen[0][1] == pytest.approx(seen[1][1], abs=1e-9)
 
 
 def test_nystrom_error_shrinks_with_landmarks_and_vanishes_at_n():

@@ -54,7 +54,10 @@ def test_smoke_run_writes_a_complete_report(name, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / cfg.name
     report = (out / "report.md").read_text()
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(
+        (out / "summary.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"summary.json holds {c}, not JSON"),
+    )
     assert (out / "curves.png").stat().st_size > 1000
     if cfg.budget.trace_gates:  # per-layer gate traces of the SNR rows
         assert (out / "gates.png").stat().st_size > 1000 and "gates.png" in report
@@ -438,3 +441,67 @@ def test_publish_replaces_only_the_marked_sections(tmp_path):
     assert "old" not in text and "#### label noise: 0.4" in text and "| 1 |" in text
     assert text.startswith("intro\n") and text.endswith("end\n") and "Methods" not in text
     assert (docs / "results" / "label_noise.png").read_bytes() == b"png"
+    # a gates.png the report does not show (left by an earlier run) is not published
+    (run / "gates.png").write_bytes(b"old")
+    publish(tmp_path / "runs", docs)
+    assert "gate traces" not in (docs / "results.md").read_text()
+    assert not (docs / "results" / "label_noise-gates.png").exists()
+
+
+def _diverging_grid(study: str, task: dict, budget: dict, setting: str):
+    raw = {
+        "name": "d",
+        "study": study,
+        "seeds": [0],
+        "task": task,
+        "budget": budget,
+        "methods": [{"name": "A", "type": "adamw", "lr": [1e-2, 1e30], "weight_decay": [0.0]}],
+    }
+    cfg = StudyConfig.model_validate(raw)
+    m = cfg.methods[0]
+    from snr_dist.experiments.study import train_job
+
+    records = {}
+    for i in range(2):
+        job = Job(setting, "A", i, 0, method_hash(m))
+        records[job.key] = train_job(cfg, job)
+    return select(cfg, records)[setting][0]
+
+
+def test_a_grid_point_that_diverges_is_never_selected_nor_counted_as_reached():
+    """lr 1e30 turns the loss into NaN within the first evaluations: that run stops there. It
+    must not count as having reached the grokking target at that step, nor beat a run that
+    reaches the validation target later because its (short) length is its penalty."""
+    torch.set_num_threads(1)
+    grok = _diverging_grid(
+        "grokking",
+        {"p": 11, "ops": ["add"], "embed": 8, "hidden": 16, "target_acc": 0.95},
+        {"steps": 100, "batch_size": 16, "eval_every": 10},
+        "add",
+    )
+    assert grok.point["lr"] == 1e-2
+    diverged = grok.grid[1].summaries[0]
+    assert diverged["reached"] == 0.0 and diverged["steps_to_target"] is None
+    conv = _diverging_grid(
+        "convergence",
+        {"hidden": [32], "val_target": 0.9, "test_targets": [0.9], "target_loss": 0.3},
+        {"steps": 300, "batch_size": 64, "eval_every": 20},
+        "clean digits",
+    )
+    assert conv.point["lr"] == 1e-2
+
+
+def test_entk_records_must_end_at_the_final_step():
+    path = ROOT / "configs/experiments/entk_partition.yaml"
+    bad = ["budget.steps=50", "budget.eval_every=10", "task.record_every=20"]
+    with pytest.raises(ConfigError, match=r"budget.steps \(50\) must be a multiple"):
+        load_study(path, bad)
+
+
+def test_summary_json_is_strict_json(tmp_path):
+    """A column without values (the reservoir share at 0% noise) is null, not NaN."""
+    from snr_dist.experiments.study_report import _json_safe
+
+    summary = {"a": [float("nan"), 1.0], "b": {"c": float("inf")}, "d": (1, float("-inf"))}
+    text = json.dumps(_json_safe(summary), allow_nan=False)
+    assert json.loads(text) == {"a": [None, 1.0], "b": {"c": None}, "d": [1, None]}

@@ -39,7 +39,14 @@ def trainable_params(model: nn.Module) -> dict[str, Tensor]:
 def _check_inputs(model: nn.Module, x: Tensor, name: str = "x") -> Tensor:
     if not isinstance(x, Tensor) or x.ndim < 1 or len(x) == 0:
         raise ValueError(f"{name} must be a non-empty tensor of inputs (batch first)")
-    device = next(model.parameters()).device
+    params = list(trainable_params(model).values())  # fails clearly for a parameter-less model
+    device = params[0].device
+    if device.type == "meta" or x.device.type == "meta":
+        raise ValueError(
+            "the model's parameters (or the inputs) are on the meta device: they hold no "
+            "values, so there is no kernel to compute; materialise them first "
+            "(model.to_empty(device=...) and load the weights)"
+        )
     return x.to(device)
 
 

@@ -30,6 +30,8 @@ class NystromENTK:
     def eigh(self, k: int | None = None) -> tuple[Tensor, Tensor]:
         """Top ``k`` (default all ``r``) eigenvalues (descending) and eigenvectors of
         ``F F^T`` from the thin SVD of ``F``: ``O(N r^2)``, no ``N x N`` matrix."""
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"k must be an int >= 1 or None (all), got {k!r}")
         u, s, _ = torch.linalg.svd(self.factor.to(torch.float64), full_matrices=False)
         k = len(s) if k is None else min(k, len(s))
         return s[:k] ** 2, u[:, :k]
@@ -88,7 +90,14 @@ def nystrom_entk(
         raise ValueError(f"nystrom mode must be 'trace' or 'full', got {mode!r}")
     x = _check_inputs(model, x)
     n = len(x)
+    if isinstance(landmarks, (list, tuple)):
+        landmarks = torch.as_tensor(landmarks)
     if isinstance(landmarks, Tensor):
+        if landmarks.is_floating_point() or landmarks.is_complex() or landmarks.dtype == torch.bool:
+            raise ValueError(
+                f"landmark indices must be integers, got a {landmarks.dtype} tensor "
+                "(a float index would be truncated)"
+            )
         idx = landmarks.to(torch.long).flatten().cpu()
         if len(idx) == 0 or idx.min() < 0 or idx.max() >= n or len(idx.unique()) != len(idx):
             raise ValueError(f"landmark indices must be distinct and in [0, {n}), got {idx}")

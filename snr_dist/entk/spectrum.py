@@ -164,9 +164,10 @@ def record(
     """ENTK of ``model`` on ``x`` -> eigenbasis -> target spectrum, as a JSON-ready dict.
 
     The model is evaluated in eval mode (restored afterwards). ``kernel="exact"`` builds the
-    whole kernel (`entk`); ``"nystrom"`` uses ``landmarks`` (`nystrom_entk`, eigenvectors
-    truncated to its rank). ``mode``: ``"trace"`` (``n x n``, targets per class column) or
-    ``"full"`` (``n*C x n*C``, targets flattened). The dict is `TargetSpectrum.to_dict()`
+    whole kernel (`entk`; eigenvectors of its range, numerically zero eigenvalues dropped);
+    ``"nystrom"`` uses ``landmarks`` (`nystrom_entk`, eigenvectors truncated to its rank).
+    ``mode``: ``"trace"`` (``n x n``, targets per class column) or ``"full"`` (``n*C x n*C``,
+    targets flattened). The dict is `TargetSpectrum.to_dict()`
     (with ``eigvals`` cut to the top ``top_eigvals``) plus ``trace`` (``tr K``),
     ``kernel``, ``mode``, ``n`` and ``seconds``.
     """
@@ -187,6 +188,12 @@ def record(
             k = entk(model, x, mode=mode, chunk_size=chunk_size)
             vals, vecs = eigh_desc(k)
             trace = float(vals.sum())
+            # the kernel's range only, as the Nystrom factor's rank cut keeps: the eigenvectors
+            # of numerically zero eigenvalues are an arbitrary basis of the null space, and a
+            # target partly outside the range would rank them by rounding noise
+            rtol = len(vals) * torch.finfo(vals.dtype).eps
+            keep = vals > rtol * vals[0].clamp_min(0)
+            vals, vecs = vals[keep], vecs[:, keep]
         else:
             ny = nystrom_entk(model, x, landmarks, mode, generator, chunk_size)
             vals, vecs = ny.eigh()

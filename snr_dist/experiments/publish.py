@@ -36,7 +36,7 @@ def publish(runs: Path, docs: Path) -> list[str]:
         (docs / "results").mkdir(exist_ok=True)
         shutil.copyfile(report.parent / "curves.png", docs / "results" / f"{name}.png")
         pictures = f"![{name}](results/{name}.png)"
-        if (report.parent / "gates.png").is_file():  # per-layer gate traces
+        if "(gates.png)" in report.read_text():  # the report shows per-layer gate traces
             shutil.copyfile(report.parent / "gates.png", docs / "results" / f"{name}-gates.png")
             pictures += f"\n\n![{name} gate traces](results/{name}-gates.png)"
         block = f"{begin}\n{report_body(report.read_text())}\n\n{pictures}\n{end}"

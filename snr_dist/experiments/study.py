@@ -10,7 +10,8 @@ for every study:
 - **Nothing is lost**: each finished job is appended to ``results.jsonl``; a rerun of the same
   config skips finished jobs (``--fresh`` starts over).
 - **Selection** is honest: each method's grid point is chosen per setting by the study's score on
-  *validation* data (mean over seeds); test numbers are only reported. The optional "oracle early
+  *validation* data (mean over seeds; a point whose run diverged on any seed is never chosen);
+  test numbers are only reported. The optional "oracle early
   stopping" rows are the exception by design: they stop each run at its best *test* accuracy, the
   upper bound that early stopping could reach.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -148,6 +150,12 @@ def load_study(
             f"{p}: task.record_every = {every}: must be a multiple of budget.eval_every "
             f"({cfg.budget.eval_every}); records are taken at evaluations"
         )
+    if every is not None and cfg.budget.steps % every:
+        raise ConfigError(
+            f"{p}: task.record_every = {every}: budget.steps ({cfg.budget.steps}) must be a "
+            "multiple of it, so that the last record (the report's 'final' columns) is taken at "
+            "the final step"
+        )
     return cfg
 
 
@@ -249,7 +257,9 @@ def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
             history.append(rec)
             if callback is not None:
                 callback(model, step, history)
-            if study.stop(task_cfg, rec, history) or rec.get("diverged"):
+            if rec.get("diverged"):  # stopped, but not at a target: ``stopped`` stays None
+                break
+            if study.stop(task_cfg, rec, history):
                 stopped = step
                 break
     return {
@@ -402,7 +412,10 @@ def select(cfg: StudyConfig, records: dict[str, dict]) -> dict[Any, list[Row]]:
                 hists = [r["history"] for r in recs]
                 stops = [r["stopped"] for r in recs]
                 sums = [study.summarise(task_cfg, h, st) for h, st in zip(hists, stops)]
-                score = statistics.fmean(study.score(s) for s in sums)
+                if any(h[-1].get("diverged") for h in hists):
+                    score = -math.inf  # a point that diverges on any seed is never chosen
+                else:
+                    score = statistics.fmean(study.score(s) for s in sums)
                 candidates.append((score, i, point, sums, hists))
             score, i, point, sums, hists = max(candidates, key=lambda c: (c[0], -c[1]))
             grid = [Row(m.name, pt, ss, hs) for _, _, pt, ss, hs in candidates]
