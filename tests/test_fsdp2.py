@@ -152,21 +152,27 @@ def _accumulating_worker(rank: int, world: int, sync_each: bool, kw: dict):
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("kw", MODES[2:], ids=lambda kw: kw["mode"])
-@pytest.mark.parametrize("sync_each", [False, True], ids=["no-sync", "sync-each"])
-def test_fsdp2_cross_sample_with_gradient_accumulation_equals_one_process(sync_each, kw):
-    """Cross-sample statistics under FSDP2 come from the unsharded parameters' gradients, per
-    backward pass and per rank: 2 ranks x 2 micro-batches equal one process with 4."""
-    model = tiny_mlp()
-    opt = SNRAdamW(model.parameters(), lr=1e-2, **kw)
+def _four_microbatches(model, opt, before_step=None) -> list[torch.Tensor]:
+    """One process, each step's 16 examples as 4 micro-batches: what 2 ranks x 2 see."""
     for step in range(STEPS):
+        if before_step is not None:
+            before_step(step)
         x, y = _data(step)
         opt.zero_grad()
         for k in range(4):
             part = slice(4 * k, 4 * k + 4)
             (torch.nn.functional.cross_entropy(model(x[part]), y[part]) / 4).backward()
         opt.step()
-    ref = [p.detach().clone() for p in model.parameters()]
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kw", MODES[2:], ids=lambda kw: kw["mode"])
+@pytest.mark.parametrize("sync_each", [False, True], ids=["no-sync", "sync-each"])
+def test_fsdp2_cross_sample_with_gradient_accumulation_equals_one_process(sync_each, kw):
+    """Cross-sample statistics under FSDP2 come from the unsharded parameters' gradients, per
+    backward pass and per rank: 2 ranks x 2 micro-batches equal one process with 4."""
+    model = tiny_mlp()
+    ref = _four_microbatches(model, SNRAdamW(model.parameters(), lr=1e-2, **kw))
     for out in run_distributed(_accumulating_worker, 2, sync_each, kw):
         for p, q in zip(out, ref):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
@@ -215,16 +221,12 @@ def test_fsdp2_cross_sample_with_a_frozen_parameter_and_a_group_added_later():
     model = tiny_mlp()
     model[0].bias.requires_grad_(False)
     opt = SNRAdamW([model[0].weight, model[0].bias], lr=1e-2, estimator="cross_sample")
-    for step in range(STEPS):
+
+    def add_layer(step):
         if step == 2:
             opt.add_param_group({"params": list(model[2].parameters())})
-        x, y = _data(step)
-        opt.zero_grad()
-        for k in range(4):
-            part = slice(4 * k, 4 * k + 4)
-            (torch.nn.functional.cross_entropy(model(x[part]), y[part]) / 4).backward()
-        opt.step()
-    ref = [p.detach().clone() for p in model.parameters()]
+
+    ref = _four_microbatches(model, opt, add_layer)
     for out in run_distributed(_frozen_and_added_worker, 2):
         for p, q in zip(out, ref):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
