@@ -385,14 +385,14 @@ def run_fingerprint(
 ) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote its checkpoints: everything that
     shapes its trajectory. ``train.epochs`` may grow (a run is extended by resuming it), and
-    evaluation, progress and checkpoint cadence may change."""
+    evaluation, progress and checkpoint cadence may change, as may the ranks and the strategy
+    (DCP checkpoints reshard; a layout they cannot take is refused by the load itself)."""
     ds = ds_config or {}
     return {
         "seed": seed,
         "data": cfg.data.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json", include={"batch_size", "microbatches"}),
-        "distributed": cfg.distributed.model_dump(mode="json"),
         "optimizer": ocfg.model_dump(mode="json"),
         "deepspeed": {
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0) if ds else None,
