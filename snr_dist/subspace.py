@@ -346,22 +346,33 @@ def apply_gates(
         kw = dict(check_orthonormal=False, kernels="triton")
         if out is None:
             gate_reconstruct(d.T, coef.T, q, g_dir - g_perp, g_perp, inplace=True, **kw)
+            _write_back(direction, d, rows)
         else:
             if decay != 1.0:
                 out.mul_(decay)
             o = matrix_view(out, rows)
             c, a = (g_dir - g_perp) * alpha, g_perp * alpha
             gate_reconstruct(d.T, coef.T, q, c, a, out=o.T, accumulate=True, **kw)
+            _write_back(out, o, rows)
         return
     coef = q.T @ d
     coef.mul_((g_dir - g_perp).unsqueeze(1))
     if out is None:
         d.mul_(g_perp)
         d.addmm_(q, coef)
+        _write_back(direction, d, rows)
         return
     o = matrix_view(out, rows)
     o.addmm_(q, coef, beta=decay, alpha=alpha)
     o.addcmul_(d, g_perp, value=alpha)
+    _write_back(out, o, rows)
+
+
+def _write_back(t: Tensor, mat: Tensor, rows: bool) -> None:
+    """`matrix_view` copies a tensor whose strides have no 2-D view (a channels_last conv
+    weight, a permuted parameter): what was written into the copy goes back into ``t``."""
+    if t.numel() and mat.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+        t.copy_((mat if rows else mat.mT).reshape(t.shape))
 
 
 def _psd_pinv(m: Tensor) -> Tensor:

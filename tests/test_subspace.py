@@ -209,3 +209,33 @@ def test_refresh_keeps_the_basis_when_there_is_nothing_to_solve():
     nan_sketch = torch.full((6, 2), float("nan"))
     q_new, _, _ = subspace.refresh_solve(q, [nan_sketch], 1.0, None)
     assert torch.equal(q_new, q)
+
+
+@pytest.mark.parametrize(
+    "wrapper, kernels",
+    [("SNRAdamW", "torch"), ("SNRAdamW", "triton"), ("SNRPreconditioner", None)],
+)
+def test_a_channels_last_conv_weight_gets_the_same_gated_update(kernels, wrapper):
+    """A channels_last conv weight has no 2-D view with the basis first, so its matrix view is
+    a copy: the gated update written into it must reach the parameter (it used to be dropped:
+    SNRAdamW left the weight still, SNRPreconditioner let the base step through ungated)."""
+    from snr_dist import SNRPreconditioner
+
+    runs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=fmt)
+        kw = dict(mode="subspace", rank=2, refresh_every=2)
+        if wrapper == "SNRAdamW":
+            opt = SNRAdamW([conv.weight], lr=1e-2, kernels=kernels, **kw)
+        else:
+            opt = SNRPreconditioner(torch.optim.SGD([conv.weight], lr=1e-2), **kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = torch.randn(4, 3, 6, 6, generator=gen)
+            opt.zero_grad()
+            conv(x.to(memory_format=fmt)).square().mean().backward()
+            opt.step()
+        assert conv.weight.is_contiguous(memory_format=fmt)
+        runs.append(conv.weight.detach().contiguous())
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-7)
