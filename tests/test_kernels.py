@@ -346,6 +346,30 @@ def test_optimizer_bf16_params_with_kernels():
             assert p.dtype == torch.bfloat16 and rel_err(p.detach(), q.detach()) <= 2e-2
 
 
+@pytest.mark.parametrize("case", ["fp16", "fp64", "zero-size"])
+def test_parameters_the_kernel_cannot_take_run_the_torch_path(case):
+    """kernels="triton" picks an implementation, not the dtypes that work: fp16 and fp64
+    parameters (the kernel takes fp32 and bf16) and empty ones (the device-side finite check
+    has nothing to take a norm of) step as on the torch path instead of raising."""
+    out = []
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        if case == "zero-size":
+            params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.zeros(0, 3))]
+        else:
+            dtype = torch.float16 if case == "fp16" else torch.float64
+            params = [torch.nn.Parameter(torch.randn(4, 3, dtype=dtype))]
+        opt = SNRAdamW(params, lr=1e-2, kernels=kernels)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        out.append([p.detach().clone() for p in params])
+    for a, b in zip(*out):  # the fp32 parameter beside the empty one runs in the kernel
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ real GPU compilation
 def test_every_kernel_compiles_for_ampere_and_hopper():
     """The interpreter runs a kernel's Python body and skips the compiler's rules: c298a1f's

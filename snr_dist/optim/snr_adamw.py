@@ -31,6 +31,7 @@ from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES
 from snr_dist.kernels import step_kernels, warn_no_compile
 from snr_dist.kernels.compiled import COMPILED_RULES, compilable, compiled_snr_adamw_step
 from snr_dist.kernels.compiled import prepare as prepare_compiled
+from snr_dist.kernels.reference import FLOAT_DTYPES as TRITON_DTYPES
 from snr_dist.layout import Kind
 from snr_dist.optim.base import SNROptimizerMixin, advance_steps, step_tensor
 from snr_dist.optim.scratch import Scratch
@@ -367,6 +368,8 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             self._engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
         ):
             return "torch"
+        if kind == "triton" and (lp.dtype not in TRITON_DTYPES or lp.numel() == 0):
+            return "torch"  # the kernel's dtypes; an empty tensor has nothing to step
         return kind
 
     def _path(self, group: dict, kind: str, device, pdt, gdt, flat: bool) -> str:
