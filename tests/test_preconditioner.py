@@ -235,3 +235,23 @@ def test_wrong_article_calls_name_what_is_accepted(call, words):
         call(_article_model())
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def test_a_group_added_to_the_base_after_wrapping_gets_the_snr_defaults():
+    """``opt.base.add_param_group`` (the base's list is the wrapper's) used to fail the next
+    step with KeyError 'estimator'; it now trains as if added through the wrapper."""
+    out = []
+    for where in ("wrapper", "base"):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+        opt = SNRPreconditioner(torch.optim.SGD(m[0].parameters(), lr=0.1), tau=2.0)
+        (opt if where == "wrapper" else opt.base).add_param_group({"params": m[2].parameters()})
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            m(torch.randn(4, 6, generator=gen)).square().sum().backward()
+            opt.step()
+        assert opt.param_groups[1]["tau"] == 2.0
+        out.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)

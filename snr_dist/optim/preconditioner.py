@@ -263,8 +263,22 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
             self._step()
         return loss
 
+    def _adopt_base_groups(self) -> None:
+        """Groups added to the base directly (``opt.base.add_param_group``) share its list but
+        lack the SNR options: they get this optimizer's defaults, as `add_param_group` gives."""
+        bare = [g for g in self.base.param_groups if "estimator" not in g]
+        if not bare:
+            return
+        for group in bare:
+            candidate = {**self.base.defaults, **self._with_defaults(group)}
+            self._validate(candidate)
+            self._engine.check_group(candidate)
+            group.update(self._with_defaults(group))
+        self._engine.sync_groups()
+
     def _step(self) -> None:
         engine = self._engine
+        self._adopt_base_groups()
         engine.begin_step()
         hidden: list[tuple[Tensor, Tensor]] = []  # non-finite grads hidden from the base
         try:
