@@ -12,7 +12,7 @@
 #     --platform manylinux_2_17_x86_64 -d .whl pydantic pydantic-core annotated-types \
 #     typing-inspection
 # The script installs .whl/*.whl, and this repository, into a private target folder.
-set -u
+set -u -o pipefail  # a failing check fails the script, not only tee
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
