@@ -21,16 +21,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 WORKDIR /opt/snr-dist
-COPY pyproject.toml README.md LICENSE ./
-COPY snr_dist ./snr_dist
-COPY kernels ./kernels
+# The sources build the package in a folder of their own, removed afterwards: a snr_dist/ source
+# tree in the working directory would shadow the installed package (`python -m` puts the working
+# directory first on sys.path), and the source tree lacks snr_dist.triton_kernels, which the
+# wheel maps from kernels/, so CUDA runs would silently take the torch path.
+COPY pyproject.toml README.md LICENSE /tmp/snr-dist-src/
+COPY snr_dist /tmp/snr-dist-src/snr_dist
+COPY kernels /tmp/snr-dist-src/kernels
+COPY configs /tmp/snr-dist-src/configs
 COPY configs ./configs
 COPY launch ./launch
 
 # Keep the image's CUDA build of torch: pin it so the extras cannot replace it.
 RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-pin.txt \
+ && cd /tmp/snr-dist-src \
  && python -m pip install --constraint /tmp/torch-pin.txt ".[deepspeed,triton,examples]" \
- && python -c "import snr_dist, torch; print('snr-dist', snr_dist.__version__, 'torch', torch.__version__)"
+ && cd /opt/snr-dist && rm -rf /tmp/snr-dist-src \
+ && python -c "import snr_dist, snr_dist.triton_kernels, torch; print('snr-dist', snr_dist.__version__, 'from', snr_dist.__file__, 'torch', torch.__version__)"
 
 ENTRYPOINT ["torchrun"]
 CMD ["--standalone", "--nproc_per_node=gpu", "-m", "snr_dist.cli", "train", "--config", "configs/quickstart.yaml"]

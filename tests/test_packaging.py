@@ -64,6 +64,23 @@ def test_dockerfile_is_well_formed_pinned_and_complete():
     assert cmd[cmd.index("-m") + 1] == "snr_dist.cli" and "train" in cmd
 
 
+def test_the_image_runs_the_installed_package_not_a_source_copy():
+    """torchrun -m snr_dist.cli from the working directory imports a snr_dist/ folder there
+    before the installed wheel, and the source tree has no snr_dist.triton_kernels (the wheel
+    maps it from kernels/): the image must not leave the package's sources in WORKDIR, and the
+    build checks that the Triton kernels import."""
+    steps = parse_dockerfile((ROOT / "Dockerfile").read_text())
+    workdir = dict(steps)["WORKDIR"]
+    for word, args in steps:
+        if word == "COPY":
+            *srcs, dest = args.split()
+            dest = dest if dest.startswith("/") else f"{workdir}/{dest}"
+            if "snr_dist" in srcs or "kernels" in srcs:
+                assert not dest.rstrip("/").startswith(workdir), (srcs, dest)
+    runs = " ".join(args for word, args in steps if word == "RUN")
+    assert "import snr_dist, snr_dist.triton_kernels" in runs
+
+
 def test_launch_scripts_parse_and_document_their_environment():
     for name in ("torchrun.sh", "multinode.sh", "slurm.sbatch"):
         script = ROOT / "launch" / name
