@@ -14,8 +14,18 @@ PYTHON=${PYTHON:-python}
 TP=${TP:-1}
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 CONFIG=${CONFIG:-configs/megatron/gpt_tiny.yaml}
-if (( NPROC_PER_NODE % TP != 0 )); then
-  echo "NPROC_PER_NODE=$NPROC_PER_NODE is not a multiple of TP=$TP" >&2
+positive='^[1-9][0-9]*$'
+if [[ ! $TP =~ $positive ]]; then
+  echo "TP=$TP: allowed: an int >= 1" >&2
+  exit 2
+fi
+if [[ $NPROC_PER_NODE =~ $positive ]]; then
+  if (( NPROC_PER_NODE % TP != 0 )); then
+    echo "NPROC_PER_NODE=$NPROC_PER_NODE is not a multiple of TP=$TP" >&2
+    exit 2
+  fi
+elif [[ $NPROC_PER_NODE != gpu && $NPROC_PER_NODE != auto ]]; then
+  echo "NPROC_PER_NODE=$NPROC_PER_NODE: allowed: an int >= 1, gpu or auto" >&2
   exit 2
 fi
 # Megatron's tensor-parallel overlap assumes one CUDA work queue per device.

@@ -172,7 +172,11 @@ def _entk(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.output_dir or cfg.output_dir) / cfg.name
     print(f"snr-dist {__version__}: ENTK target spectrum {cfg.name} -> {out_dir}/", flush=True)
-    run_entk(cfg, out_dir, progress=not args.no_progress)
+    try:
+        run_entk(cfg, out_dir, progress=not args.no_progress)
+    except ConfigError as e:  # what only the data can tell (the training split's size)
+        print(f"snr-dist: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out_dir}/entk.json, {out_dir}/entk.png")
     return 0
 

@@ -131,6 +131,14 @@ def data_parallel_group(pg_collection=None):
 
 
 def _snr_options(snr: SNROptions | dict[str, Any] | None) -> dict[str, Any]:
+    given = set(snr) if isinstance(snr, dict) else set()
+    if isinstance(snr, SNROptions) and snr.snr_beta2 != SNROptions().snr_beta2:
+        given.add("snr_beta2")
+    if "snr_beta2" in given:  # as SNRAdamW refuses it, instead of dropping it
+        raise MegatronConfigError(
+            "snr_beta2 applies to SNRPreconditioner; SNRAdamW's squared-gradient EMA is Adam's "
+            "own: set the optimizer's adam_beta2"
+        )
     opts = SNROptions.parse(snr).model_dump(exclude={"snr_beta2"})
     if opts["estimator"] == "cross_sample":
         raise MegatronConfigError(

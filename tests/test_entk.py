@@ -349,6 +349,8 @@ def test_entk_command_nystrom_at_init_only(tmp_path):
         ("training.optimizer=sgd", ["training.optimizer", "'sgd'", "'snr_adamw'"]),
         ("data.n_points=1", ["data.n_points = 1", "greater than or equal to 2"]),
         ("kernel.landmarks=500", ["kernel.landmarks (500)", "data.n_points (200)"]),
+        # more points than the training split holds (it used to be capped without a word)
+        ("data.n_points=5000", ["data.n_points = 5000", "the training split has 1348 points"]),
     ],
 )
 def test_entk_command_rejects_bad_configs_naming_the_key(tmp_path, capsys, override, expected):
@@ -362,3 +364,22 @@ def test_entk_command_rejects_bad_configs_naming_the_key(tmp_path, capsys, overr
     for piece in expected:
         assert piece in err, (piece, err)
     assert not any(tmp_path.iterdir())  # failed before any work
+
+
+def test_entk_json_stays_strict_json_when_training_diverges(tmp_path):
+    """lr 1e6 makes the weights non-finite in the first epoch: training stops there (a NaN
+    kernel has no eigendecomposition) and entk.json stays strict JSON, null and not NaN (which
+    jq and JSON.parse reject)."""
+    args = ["entk", "--config", str(DIGITS), "--output-dir", str(tmp_path), "--no-progress"]
+    for item in (
+        "training.epochs=1",
+        "training.lr=1e6",
+        "data.n_points=20",
+        "kernel.chunk_size=20",
+    ):
+        args += ["--set", item]
+    assert main(args) == 0
+    text = next(tmp_path.rglob("entk.json")).read_text()
+    payload = json.loads(text, parse_constant=lambda c: pytest.fail(f"entk.json holds {c}"))
+    assert payload["diverged_in_epoch"] == 1  # stopped there; the record at init is kept
+    assert [r["epoch"] for r in payload["records"]] == [0]

@@ -500,8 +500,8 @@ def test_entk_records_must_end_at_the_final_step():
 
 def test_summary_json_is_strict_json(tmp_path):
     """A column without values (the reservoir share at 0% noise) is null, not NaN."""
-    from snr_dist.experiments.study_report import _json_safe
+    from snr_dist.experiments.json_safe import json_safe
 
     summary = {"a": [float("nan"), 1.0], "b": {"c": float("inf")}, "d": (1, float("-inf"))}
-    text = json.dumps(_json_safe(summary), allow_nan=False)
+    text = json.dumps(json_safe(summary), allow_nan=False)
     assert json.loads(text) == {"a": [None, 1.0], "b": {"c": None}, "d": [1, None]}

@@ -74,3 +74,36 @@ def test_gpu_checks_fail_when_the_checks_fail(tmp_path):
     )
     assert run.returncode != 0, run.stdout + run.stderr
     assert "step failed" in run.stdout + run.stderr
+
+
+def test_megatron_launcher_names_bad_parallel_sizes():
+    """TP=0 used to launch with --tp 0 after a bash division-by-zero message, TP=abc and
+    NPROC_PER_NODE=gpu (a torchrun value) died as "unbound variable"."""
+    cases = {
+        ("0", "2"): "TP=0: allowed: an int >= 1",
+        ("-1", "2"): "TP=-1: allowed: an int >= 1",
+        ("abc", "2"): "TP=abc: allowed: an int >= 1",
+        ("2", "3"): "NPROC_PER_NODE=3 is not a multiple of TP=2",
+        ("1", "x"): "NPROC_PER_NODE=x: allowed: an int >= 1, gpu or auto",
+    }
+    for (tp, nproc), message in cases.items():
+        env = {**os.environ, "TP": tp, "NPROC_PER_NODE": nproc, "PYTHON": "echo"}
+        run = subprocess.run(
+            ["bash", str(ROOT / "launch" / "megatron_gpt.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+        assert run.returncode == 2 and message in run.stderr, (tp, nproc, run.stderr)
+    env = {**os.environ, "TP": "1", "NPROC_PER_NODE": "gpu", "PYTHON": "echo"}
+    run = subprocess.run(
+        ["bash", str(ROOT / "launch" / "megatron_gpt.sh"), "--steps", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0 and "--nproc_per_node=gpu" in run.stdout

@@ -316,6 +316,9 @@ def test_refusals_name_the_setting():
         get_megatron_snr_optimizer(_config(), [], snr={"basis_side": "rows"})
     with pytest.raises(ValueError, match="Invalid tau"):
         get_megatron_snr_optimizer(_config(), [], snr={"tau": -1.0})
+    # refused as SNRAdamW refuses it (it used to be dropped without a word)
+    with pytest.raises(MegatronConfigError, match="snr_beta2 applies to SNRPreconditioner"):
+        get_megatron_snr_optimizer(_config(), [], snr={"snr_beta2": 0.5})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
@@ -324,6 +327,23 @@ def test_example_script_fails_clearly_without_cuda():
 
     with pytest.raises(SystemExit, match="needs CUDA"):
         main(["--config", CONFIG, "--steps", "1"])
+
+
+def test_example_script_checks_its_arguments_before_any_work(tmp_path, capsys):
+    """--steps 0 was taken as unset (200 steps) and a --save folder that did not exist failed
+    only after training; bad numbers now stop at once, and the folder is made up front."""
+    from snr_dist.experiments.megatron_gpt import main
+
+    for flag in ("--steps", "--tp"):
+        with pytest.raises(SystemExit) as e:
+            main(["--config", CONFIG, flag, "0"])
+        assert e.value.code == 2
+        assert f"{flag} 0: allowed: an int >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # then stops for want of CUDA, after making the folder
+        save = tmp_path / "not" / "yet"
+        with pytest.raises(SystemExit, match="needs CUDA"):
+            main(["--config", CONFIG, "--steps", "1", "--save", str(save)])
+        assert save.is_dir()
 
 
 def test_example_config_is_validated(tmp_path):

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from snr_dist.experiments.config import OptimizerConfig, _Strict, load_config
+from snr_dist.experiments.config import ConfigError, OptimizerConfig, _Strict, load_config
+from snr_dist.experiments.json_safe import json_safe
 from snr_dist.options import SNROptions
 
 
@@ -102,10 +103,15 @@ def run_entk(cfg: ENTKConfig, out_dir: str | Path, progress: bool = True) -> dic
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     d, t, k = cfg.data, cfg.training, cfg.kernel
     data = load_digits_noisy(d.label_noise, d.test_fraction, d.seed)
+    if d.n_points > len(data.x_train):  # the subset is drawn from the training split
+        raise ConfigError(
+            f"data.n_points = {d.n_points}: the training split has {len(data.x_train)} points "
+            f"(data.test_fraction = {d.test_fraction}); allowed: 2 to {len(data.x_train)}"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     net = mlp(
         data.num_features, cfg.model.hidden, data.num_classes, cfg.model.activation, cfg.model.seed
     )
@@ -138,6 +144,7 @@ def run_entk(cfg: ENTKConfig, out_dir: str | Path, progress: bool = True) -> dic
     t0 = time.perf_counter()
     snapshot(0, 0)
     step = 0
+    diverged = None
     n = len(data.x_train)
     for epoch in tqdm(range(1, t.epochs + 1), desc="train", disable=not progress, leave=False):
         net.train()
@@ -148,6 +155,11 @@ def run_entk(cfg: ENTKConfig, out_dir: str | Path, progress: bool = True) -> dic
             F.cross_entropy(net(data.x_train[idx]), data.y_train[idx]).backward()
             opt.step()
             step += 1
+        if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+            # a non-finite model has no kernel to decompose: stop, keep what was recorded
+            diverged = epoch
+            tqdm.write(f"training diverged in epoch {epoch} (non-finite weights): stopped")
+            break
         if epoch % t.record_every == 0 or epoch == t.epochs:
             snapshot(epoch, step)
     payload = {
@@ -157,9 +169,11 @@ def run_entk(cfg: ENTKConfig, out_dir: str | Path, progress: bool = True) -> dic
         "flipped_in_subset": flipped_in_subset,
         "indices": cb.indices.tolist(),
         "wall_s": time.perf_counter() - t0,
+        "diverged_in_epoch": diverged,
         "records": cb.history,
     }
-    (out_dir / "entk.json").write_text(json.dumps(payload, indent=1))
+    # strict JSON: a diverged run's non-finite numbers are null
+    (out_dir / "entk.json").write_text(json.dumps(json_safe(payload), indent=1))
     first, last = cb.history[0], cb.history[-1]
     shown = [first] if first is last else [first, last]
     plot_cumulative(

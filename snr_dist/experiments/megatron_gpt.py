@@ -222,10 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--save", default=None, help="directory for a dist_checkpointing test")
     args = parser.parse_args(argv)
+    for name in ("tp", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} {value}: allowed: an int >= 1")
+    if args.save is not None:  # dist_checkpointing writes into an existing folder: make it now
+        Path(args.save).mkdir(parents=True, exist_ok=True)  # rather than fail after training
     cfg = load_config(args.config)
     if args.optimizer:
         cfg["optimizer"] = args.optimizer
-    if args.steps:
+    if args.steps is not None:
         cfg["train"]["steps"] = args.steps
     out = train(cfg, tp=args.tp, save_dir=args.save)
     if dist.get_rank() == 0:

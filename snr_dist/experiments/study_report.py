@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from snr_dist.experiments.json_safe import json_safe
 from snr_dist.experiments.studies import STUDIES, conv_test_keys
 from snr_dist.experiments.study import Row, StudyConfig, machine, markdown_table, mean_sd
 
@@ -287,7 +288,7 @@ def write(
         "derived": head,
     }
     # strict JSON: a column with no values (mean_sd of nothing) is null, not NaN
-    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    (out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
     plot(cfg, selected, out_dir / "curves.png")  # the tables are on disk if plotting fails
     if plot_gates(cfg, selected, out_dir / "gates.png"):
         text += "\n![gate traces](gates.png)\n"
@@ -295,13 +296,3 @@ def write(
     else:  # a previous run's traces do not belong to this report
         (out_dir / "gates.png").unlink(missing_ok=True)
     return text
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
