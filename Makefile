@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# The CPU wheel of this version lies on the project machines' disk; pinning it keeps pip from
-# ever pulling a multi-GB CUDA build of torch.
-TORCH_SPEC ?= torch==2.13.0
+# The CPU build, by its local version: PyPI's Linux wheel of torch is a multi-GB CUDA build.
+# pip finds it where the project machines keep it (their find-links), else on PyTorch's CPU
+# index: PyPI has no "+cpu" version, so that first try fails at once rather than downloading.
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP  := $(VENV)/.snr-dist-installed
 
 .PHONY: demo test lint bench docs clean experiments
@@ -13,7 +15,8 @@ STAMP  := $(VENV)/.snr-dist-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "$(TORCH_SPEC)" 2>/dev/null \
+	  || $(PIP) install -q --extra-index-url $(TORCH_CPU_INDEX) "$(TORCH_SPEC)"
 	$(PY) -c "import torch, sys; sys.exit('a CUDA build of torch was installed; use the CPU wheel' if torch.version.cuda else 0)"
 	$(PIP) install -q -e ".[examples,dev,deepspeed,megatron,triton,hf,lightning,tensorboard]"
 	touch $(STAMP)
