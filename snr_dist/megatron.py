@@ -424,9 +424,20 @@ class SNRFloat16Optimizer(_SNRCheckpointing, Float16OptimizerWithFloat16Params):
         return out
 
     def load_state_dict(self, state_dict) -> None:
-        load_snr_state(self.optimizer, state_dict["snr"])
+        """A loaded `sharded_state_dict` (key ``"snr"``) or Megatron's plain ``state_dict()``
+        (``"optimizer"``, ``"grad_scaler"``, ``"fp32_from_fp16_params"``: torch-format
+        checkpoints), as `SNRFP32Optimizer` takes both."""
         if self.grad_scaler and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        if "snr" not in state_dict:
+            key = "optimizer" if "optimizer" in state_dict else "optimizer_state_dict"
+            self.optimizer.load_state_dict(state_dict[key])
+            saved = state_dict.get("fp32_from_fp16_params", state_dict.get("fp32_from_fp16", []))
+            for current, kept in zip(self.fp32_from_float16_groups, saved):
+                for param, value in zip(current, kept):
+                    param.data.copy_(value.data)
+            return
+        load_snr_state(self.optimizer, state_dict["snr"])
         params = self.get_parameters()
         for i, value in state_dict.get("fp32_from_fp16_params", {}).items():
             params[i].data.copy_(value)

@@ -321,6 +321,25 @@ def test_refusals_name_the_setting():
         get_megatron_snr_optimizer(_config(), [], snr={"snr_beta2": 0.5})
 
 
+def test_float16_wrapper_loads_megatrons_plain_state_dict():
+    """The bf16/fp16 wrapper's state_dict() is Megatron's plain format (torch-format
+    checkpoints); its load_state_dict took only the sharded one (KeyError 'snr'). Its __init__
+    needs CUDA, so the object is assembled by hand around a real SNRAdamW."""
+    from snr_dist import SNRAdamW
+    from snr_dist.megatron import SNRFloat16Optimizer
+
+    saved = SNRAdamW([torch.nn.Parameter(torch.zeros(3))], lr=5e-3)
+    wrapper = SNRFloat16Optimizer.__new__(SNRFloat16Optimizer)
+    wrapper.optimizer = SNRAdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-2)
+    wrapper.grad_scaler, wrapper.config = None, _config()
+    main = torch.zeros(3)
+    wrapper.fp32_from_float16_groups = [[main]]
+    plain = {"optimizer": saved.state_dict(), "fp32_from_fp16_params": [[torch.ones(3)]]}
+    wrapper.load_state_dict(plain)
+    assert wrapper.optimizer.param_groups[0]["lr"] == 5e-3
+    assert torch.equal(main, torch.ones(3))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_example_script_fails_clearly_without_cuda():
     from snr_dist.experiments.megatron_gpt import main
