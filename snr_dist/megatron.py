@@ -51,7 +51,7 @@ from torch import Tensor
 
 from snr_dist.layout import Kind
 from snr_dist.optim.snr_adamw import SNRAdamW
-from snr_dist.options import SNROptions, complete_saved_group, param_mode
+from snr_dist.options import SNROptions, complete_saved_group, gives_snr_beta2, param_mode
 
 try:
     from megatron.core import parallel_state
@@ -131,10 +131,7 @@ def data_parallel_group(pg_collection=None):
 
 
 def _snr_options(snr: SNROptions | dict[str, Any] | None) -> dict[str, Any]:
-    given = set(snr) if isinstance(snr, dict) else set()
-    if isinstance(snr, SNROptions) and snr.snr_beta2 != SNROptions().snr_beta2:
-        given.add("snr_beta2")
-    if "snr_beta2" in given:  # as SNRAdamW refuses it, instead of dropping it
+    if gives_snr_beta2(snr):  # as SNRAdamW refuses it, instead of dropping it
         raise MegatronConfigError(
             "snr_beta2 applies to SNRPreconditioner; SNRAdamW's squared-gradient EMA is Adam's "
             "own: set the optimizer's adam_beta2"

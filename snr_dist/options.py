@@ -213,6 +213,14 @@ def validate_kernels(value: Any, name: str = "kernels") -> None:
     _choice(name, value, KERNEL_CHOICES)
 
 
+def gives_snr_beta2(snr: Any, extra: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``snr`` (options, a mapping or None) or ``extra`` set ``snr_beta2``: an
+    SNRPreconditioner option that every SNRAdamW front end refuses (Adam keeps its own EMA)."""
+    if isinstance(snr, SNROptions):
+        return snr.snr_beta2 != SNROptions().snr_beta2 or "snr_beta2" in (extra or {})
+    return "snr_beta2" in (extra or {}) or (isinstance(snr, Mapping) and "snr_beta2" in snr)
+
+
 def validate_adam(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
     """Adam's own hyper-parameters, with the same style of message."""
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:

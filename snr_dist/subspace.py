@@ -371,7 +371,9 @@ def apply_gates(
 def _write_back(t: Tensor, mat: Tensor, rows: bool) -> None:
     """`matrix_view` copies a tensor whose strides have no 2-D view (a channels_last conv
     weight, a permuted parameter): what was written into the copy goes back into ``t``."""
-    if t.numel() and mat.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+    if t.is_contiguous() or not t.numel():  # reshape gave a view (the usual case): no check
+        return
+    if mat.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
         t.copy_((mat if rows else mat.mT).reshape(t.shape))
 
 

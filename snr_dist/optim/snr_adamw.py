@@ -38,6 +38,7 @@ from snr_dist.optim.scratch import Scratch
 from snr_dist.options import (
     SNROptions,
     complete_saved_group,
+    gives_snr_beta2,
     validate_adam,
     validate_kernels,
 )
@@ -105,10 +106,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         process_group: ProcessGroup | str | None = "auto",
         **snr_options: Any,
     ) -> None:
-        given = set(snr_options) | (set(snr) if isinstance(snr, Mapping) else set())
-        if isinstance(snr, SNROptions) and snr.snr_beta2 != SNROptions().snr_beta2:
-            given.add("snr_beta2")
-        if "snr_beta2" in given:
+        if gives_snr_beta2(snr, snr_options):
             raise ValueError(
                 "snr_beta2 applies to SNRPreconditioner; SNRAdamW's squared-gradient EMA is "
                 "Adam's own: set betas[1]"
