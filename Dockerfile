@@ -25,17 +25,20 @@ WORKDIR /opt/snr-dist
 # tree in the working directory would shadow the installed package (`python -m` puts the working
 # directory first on sys.path), and the source tree lacks snr_dist.triton_kernels, which the
 # wheel maps from kernels/, so CUDA runs would silently take the torch path.
-COPY pyproject.toml README.md LICENSE /tmp/snr-dist-src/
+COPY pyproject.toml README.md LICENSE constraints.txt /tmp/snr-dist-src/
 COPY snr_dist /tmp/snr-dist-src/snr_dist
 COPY kernels /tmp/snr-dist-src/kernels
 COPY configs /tmp/snr-dist-src/configs
 COPY configs ./configs
 COPY launch ./launch
 
-# Keep the image's CUDA build of torch: pin it so the extras cannot replace it.
-RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-pin.txt \
+# Keep the image's CUDA build of torch (and the Triton it was built with): pin it so the extras
+# cannot replace it; every other package at the version the suite passed with (constraints.txt,
+# whose torch is the CPU wheel the tests run on).
+RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/pins.txt \
+ && grep -viE '^(torch|triton|nvidia-)' /tmp/snr-dist-src/constraints.txt >> /tmp/pins.txt \
  && cd /tmp/snr-dist-src \
- && python -m pip install --constraint /tmp/torch-pin.txt ".[deepspeed,triton,examples]" \
+ && python -m pip install --constraint /tmp/pins.txt ".[deepspeed,triton,examples]" \
  && cd /opt/snr-dist && rm -rf /tmp/snr-dist-src \
  && python -c "import snr_dist, snr_dist.triton_kernels, torch; print('snr-dist', snr_dist.__version__, 'from', snr_dist.__file__, 'torch', torch.__version__)"
 

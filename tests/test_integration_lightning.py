@@ -413,7 +413,6 @@ _LAUNCH_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", 
 def _run_script(path: Path, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     env = {
         **{k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS},
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "OMP_NUM_THREADS": "1",
         "PYTHONWARNINGS": "ignore",
     }

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# what `make` installs with; `make constraints` points it at an empty file to try the newest
+CONSTRAINTS = Path(os.environ.get("SNR_DIST_CONSTRAINTS", ROOT / "constraints.txt"))
 INSTRUCTIONS = {
     "FROM",
     "ENV",
@@ -58,6 +60,7 @@ def test_dockerfile_is_well_formed_pinned_and_complete():
                 assert (ROOT / src).exists(), f"COPY source {src} does not exist"
     runs = " ".join(args for word, args in steps if word == "RUN")
     assert ".[deepspeed,triton" in runs and "--constraint" in runs
+    assert "constraints.txt" in runs  # the versions the suite passed with (issue 32)
     entry = json.loads(dict(steps)["ENTRYPOINT"])
     assert entry == ["torchrun"]
     cmd = json.loads(dict(steps)["CMD"])
@@ -130,10 +133,23 @@ def test_pyproject_lists_every_package_of_the_source_tree():
     }
     assert on_disk <= set(listed), sorted(on_disk - set(listed))
     for name, folder in listed.items():
-        if name.startswith("snr_dist.configs."):  # data-only folders of bundled configs
+        if name.startswith("snr_dist.configs"):  # data-only folders of bundled configs
             assert folder.is_dir() and any(folder.iterdir()), (name, folder)
             continue
         assert (folder / "__init__.py").is_file(), (name, folder)
+
+
+def test_no_top_level_folder_of_the_checkout_is_a_regular_package_but_snr_dist():
+    """A regular package at the checkout's root is importable by its folder's name wherever the
+    root is on ``sys.path`` (a script there, ``python -m`` there, ``PYTHONPATH=.``) and hides an
+    installed distribution of that name: ``kernels/__init__.py`` hid Hugging Face's ``kernels``,
+    which transformers 5.25 imports (issue 32). Namespace folders lose to installed packages."""
+    regular = sorted(
+        p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "snr_dist"
+    )
+    # kernels/ and configs/ (PyPI has both names) are plain folders; what installs from them
+    # (kernels/triton_kernels, configs' data) is mapped into snr_dist by pyproject.toml
+    assert not regular, regular
 
 
 def test_the_docker_image_copies_every_folder_the_wheel_installs():
@@ -180,7 +196,9 @@ def test_the_wheel_installs_one_top_level_module_beside_pypis_kernels_package(tm
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     # PyPI's kernels with its own dependencies, then snr-dist without its (torch and the
     # rest come from this interpreter's site-packages, appended below: no second torch)
-    subprocess.run([*pip, "kernels"], check=True, capture_output=True)
+    subprocess.run(
+        [*pip, "--constraint", str(CONSTRAINTS), "kernels"], check=True, capture_output=True
+    )
     subprocess.run([*pip, "--no-deps", str(wheel)], check=True, capture_output=True)
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "zz_host_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
