@@ -29,6 +29,10 @@ around Adam's previous mean, right under drift) or ``second_moment`` (the 0.1 ru
 ``v - s^2``: exact for stationary gradients, reads a shrinking gradient as noise)."""
 MODES = ("diagonal", "subspace")
 BASIS_SIDES = ("auto", "rows", "cols")
+COMPLEMENTS = ("gated", "closed")
+"""Subspace mode's complement (the reservoir outside the tracked directions): ``gated`` by its
+own SNR (the rule), or ``closed`` (gate 0: updates confined to the rank-r span, a GaLore-like
+low-rank optimizer with ``gate="none"``; the control that separates the gate from the rank)."""
 KERNEL_CHOICES = ("auto", "torch", "triton", "compile")
 """Implementations of the hot loops: ``auto`` (Triton on CUDA when it imports, else torch, unless
 ``SNR_DIST_KERNELS`` says otherwise), one forced, or ``compile``: the diagonal temporal step as
@@ -66,6 +70,7 @@ _CHECKS = {
     "mode": lambda n, v: _choice(n, v, MODES, quote=True),
     "gate": lambda n, v: _choice(n, v, GATE_RULES, quote=True),
     "basis_side": lambda n, v: _choice(n, v, BASIS_SIDES, quote=True),
+    "complement": lambda n, v: _choice(n, v, COMPLEMENTS, quote=True),
     "tau": lambda n, v: _real(n, v, 0.0, math.inf, True, True),
     "gate_a": lambda n, v: _real(n, v, 0.0, math.inf, False, True),
     "snr_beta": lambda n, v: _real(n, v, *_UNIT),
@@ -105,6 +110,9 @@ class SNROptions(BaseModel):
         refresh_every: steps between basis refreshes (plus refreshes at steps 1, 2, 4, ...).
         sketch_beta: EMA factor of the subspace sketch.
         basis_side: "auto" (the smaller side), "rows" or "cols".
+        complement: subspace mode's orthogonal complement: "gated" by its own SNR, or
+            "closed" (gate 0: the update stays in the tracked span; with ``gate="none"`` a
+            low-rank Adam, the control for the gate's effect).
         seed: seed of the random initial bases (identical on every rank).
     """
 
@@ -123,6 +131,7 @@ class SNROptions(BaseModel):
     refresh_every: int = 50
     sketch_beta: float = 0.9
     basis_side: Literal[BASIS_SIDES] = "auto"
+    complement: Literal[COMPLEMENTS] = "gated"
     seed: int = 0
 
     @field_validator("*", mode="before")
@@ -130,6 +139,15 @@ class SNROptions(BaseModel):
     def _check(cls, value: Any, info) -> Any:
         _CHECKS[info.field_name](info.field_name, value)
         return value
+
+    @model_validator(mode="after")
+    def _closed_needs_subspace(self) -> SNROptions:
+        if self.complement == "closed" and self.mode != "subspace":
+            raise ValueError(
+                "Invalid complement: 'closed'; allowed with mode='subspace' only (diagonal "
+                "mode has no tracked span)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _temporal_needs_memory(self) -> SNROptions:

@@ -94,10 +94,24 @@ def gate_active(group: dict, step: int) -> bool:
     return group["estimator"] == "cross_sample" or step >= 2
 
 
-def gate_values(group: dict, raw: Tensor, var: Tensor, k: float, step: int) -> Tensor:
+def complement_closed(group: dict) -> bool:
+    """``complement="closed"``: a tracked parameter's update is projected onto its span at
+    every step, warm-up and ``gate="none"`` included."""
+    return group.get("complement", "gated") == "closed"
+
+
+def gate_values(
+    group: dict, raw: Tensor, var: Tensor, k: float, step: int, subspace: bool = False
+) -> Tensor:
+    """The gates; ``subspace``: the last entry of each row is the complement direction, 0 at
+    every step with ``complement="closed"``."""
     if not gate_active(group, step):
-        return torch.ones_like(raw)
-    return rule.gate(raw, var, k, group["gate"], group["tau"], group["gate_a"])
+        g = torch.ones_like(raw)
+    else:
+        g = rule.gate(raw, var, k, group["gate"], group["tau"], group["gate_a"])
+    if subspace and complement_closed(group):
+        g[..., -1] = 0.0
+    return g
 
 
 def impl(group: dict, device) -> str:

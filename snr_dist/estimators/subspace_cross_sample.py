@@ -101,7 +101,7 @@ class SubspaceCrossSample(Estimator):
                 st["raw_energy"].lerp_(raw_e, 1.0 - beta)
                 st["noise_energy"].lerp_(var_e, 1.0 - beta)
             raw, var = subspace.cross_direction_moments(st, s.step, beta)
-            gates = gate_values(group, raw, var, 1.0, s.step)
+            gates = gate_values(group, raw, var, 1.0, s.step, subspace=True)
             self.current[s.param] = gates
             self.last[s.param] = {
                 "raw": raw,

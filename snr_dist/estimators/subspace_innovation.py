@@ -127,7 +127,7 @@ class SubspaceInnovation(Estimator):
             else:  # one gradient carries no noise estimate (the gate is 1 at step 1)
                 raw = var = torch.zeros(len(idx), r + 1, device=vecs.device)
                 k = 1.0
-            gates = gate_values(group, raw, var, k, t)
+            gates = gate_values(group, raw, var, k, t, subspace=True)
             # per-parameter metrics (moments, captured energy) are read from the batch's
             # tensors only when asked: ~10 small ops per batch less on every step
             batch = (raw, var, k, gates, r)

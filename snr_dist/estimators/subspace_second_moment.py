@@ -102,7 +102,7 @@ class SubspaceSecondMoment(Estimator):
         for (n, t), idx in batches.items():
             vecs = torch.stack([sums[i] for i in idx])
             raw, var, k = subspace.temporal_direction_moments(vecs, t, beta_s, beta_v)
-            gates = gate_values(group, raw, var, k, t)
+            gates = gate_values(group, raw, var, k, t, subspace=True)
             r = (n - 2) // 2
             for j, i in enumerate(idx):
                 p, vec = slots[i].param, sums[i]

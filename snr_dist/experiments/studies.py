@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from snr_dist.experiments.tasks import DigitsTask, ModularTask
 
@@ -53,7 +53,47 @@ def _digits_summary(history: list[dict]) -> dict[str, float]:
     }
 
 
-# ---------------------------------------------------------------------- double descent
+# ---------------------------------------------------------------------- horizons
+class HorizonTask(_Strict):
+    """`label_noise_horizon`: one run per configuration, read at every training length."""
+
+    # a fraction is symmetric noise; "pairflip:0.3" flips k -> k + 1 (data.parse_noise)
+    noise: list[float | str] = Field(
+        default_factory=lambda: [0.0, 0.2, 0.4, "pairflip:0.3"], min_length=1
+    )
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], min_length=1)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    # the training lengths the report reads (steps; each an evaluation step)
+    horizons: list[int] = Field(default_factory=lambda: [1500, 4500, 15000, 45000], min_length=1)
+    # clean labels only measure speed: their runs stop here (0: the budget's steps)
+    clean_steps: int = Field(default=0, ge=0)
+    test_targets: list[float] = Field(default_factory=lambda: [0.95, 0.97], min_length=1)
+
+    @model_validator(mode="after")
+    def _valid(self) -> HorizonTask:
+        from snr_dist.experiments.data import parse_noise
+
+        for spec in self.noise:
+            parse_noise(spec)
+        if sorted(set(self.horizons)) != list(self.horizons):
+            raise ValueError(f"horizons must be increasing and distinct, got {self.horizons}")
+        return self
+
+
+def is_clean(setting: float | str) -> bool:
+    from snr_dist.experiments.data import parse_noise
+
+    return parse_noise(setting)[1] == 0.0
+
+
+def _horizon_summary(cfg: HorizonTask, history: list[dict], stopped: int | None) -> dict:
+    out = _digits_summary(history)
+    for a in cfg.test_targets:
+        step = _first(history, "test_acc", lambda v, a=a: v >= a)
+        out[f"steps_to_{_test_target(a)}"] = None if step is None else float(step)
+    return out
+
+
 class DoubleDescentTask(_Strict):
     label_noise: float = Field(default=0.2, ge=0, lt=1)
     widths: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 512], min_length=2)
@@ -249,6 +289,8 @@ class Study:
     columns: list[tuple[str, str, str]] | Callable[[Any], list[tuple[str, str, str]]]
     setting_label: str
     callback: Callable | None = None
+    # a setting's own run length (0: the budget's)
+    steps_for: Callable[[Any, Any], int] | None = None
 
     def columns_for(self, task: dict | BaseModel) -> list[tuple[str, str, str]]:
         """The report's columns for a study config's ``task`` section."""
@@ -278,6 +320,17 @@ STUDIES: dict[str, Study] = {
         score=lambda s: s["final_val_acc"],
         columns=_DIGITS_COLUMNS,
         setting_label="label noise",
+    ),
+    "label_noise_horizon": Study(
+        task_model=HorizonTask,
+        settings=lambda c: list(c.noise),
+        make_task=lambda c, noise, seed: DigitsTask(noise, c.hidden, seed, c.activation),
+        stop=lambda c, rec, h: False,
+        summarise=_horizon_summary,
+        score=lambda s: s["final_val_acc"],
+        columns=_DIGITS_COLUMNS,
+        setting_label="label noise",
+        steps_for=lambda c, setting: c.clean_steps if is_clean(setting) and c.clean_steps else 0,
     ),
     "double_descent": Study(
         task_model=DoubleDescentTask,

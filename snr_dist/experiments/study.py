@@ -55,6 +55,9 @@ class MethodConfig(_Strict):
     # linear lr warm-up over the first steps (lr * step / lr_warmup), as transformer recipes
     # do; 0: constant lr
     lr_warmup: int = Field(default=0, ge=0)
+    # each step's batch as this many equal micro-batches, one backward pass each (gradient
+    # accumulation; what the cross-sample estimator reads)
+    microbatches: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> MethodConfig:
@@ -62,6 +65,11 @@ class MethodConfig(_Strict):
             raise ValueError("'snr' options apply only to type 'snr_adamw'")
         if any(lr <= 0 for lr in self.lr) or any(wd < 0 for wd in self.weight_decay):
             raise ValueError("lr values must be > 0 and weight_decay values >= 0")
+        if self.snr is not None and self.snr.estimator == "cross_sample" and self.microbatches < 2:
+            raise ValueError(
+                f"microbatches = {self.microbatches}: estimator 'cross_sample' needs >= 2 "
+                "(it measures the spread of one step's micro-batch gradients)"
+            )
         return self
 
     def grid(self) -> list[dict[str, float]]:
@@ -75,11 +83,33 @@ class BudgetConfig(_Strict):
     # Record each SNR optimizer's per-parameter gate mean and SNR quantiles at every evaluation
     # (``history[i]["gates"]``; a picture in the report).
     trace_gates: bool = False
+    # Also evaluate every ``eval_dense_every`` steps up to ``eval_dense_until`` (early speed at
+    # a finer grain than a long run's ``eval_every``).
+    eval_dense_until: int = Field(default=0, ge=0)
+    eval_dense_every: int = Field(default=10, ge=1)
+    # Attach a `snr_dist.stopping.StopMonitor` (defaults) to every run and record its reading
+    # (``stop_ratio``, ``stop_step``) and the mean gate of SNR runs at each evaluation.
+    monitor: bool = False
+    # After the grid, run each method's selected point (per setting, all seeds) again to this
+    # many steps: one longer run per selected configuration, evaluated at every horizon.
+    extend_to: int = Field(default=0, ge=0)
+
+
+# BudgetConfig fields added after runs were published: left out of the config hash at their
+# default, so studies that do not use them keep their finished runs
+_LATER_BUDGET_FIELDS = ("eval_dense_until", "eval_dense_every", "monitor", "extend_to")
 
 
 class StudyConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    study: Literal["label_noise", "grokking", "double_descent", "convergence", "entk_partition"]
+    study: Literal[
+        "label_noise",
+        "label_noise_horizon",
+        "grokking",
+        "double_descent",
+        "convergence",
+        "entk_partition",
+    ]
     output_dir: str = "runs/experiments"
     seeds: list[int] = Field(min_length=1)
     workers: int = Field(default=2, ge=1)
@@ -87,6 +117,9 @@ class StudyConfig(_Strict):
     budget: BudgetConfig
     methods: list[MethodConfig] = Field(min_length=1)
     oracle_early_stopping: list[str] = Field(default_factory=list)
+    # the smaller-step control: for each SNR method named here, AdamW at that method's selected
+    # lr times its mean gate over the run (per setting, every seed), run to the longest horizon
+    gate_matched: list[str] = Field(default_factory=list)
     # the report also lists every grid point of every method (where a method's optimum sits,
     # and how narrow it is, is part of the result when grids differ between methods)
     report_grid: bool = False
@@ -98,6 +131,14 @@ class StudyConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"method names must be unique, repeated: {dup}")
+        snr_names = [m.name for m in self.methods if m.type == "snr_adamw"]
+        stray = sorted(set(self.gate_matched) - set(snr_names))
+        if stray:
+            raise ValueError(
+                f"gate_matched names {stray}, not SNR methods; SNR methods: {snr_names}"
+            )
+        if self.gate_matched and not self.budget.monitor:
+            raise ValueError("gate_matched reads the runs' mean gates: set budget.monitor: true")
         unknown = sorted(set(self.oracle_early_stopping) - set(names))
         if unknown:
             raise ValueError(
@@ -144,6 +185,11 @@ def load_study(
             else:
                 lines.append(f"  - {key} = {err.get('input')!r}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
+    if cfg.budget.extend_to and cfg.budget.extend_to <= cfg.budget.steps:
+        raise ConfigError(
+            f"{p}: budget.extend_to = {cfg.budget.extend_to}: must be above budget.steps "
+            f"({cfg.budget.steps}) (0: no extension)"
+        )
     every = cfg.task.get("record_every")
     if every is not None and every % cfg.budget.eval_every:
         raise ConfigError(
@@ -166,10 +212,17 @@ class Job:
     point: int
     seed: int
     method_hash: str = ""
+    steps: int = 0  # 0: the budget's; else an extension run of the selected point
+    spec: str = ""  # a method that no config lists (`gate_matched_jobs`), as JSON
 
     @property
     def key(self) -> str:
-        return json.dumps([self.setting, self.method, self.point, self.seed, self.method_hash])
+        fields = [self.setting, self.method, self.point, self.seed, self.method_hash]
+        if self.steps or self.spec:
+            fields.append(self.steps)
+        if self.spec:
+            fields.append(self.spec)
+        return json.dumps(fields)
 
 
 def _digest(d: Any) -> str:
@@ -183,15 +236,26 @@ def config_hash(cfg: StudyConfig) -> str:
     changing one method reruns only that method's jobs."""
     from snr_dist import __version__
 
-    exclude = {"output_dir", "workers", "smoke", "methods", "oracle_early_stopping", "report_grid"}
+    exclude = {
+        "output_dir",
+        "workers",
+        "smoke",
+        "methods",
+        "oracle_early_stopping",
+        "report_grid",
+        "gate_matched",
+    }
     d = cfg.model_dump(mode="json", exclude=exclude)
+    for name in _LATER_BUDGET_FIELDS:
+        if d["budget"][name] == BudgetConfig.model_fields[name].default:
+            del d["budget"][name]
     d["snr_dist_version"] = __version__
     return _digest(d)
 
 
 # MethodConfig fields added after runs were published: left out of a method's hash while at
 # their default, so methods that do not use them keep their hashes (and finished runs)
-_LATER_FIELDS = ("lr_warmup",)
+_LATER_FIELDS = ("lr_warmup", "microbatches")
 
 
 def method_hash(method: MethodConfig) -> str:
@@ -211,49 +275,118 @@ def build_optimizer(method: MethodConfig, point: dict[str, float], params) -> to
     return SNRAdamW(params, **common, snr=method.snr)
 
 
-def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
-    """Train one run and return its record (history of evaluations, wall time, stop step)."""
+def job_method(cfg: StudyConfig, job: Job) -> MethodConfig:
+    if job.spec:
+        return MethodConfig.model_validate_json(job.spec)
+    return next(m for m in cfg.methods if m.name == job.method)
+
+
+def run_steps(cfg: StudyConfig, job: Job) -> int:
+    """How long ``job`` trains: an extension's own length, else its setting's, else the
+    budget's."""
+    from snr_dist.experiments.studies import STUDIES
+
+    study = STUDIES[cfg.study]
+    if job.steps:
+        return job.steps
+    if study.steps_for is not None:
+        own = study.steps_for(study.task_model.model_validate(cfg.task), job.setting)
+        if own:
+            return own
+    return cfg.budget.steps
+
+
+def extends(cfg: StudyConfig, setting: Any) -> bool:
+    """Whether ``budget.extend_to`` applies to a setting (not to one with its own length)."""
+    from snr_dist.experiments.studies import STUDIES
+
+    study = STUDIES[cfg.study]
+    if not cfg.budget.extend_to:
+        return False
+    if study.steps_for is None:
+        return True
+    return not study.steps_for(study.task_model.model_validate(cfg.task), setting)
+
+
+def state_path(state_dir: Path, job: Job) -> Path:
+    """Where a grid run leaves its final state for an extension (`extension_jobs`)."""
+    grid = Job(job.setting, job.method, job.point, job.seed, job.method_hash)
+    return state_dir / f"{_digest(grid.key)}.pt"
+
+
+def train_job(cfg: StudyConfig, job: Job, state_dir: Path | None = None) -> dict[str, Any]:
+    """Train one run and return its record (history of evaluations, wall time, stop step).
+
+    With ``state_dir`` and ``budget.extend_to``, a grid run saves its final state there and an
+    extension run continues from it (the same steps, bit for bit, as training from scratch:
+    model, optimizer, lr schedule, batch order, monitor and history are all restored)."""
     from snr_dist.experiments.studies import STUDIES
 
     study = STUDIES[cfg.study]
     task_cfg = study.task_model.model_validate(cfg.task)
     task = study.make_task(task_cfg, job.setting, job.seed)
-    method = next(m for m in cfg.methods if m.name == job.method)
+    method = job_method(cfg, job)
     point = method.grid()[job.point]
     model = task.model(job.seed)
     opt = build_optimizer(method, point, model.parameters())
+    budget = cfg.budget
+    monitor = None
+    if budget.monitor:
+        from snr_dist.stopping import StopMonitor
+
+        monitor = StopMonitor(opt, dataset_size=task.n_train, batch_size=budget.batch_size)
     warmup = (
         torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / method.lr_warmup))
         if method.lr_warmup
         else None
     )
     order = torch.Generator().manual_seed(10_000 + job.seed)
-    budget = cfg.budget
+    steps = run_steps(cfg, job)
     callback = study.callback(task_cfg, task, job) if study.callback else None
     names = {p: n for n, p in model.named_parameters()}
     history: list[dict[str, Any]] = []
     perm, cursor, wall, stopped = torch.randperm(task.n_train, generator=order), 0, 0.0, None
-    if callback is not None:
+    first = 1
+    saved = state_path(state_dir, job) if state_dir is not None else None
+    if job.steps and saved is not None and saved.is_file():
+        state = torch.load(saved, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if warmup is not None:
+            warmup.load_state_dict(state["warmup"])
+        if monitor is not None and state["monitor"] is not None:
+            monitor.load_state_dict(state["monitor"])
+        order.set_state(state["order"])
+        perm, cursor, wall = state["perm"], state["cursor"], state["wall"]
+        history = state["history"]
+        first = state["step"] + 1
+    if callback is not None and first == 1:
         callback(model, 0, history)
-    for step in range(1, budget.steps + 1):
+    for step in range(first, steps + 1):
         t0 = time.perf_counter()
         if cursor + budget.batch_size > task.n_train:
             perm, cursor = torch.randperm(task.n_train, generator=order), 0
         idx = perm[cursor : cursor + budget.batch_size]
         cursor += budget.batch_size
-        loss = task.loss(model, idx)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if method.microbatches == 1:
+            task.loss(model, idx).backward()
+        else:  # equal parts of the batch, each loss weighted by its share (a mean over idx)
+            for part in idx.chunk(method.microbatches):
+                (task.loss(model, part) * (len(part) / len(idx))).backward()
         opt.step()
         if warmup is not None:
             warmup.step()
         wall += time.perf_counter() - t0
-        if step % budget.eval_every == 0 or step == budget.steps:
+        dense = step <= budget.eval_dense_until and step % budget.eval_dense_every == 0
+        if dense or step % budget.eval_every == 0 or step == steps:
             rec = {"step": step, "wall_s": wall, **task.evaluate(model)}
             if not torch.isfinite(torch.tensor(rec["train_loss"])):
                 rec["diverged"] = True
             if budget.trace_gates and hasattr(opt, "metrics"):
                 rec["gates"] = gate_trace(opt, names)
+            if monitor is not None:
+                rec.update(_monitor_reading(monitor, opt))
             history.append(rec)
             if callback is not None:
                 callback(model, step, history)
@@ -262,6 +395,23 @@ def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
             if study.stop(task_cfg, rec, history):
                 stopped = step
                 break
+    if saved is not None and not job.steps and extends(cfg, job.setting) and stopped is None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "warmup": None if warmup is None else warmup.state_dict(),
+            "monitor": None if monitor is None else monitor.state_dict(),
+            "order": order.get_state(),
+            "perm": perm,
+            "cursor": cursor,
+            "wall": wall,
+            "history": history,
+            "step": history[-1]["step"],
+        }
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, saved)
     return {
         "key": job.key,
         "history": history,
@@ -273,6 +423,15 @@ def train_job(cfg: StudyConfig, job: Job) -> dict[str, Any]:
     }
 
 
+def _monitor_reading(monitor, opt) -> dict[str, Any]:
+    out = {"stop_ratio": monitor.read().get("ratio"), "stop_step": monitor.stop_step}
+    if hasattr(opt, "metrics"):  # the mean gate over every coordinate (the effective lr factor)
+        groups = opt.metrics()["params"].values()
+        sizes = [math.prod(g["shape"]) for g in groups]
+        out["gate_mean"] = sum(g["gate_mean"] * n for g, n in zip(groups, sizes)) / sum(sizes)
+    return out
+
+
 def gate_trace(opt, names: dict) -> dict[str, dict[str, float]]:
     """Per parameter: gate mean, share of gates below 0.1, SNR quantiles (``opt.metrics``)."""
     keep = ("gate_mean", "frac_gate_below_0.1", "snr_q10", "snr_q50", "snr_q90")
@@ -281,10 +440,10 @@ def gate_trace(opt, names: dict) -> dict[str, dict[str, float]]:
     }
 
 
-def _worker(args: tuple[dict, Job]) -> dict[str, Any]:
+def _worker(args: tuple[dict, Job, Path | None]) -> dict[str, Any]:
     torch.set_num_threads(1)
-    cfg_dict, job = args
-    return train_job(StudyConfig.model_validate(cfg_dict), job)
+    cfg_dict, job, state_dir = args
+    return train_job(StudyConfig.model_validate(cfg_dict), job, state_dir)
 
 
 def all_jobs(cfg: StudyConfig) -> list[Job]:
@@ -332,21 +491,54 @@ def run_study(
             path.write_text("".join(line + "\n" for line in kept))
     elif path.is_file():
         path.unlink()
-    wanted = {j.key for j in all_jobs(cfg)}
-    done = {k: v for k, v in done.items() if k in wanted}  # other methods' or old grids' runs
-    jobs = [j for j in all_jobs(cfg) if j.key not in done]
+    loaded = done
+    grid = all_jobs(cfg)
+    wanted = {j.key for j in grid}
+    done = {k: v for k, v in loaded.items() if k in wanted}  # other methods' or old grids' runs
+    jobs = [j for j in grid if j.key not in done]
     if done and progress:
         print(f"{len(done)} finished runs reused from {path} (--fresh to rerun)", flush=True)
-    cfg_dict = cfg.model_dump(mode="json")
-    with open(path, "a") as sink, tqdm(total=len(jobs), desc=cfg.name, disable=not progress) as bar:
+    with open(path, "a") as sink:
 
         def keep(rec: dict) -> None:
             rec["config"] = digest
             done[rec["key"]] = rec
             sink.write(json.dumps(rec) + "\n")
             sink.flush()
-            bar.update(1)
 
+        states = out_dir / "states" if cfg.budget.extend_to else None
+        _execute(cfg, jobs, keep, progress, cfg.name, states)
+        if cfg.budget.extend_to:
+            longer = extension_jobs(cfg, done)
+            done.update({j.key: loaded[j.key] for j in longer if j.key in loaded})
+            todo = [j for j in longer if j.key not in done]
+            desc = f"{cfg.name} to {cfg.budget.extend_to} steps"
+            _execute(cfg, todo, keep, progress, desc, states)
+        if cfg.gate_matched:
+            matched = gate_matched_jobs(cfg, done)
+            done.update({j.key: loaded[j.key] for j in matched if j.key in loaded})
+            todo = [j for j in matched if j.key not in done]
+            _execute(cfg, todo, keep, progress, f"{cfg.name}: AdamW at gated steps", None)
+    return done
+
+
+def _cost(cfg: StudyConfig, job: Job) -> float:
+    """A job's relative cost, to start the longest first (a shorter tail on the pool)."""
+    method = job_method(cfg, job)
+    per_step = 1.0 + 0.4 * (method.microbatches > 1)
+    if method.snr is not None:
+        per_step += 0.5 * (method.snr.mode == "subspace") + 1.0 * (
+            method.snr.estimator == "cross_sample"
+        )
+    return run_steps(cfg, job) * per_step
+
+
+def _execute(
+    cfg: StudyConfig, jobs: list[Job], keep, progress: bool, desc: str, states: Path | None
+) -> None:
+    jobs = sorted(jobs, key=lambda j: -_cost(cfg, j))
+    cfg_dict = cfg.model_dump(mode="json")
+    with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
         if cfg.workers == 1 or len(jobs) <= 1:
             # one torch thread, as in each worker process: results do not depend on --workers
             # (thread counts change reduction orders) and the report's "one thread" holds
@@ -354,7 +546,8 @@ def run_study(
             torch.set_num_threads(1)
             try:
                 for job in jobs:
-                    keep(train_job(cfg, job))
+                    keep(train_job(cfg, job, states))
+                    bar.update(1)
             finally:
                 torch.set_num_threads(threads)
         else:
@@ -363,14 +556,76 @@ def run_study(
             os.environ["OMP_NUM_THREADS"] = "1"
             try:
                 with ctx.Pool(min(cfg.workers, len(jobs))) as pool:
-                    for rec in pool.imap_unordered(_worker, [(cfg_dict, j) for j in jobs]):
+                    work = [(cfg_dict, j, states) for j in jobs]
+                    for rec in pool.imap_unordered(_worker, work):
                         keep(rec)
+                        bar.update(1)
             finally:
                 if env_threads is None:
                     os.environ.pop("OMP_NUM_THREADS", None)
                 else:
                     os.environ["OMP_NUM_THREADS"] = env_threads
-    return done
+
+
+GATE_MATCHED = "AdamW at {}'s step"
+
+
+def mean_gate(history: list[dict], until: int) -> float | None:
+    """The run's gate averaged over its evaluations up to step ``until``."""
+    gates = [h["gate_mean"] for h in history if h["step"] <= until and "gate_mean" in h]
+    return statistics.fmean(gates) if gates else None
+
+
+def gate_matched_jobs(cfg: StudyConfig, records: dict[str, dict]) -> list[Job]:
+    """`StudyConfig.gate_matched`: AdamW at the effective step of each named SNR method, the
+    control for "the gate only makes the step smaller": its lr is the SNR method's selected lr
+    times the mean gate of its runs (over the seeds and the first ``budget.steps`` steps)."""
+    out = []
+    for setting, rows in select(cfg, records).items():
+        if not extends(cfg, setting):
+            continue
+        for row in rows:
+            if row.method not in cfg.gate_matched:
+                continue
+            snr = next(m for m in cfg.methods if m.name == row.method)
+            gates = [mean_gate(h, cfg.budget.steps) for h in row.histories]
+            if any(g is None for g in gates):
+                continue
+            lr = float(f"{row.point['lr'] * statistics.fmean(gates):.3g}")
+            method = MethodConfig(
+                name=GATE_MATCHED.format(row.method),
+                type="adamw",
+                lr=[lr],
+                weight_decay=[row.point["weight_decay"]],
+                betas=snr.betas,
+                lr_warmup=snr.lr_warmup,
+            )
+            spec = method.model_dump_json()
+            steps = cfg.budget.extend_to or cfg.budget.steps
+            mh = method_hash(method)
+            out += [Job(setting, method.name, 0, s, mh, steps, spec) for s in cfg.seeds]
+    return out
+
+
+def extension_jobs(cfg: StudyConfig, records: dict[str, dict]) -> list[Job]:
+    """``budget.extend_to``: each method's selected grid point (per setting, by the study's
+    validation score at ``budget.steps``), every seed, run again to ``extend_to`` steps. The
+    runs are deterministic, so their first ``budget.steps`` steps repeat the grid run's."""
+    out = []
+    for setting, rows in select(cfg, records).items():
+        if not extends(cfg, setting):
+            continue
+        for row in rows:
+            method = next((m for m in cfg.methods if m.name == row.method), None)
+            if method is None:  # an oracle row
+                continue
+            point = method.grid().index(row.point)
+            mh = method_hash(method)
+            out += [
+                Job(setting, method.name, point, seed, mh, cfg.budget.extend_to)
+                for seed in cfg.seeds
+            ]
+    return out
 
 
 # ---------------------------------------------------------------------- aggregation

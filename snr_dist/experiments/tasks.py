@@ -4,9 +4,10 @@ A task holds its data (all of it fits in memory), builds a model from a seed (so
 starts from the same weights), hands out training batches in a seed-determined order (the same
 order for every optimizer), and evaluates a model into a flat dict of floats.
 
-- `DigitsTask`: scikit-learn's 8x8 digits, train / validation / test split, symmetric label noise
-  on train *and* validation (a practitioner's validation set is as noisy as the training set);
-  the test set stays clean. ``memorised``: share of flipped training labels the model predicts.
+- `DigitsTask`: scikit-learn's 8x8 digits, train / validation / test split, label noise
+  (symmetric, or pair-flip ``k -> k + 1``) on train *and* validation (a practitioner's
+  validation set is as noisy as the training set); the test set stays clean. ``memorised``:
+  share of flipped training labels the model predicts.
 - `ModularTask`: ``a + b`` or ``a / b`` mod ``p`` (the grokking task), a fraction of all pairs for
   training, the rest held out; an embedding MLP, or the grokking literature's small decoder-only
   transformer reading ``a b =`` and predicting the result at ``=``.
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from snr_dist.experiments.data import symmetric_label_noise
+from snr_dist.experiments.data import label_noise as make_label_noise
 from snr_dist.experiments.models import GPT, mlp
 
 
@@ -54,7 +55,7 @@ def _acc_loss(out: Tensor, y: Tensor) -> tuple[float, float]:
 class DigitsTask:
     def __init__(
         self,
-        label_noise: float,
+        label_noise: float | str,
         hidden: list[int],
         seed: int,
         activation: str = "relu",
@@ -71,8 +72,10 @@ class DigitsTask:
         n_test = round(test_fraction * len(x))
         n_val = round(val_fraction * len(x))
         test, val, train = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
-        y_train, self.flipped = symmetric_label_noise(y[train], label_noise, 10, g)
-        y_val, _ = symmetric_label_noise(y[val], label_noise, 10, g)
+        # a plain fraction is symmetric noise (the generator draws exactly as before);
+        # "pairflip:0.3" flips k -> k + 1 (`snr_dist.experiments.data.parse_noise`)
+        y_train, self.flipped = make_label_noise(y[train], label_noise, 10, g)
+        y_val, _ = make_label_noise(y[val], label_noise, 10, g)
         self.train = Split(x[train], y_train)
         self.train_clean = y[train]
         self.val = Split(x[val], y_val)

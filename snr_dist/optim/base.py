@@ -129,13 +129,25 @@ class SNROptimizerMixin:
         return self._engine.capture.weighted(weight)
 
     def metrics(self, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
-        """Gate and SNR statistics per group and per parameter; see `snr_dist.metrics`."""
+        """Gate and SNR statistics per group and per parameter; see `snr_dist.metrics`. With a
+        `snr_dist.stopping.StopMonitor` attached, its reading under ``"stop"``."""
         from snr_dist.metrics import collect_metrics
 
         zero = getattr(self, "_zero", None)
         if zero is not None:  # DeepSpeed ZeRO: the statistics live on this rank's row shards
-            return collect_metrics(zero.inner, zero.shard_names(names))
-        return collect_metrics(self, names)
+            out = collect_metrics(zero.inner, zero.shard_names(names))
+        else:
+            out = collect_metrics(self, names)
+        monitors = self.__dict__.get("_monitors") or []
+        if monitors:
+            out["stop"] = monitors[-1].metrics()
+        return out
+
+    def add_monitor(self, monitor) -> None:
+        """Report ``monitor`` (a `snr_dist.stopping.StopMonitor` built on this optimizer) in
+        `metrics`; its constructor calls this. Not saved with the optimizer: the monitor has
+        its own state_dict."""
+        self.__dict__.setdefault("_monitors", []).append(monitor)
 
     def sync_param_groups(self) -> None:
         """Re-read ``param_groups`` after a framework swapped the tensors in them (Megatron's

@@ -424,9 +424,11 @@ class SNREngine:
         ``alphas``, ``out <- decay * out + alpha * gated direction`` (directions untouched;
         ``decay``: the decoupled weight decay, which trackers fold into a matmul)."""
         by_est: dict[tuple[str, str], list[int]] = defaultdict(list)
+        closed = est.complement_closed(group)
         for i, s in enumerate(slots):
-            if est.gate_active(group, s.step):
-                by_est[est.estimator_key(s.param, group)].append(i)
+            key = est.estimator_key(s.param, group)
+            if est.gate_active(group, s.step) or (closed and self.estimators[key].tracks):
+                by_est[key].append(i)
             elif out is not None:
                 if decay != 1.0:
                     out[i].mul_(decay)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from snr_dist.distributors.dtensor import local
-from snr_dist.estimators import Moments, gate_active
+from snr_dist.estimators import Moments, complement_closed, gate_active
 from snr_dist.layout import Kind
 from snr_dist.optim.base import SNROptimizerMixin, advance_steps, step_tensor
 from snr_dist.options import SNROptions, complete_saved_group
@@ -311,7 +311,7 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
             snapshots = []
             for group, by_est in work:
                 slots = [s for ss in by_est.values() for s in ss]
-                active = any(gate_active(group, s.step) for s in slots)
+                active = complement_closed(group) or any(gate_active(group, s.step) for s in slots)
                 before = (
                     torch._foreach_mul([local(s.param) for s in slots], 1.0) if active else None
                 )
