@@ -1,32 +1,33 @@
 r"""A validation-free stop: when what is left of the gradient is what single examples explain.
 
-For a training set of ``n`` examples and batches of ``b``, let ``mu`` be the full-batch gradient
-and ``Sigma`` the per-example gradient covariance. Gradient-statistics stopping rules (Mahsereci
-et al. 2017, "Early Stopping without a Validation Set"; the gradient noise scale of McCandlish
-et al. 2018) compare ``|mu|^2`` with the noise of one step's gradient, ``tr(Sigma) / b``. Their
-usual threshold (stop when the signal is no larger than zero) fires only once the training loss
-is at its minimum, after a network has memorised whatever noisy labels it holds: on a *finite*
-training set the gradient never turns into pure noise while examples are still being fit.
+For a training set of ``n`` examples, per-example gradients ``g_i`` (at the current weights),
+their mean ``mu`` and covariance ``Sigma``, gradient-statistics stopping rules (Mahsereci et al.
+2017, "Early Stopping without a Validation Set"; the gradient noise scale of McCandlish et al.
+2018) compare ``|mu|^2`` with the noise of one step's gradient, ``tr(Sigma) / b``. Their usual
+threshold (stop when the signal is no larger than zero) fires only once the training loss is
+at its minimum, after a network has memorised whatever noisy labels it holds: on a *finite*
+training set the full-batch gradient is never zero while examples are still being fit.
 
-What does turn is its kind. When the per-example gradients share no direction (each example
-pulls its own way: memorising a flipped label, fitting residual noise), ``|mu|^2 ~ tr(Sigma) /
-n``, so the step's signal-to-noise ratio falls to ``b / (n - b)`` (sampling without
-replacement), the paper's finite-dataset threshold. Learning a pattern many examples share keeps
-it far above that. The monitor therefore reads
+What does vanish is the part of ``mu`` that *several* examples share. With ``N = n - 1``,
+``|mu|^2 = tr(Sigma) / N + sum_{i != j} g_i . g_j / (n N)``: the first term is what each
+example contributes on its own (memorising a flipped label, fitting residual noise), the second
+the alignment between different examples (a pattern many of them share). The monitor estimates
+the second directly, from two successive batches: batches drawn without replacement within an
+epoch hold different examples, so ``E[g_t . g_{t-1}] = |mu|^2 - tr(Sigma) / N``, the cross
+term alone, and ``E[|g_t - g_{t-1}|^2] / 2 ~ tr(Sigma) / b`` is one step's noise. Both use
+neighbouring steps only, so a gradient that drifts as training goes on does not read as noise
+(an EMA of the gradient over a long window does: it lags, and the lag looks like scatter).
 
-``ratio = (|mu|^2 / (tr(Sigma) / b)) / (b / (n - b))``  (equivalently ``(n - b) / B_noise``),
+It reports ``ratio = (n - b) / B_noise`` with ``B_noise = tr(Sigma) / |mu|^2`` rebuilt from
+those estimates: 1 when the per-example gradients share nothing (one step's SNR is then the
+paper's finite-dataset ``b / (n - b)``), far above 1 while shared patterns are being learned.
+A stop is signalled once it has stayed at or below ``threshold`` for ``patience`` checks.
+Sampling with replacement (independent batches) reads 2 instead of 1 at that point.
 
-from running statistics of the applied gradients, and signals a stop once it has stayed at or
-below ``threshold`` for ``patience`` checks: the coherent part of the gradient is gone. The
-estimates are those of the temporal SNR estimator (`snr_dist.snr`), summed over coordinates: an
-EMA ``m`` of the gradient (one fp32 tensor per monitored parameter, or every ``stride``-th
-coordinate of it) and the EMA of the scalar innovation energy ``sum (g_t - m_{t-1})^2``, with the
-same bias corrections. A window of several epochs (``beta = 0.99``: ~100 steps) makes ``m`` close
-to the time-averaged full-batch gradient, whatever the epoch structure of the sampling.
-
-It observes any optimizer (a step pre-hook: AdamW as well as the SNR optimizers) and costs no
-communication per step: every sum is linear in the coordinates, so a rank that holds a shard of
-each parameter (FSDP2, ZeRO's partitions) keeps partial sums, and one all-reduce of three numbers
+It observes any optimizer (a step pre-hook: AdamW as well as the SNR optimizers), keeps one
+fp32 copy of the last gradient (of every ``stride``-th coordinate), and costs no communication
+per step: its sums are linear in the coordinates, so a rank that holds a shard of each
+parameter (FSDP2, ZeRO's partitions) keeps partial sums, and one all-reduce of three numbers
 joins them when the statistic is read (every ``check_every`` steps). Replicated parameters
 (DDP) hold identical gradients on every rank and need none.
 """
@@ -55,8 +56,8 @@ class StopMonitor:
         optimizer: any ``torch.optim.Optimizer`` (SNRAdamW, SNRPreconditioner, AdamW, ...).
         dataset_size: training examples ``n`` (one epoch).
         batch_size: examples per optimizer step ``b`` (global: all ranks and micro-batches).
-        beta: EMA factor of the gradient mean and the noise energy (the window, ~1/(1-beta)
-            steps, should span several epochs).
+        beta: EMA factor over the successive-batch products (a window of ~1/(1-beta) steps;
+            it averages, it does not lag: each term compares neighbouring steps).
         threshold: stop once ``ratio <= threshold`` (1: nothing left beyond what single
             examples explain).
         patience: consecutive checks at or below the threshold before the stop is signalled.
@@ -112,8 +113,11 @@ class StopMonitor:
         self.process_group = process_group
         self.a = finite_dataset_snr(dataset_size, batch_size)
         self.step = 0
-        self.means: dict[Tensor, Tensor] = {}  # parameter -> EMA of its (strided) gradient
-        self.noise: Tensor | None = None  # EMA of the innovation energy (this rank's part)
+        self.means: dict[Tensor, Tensor] = {}  # parameter -> its last (strided) gradient
+        # EMAs of g_t . g_{t-1}, |g_t - g_{t-1}|^2 and |g_t|^2 (this rank's part), and their
+        # count
+        self.noise: Tensor | None = None
+        self.pairs = 0
         self.below = 0  # consecutive checks at or below the threshold
         self.stop_step: int | None = None
         self.last: dict[str, float] = {}
@@ -134,33 +138,29 @@ class StopMonitor:
         if not grads:
             return
         self.step += 1
-        t, beta = self.step, self.beta
-        energy = None
+        sums = None
         for p, g in grads:
             x = self._view(g).float()
-            m = self.means.get(p)
-            if m is None:
-                m = self.means[p] = torch.zeros_like(x)
-            if t >= 2:
-                r = x - m / (1.0 - beta ** (t - 1))
-                e = torch.dot(r, r)
-                energy = e if energy is None else energy + e
-            m.lerp_(x, 1.0 - beta)
-        if energy is not None:
+            prev = self.means.get(p)
+            if prev is None:
+                self.means[p] = x.clone()
+                continue
+            d = x - prev
+            # g_t . g_{t-1}, |g_t - g_{t-1}|^2, |g_t|^2
+            s = torch.stack([torch.dot(x, prev), torch.dot(d, d), torch.dot(x, x)])
+            sums = s if sums is None else sums + s
+            prev.copy_(x)
+        if sums is not None:
             if self.noise is None:
-                self.noise = torch.zeros_like(energy)
-            self.noise.mul_(beta).add_(energy, alpha=1.0 - beta)
-        if t % self.check_every == 0:
+                self.noise = torch.zeros(3, device=sums.device)
+            self.pairs += 1
+            self.noise.mul_(self.beta).add_(sums, alpha=1.0 - self.beta)
+        if self.step % self.check_every == 0:
             self._check()
 
     def _partials(self) -> Tensor:
-        t, beta = self.step, self.beta
-        device = next(iter(self.means.values())).device if self.means else "cpu"
-        sig = torch.zeros((), device=device)
-        for m in self.means.values():
-            sig = sig + m.square().sum() / (1.0 - beta**t) ** 2
-        noise = self.noise if self.noise is not None else torch.zeros((), device=device)
-        return torch.stack([sig, noise.to(device), torch.ones((), device=device)])
+        device = self.noise.device if self.noise is not None else "cpu"
+        return self.noise if self.noise is not None else torch.zeros(3, device=device)
 
     def _group(self):
         if self.process_group is not None:
@@ -171,32 +171,37 @@ class StopMonitor:
         return None
 
     def _statistics(self) -> dict[str, float]:
-        t, beta = self.step, self.beta
-        parts = self._partials()
+        parts = self._partials().clone()
         group = self._group()
         if group is not None:
             import torch.distributed as dist
 
             dist.all_reduce(parts, group=group)
-        sig, noise_energy, _ = (float(v) for v in parts.tolist())
-        if t < 2 or noise_energy <= 0.0:
-            return {"step": float(t)}
-        # the innovation energy's expectation is var * (1 + kappa) (snr_dist.snr)
-        kappa = rule.innovation_kappa(beta, beta, t)
-        var = noise_energy / ((1.0 - beta ** (t - 1)) * (1.0 + kappa))
-        signal = max(sig - rule.ema_noise_factor(beta, t) * var, 0.0)
-        snr = signal / var
+        cross, scatter, square = (float(v) for v in parts.tolist())
+        if self.pairs < 1 or scatter <= 0.0:
+            return {"step": float(self.step)}
+        corr = 1.0 - self.beta**self.pairs  # the EMAs' bias correction (it cancels in ratios)
+        # EMAs of the same pairs: their bias corrections cancel in every ratio below
+        n, b = self.dataset_size, self.batch_size
+        noise = scatter / 2.0  # ~ tr(Sigma) / b
+        coherence = cross / noise  # b |mu|^2 / tr(Sigma) - b / (n - 1): 0 without shared signal
+        snr = max(coherence + b / (n - 1), 0.0)  # b / B_noise: one step's SNR
         return {
-            "step": float(t),
+            "step": float(self.step),
+            "coherence": coherence,
             "snr": snr,
             "ratio": snr / self.a,
-            "noise_scale": self.batch_size / snr if snr > 0 else math.inf,
+            "noise_scale": b / snr if snr > 0 else math.inf,
+            # the raw averages (sums over coordinates), for other rules read off line
+            "cross": cross / corr,
+            "scatter": scatter / corr,
+            "square": square / corr,
         }
 
     def read(self) -> dict[str, float]:
-        """The statistic now (``ratio``, ``snr``, ``noise_scale``), without counting it as a
-        check: the stop decision sees only the regular checks. One host sync (and one
-        all-reduce of three numbers with a process group)."""
+        """The statistic now (``ratio``, ``coherence``, ``snr``, ``noise_scale``), without
+        counting it as a check: the stop decision sees only the regular checks. One host
+        sync (and one all-reduce of four numbers with a process group)."""
         return self._statistics()
 
     def _check(self) -> None:
@@ -218,9 +223,9 @@ class StopMonitor:
         return self.stop_step is not None
 
     def metrics(self) -> dict[str, Any]:
-        """``ratio`` (1: only what single examples explain), ``snr``, ``noise_scale`` (the
-        per-example gradient noise scale, examples), ``should_stop``, ``stop_step``, as of the
-        last check (reading them runs no collective)."""
+        """``ratio`` (1: only what single examples explain), ``coherence`` (0 there), ``snr``,
+        ``noise_scale`` (the per-example gradient noise scale, examples), ``should_stop``,
+        ``stop_step``, as of the last check (reading them runs no collective)."""
         out: dict[str, Any] = {k: v for k, v in self.last.items() if k != "step"}
         out.update(
             step=self.step,
@@ -245,6 +250,7 @@ class StopMonitor:
             "step": self.step,
             "means": {index[p]: m.clone() for p, m in self.means.items() if p in index},
             "noise": None if self.noise is None else self.noise.clone(),
+            "pairs": self.pairs,
             "below": self.below,
             "stop_step": self.stop_step,
             "last": dict(self.last),
@@ -260,6 +266,7 @@ class StopMonitor:
         noise = state["noise"]
         device = next(iter(self.means.values())).device if self.means else "cpu"
         self.noise = None if noise is None else noise.to(device).clone()
+        self.pairs = int(state.get("pairs", 0))
         self.below = int(state["below"])
         self.stop_step = state["stop_step"]
         self.last = dict(state.get("last", {}))

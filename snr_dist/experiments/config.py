@@ -89,6 +89,10 @@ class TrainConfig(_Strict):
     progress: bool = True
     checkpoint_every: int = Field(default=0, ge=0)  # epochs; 0: no checkpoints
     resume: bool = True  # continue from the run's checkpoints when they exist
+    # The validation-free stop (`snr_dist.stopping.StopMonitor`) on every run, AdamW included:
+    # "report" records it (a column and a marked step in the report), "stop" also ends a run at
+    # the first evaluation after it fires, "off" attaches nothing.
+    stop_monitor: Literal["report", "stop", "off"] = "report"
 
 
 class DistributedConfig(_Strict):

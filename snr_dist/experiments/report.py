@@ -18,6 +18,10 @@ COLUMNS = [
     ("best_test_acc", "best test acc", "{:.3f}"),
     ("final_test_acc", "final test acc", "{:.3f}"),
     ("final_memorised", "noisy labels memorised (final)", "{:.1%}"),
+    # the validation-free stop (train.stop_monitor): where it fired, and the test accuracy at
+    # the first evaluation after it (runs where it never fired are left out, and counted)
+    ("stop_step", "stop monitor: step", "{:.0f}"),
+    ("test_acc_at_stop", "test acc at the stop", "{:.3f}"),
     ("wall_s", "train wall time (s)", "{:.1f}"),
 ]
 
@@ -31,9 +35,12 @@ def aggregate(results: list[RunResult]) -> dict[str, dict[str, tuple[float, floa
     for name, rows in by_opt.items():
         out[name] = {}
         for key, _, _ in COLUMNS:
-            vals = [row[key] for row in rows]
+            vals = [row[key] for row in rows if row.get(key) is not None]
+            if not vals:
+                out[name][key] = (math.nan, math.nan, 0, len(rows))
+                continue
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            out[name][key] = (statistics.fmean(vals), sd)
+            out[name][key] = (statistics.fmean(vals), sd, len(vals), len(rows))
     return out
 
 
@@ -44,10 +51,15 @@ def markdown_table(agg: dict[str, dict[str, tuple[float, float]]], n_seeds: int)
     for name, vals in agg.items():
         cells = []
         for key, _, fmt in COLUMNS:
-            mean, sd = vals[key]
+            mean, sd, have, runs = vals[key]
+            if not have:
+                cells.append("never" if key in ("stop_step", "test_acc_at_stop") else "n/a")
+                continue
             cell = fmt.format(mean)
             if n_seeds > 1:
                 cell += " ± " + fmt.format(sd)
+            if have < runs:
+                cell += f" ({have}/{runs} runs)"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -96,6 +108,10 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
                 lo = [min(v) for v in zip(*series)]
                 hi = [max(v) for v in zip(*series)]
                 ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2)
+            for r in runs:  # the epoch at which the stop monitor fired, marked on its curve
+                fired = next((h for h in r.history if h.get("stop_step") is not None), None)
+                if fired is not None:
+                    ax.plot(fired["epoch"], fired[key], "v", color=line.get_color(), ms=7)
     axes[0].set(title="test accuracy", xlabel="epoch", ylabel="accuracy")
     axes[1].set(title="flipped training labels memorised", xlabel="epoch", ylabel="fraction")
     for ax in axes:
@@ -171,7 +187,9 @@ MLP {cfg.model.hidden} ({cfg.model.activation}), {cfg.train.epochs} epochs, batc
 {cfg.train.batch_size} ({cfg.train.microbatches} micro-batch(es) per step), seeds [{seeds}]
 (mean ± std over seeds where more than one), evaluated every {cfg.train.eval_every} epoch(s)
 ("best" is the best evaluation). "Memorised" is the share of flipped training examples
-predicted with their flipped label.
+predicted with their flipped label. "Stop monitor" is the validation-free stop
+(`snr_dist.stopping`, marked ▼ on the curves): the step it fired at and the test accuracy at
+the next evaluation; it reads only training gradients.
 
 {table}
 

@@ -424,7 +424,10 @@ def train_job(cfg: StudyConfig, job: Job, state_dir: Path | None = None) -> dict
 
 
 def _monitor_reading(monitor, opt) -> dict[str, Any]:
-    out = {"stop_ratio": monitor.read().get("ratio"), "stop_step": monitor.stop_step}
+    reading = monitor.read()
+    out = {"stop_ratio": reading.get("ratio"), "stop_step": monitor.stop_step}
+    # the monitor's raw averages, so that other stopping rules can be read off line
+    out.update({f"stop_{k}": reading.get(k) for k in ("cross", "scatter", "square")})
     if hasattr(opt, "metrics"):  # the mean gate over every coordinate (the effective lr factor)
         groups = opt.metrics()["params"].values()
         sizes = [math.prod(g["shape"]) for g in groups]
