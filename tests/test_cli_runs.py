@@ -204,3 +204,34 @@ def test_experiment_workers_must_be_positive(tmp_path, capsys):
         assert rc == 2
         assert f"--workers {bad}: allowed: an int >= 1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def _stop_columns(run_dir: Path) -> list[tuple]:
+    return [
+        (r["optimizer"], r["epoch"], r["stop_ratio"], r["stop_step"]) for r in _records(run_dir)
+    ]
+
+
+def test_the_stop_monitor_resumes_as_if_uninterrupted_and_can_end_a_run(tmp_path):
+    """``train.stop_monitor``: every run (AdamW too) records the monitor's reading; a resumed
+    run reads what the uninterrupted one does (its state is saved beside the checkpoint);
+    "stop" ends a run at the first evaluation after it fires; the report shows the columns."""
+    assert _train(tmp_path / "whole", "train.epochs=40", "model.hidden=[32]") == 0
+    whole = _stop_columns(tmp_path / "whole" / "quickstart")
+    assert all(r[2] is not None for r in whole)
+    assert _train(tmp_path / "cut", "train.epochs=25", "model.hidden=[32]") == 0
+    assert _train(tmp_path / "cut", "train.epochs=40", "model.hidden=[32]") == 0
+    assert _stop_columns(tmp_path / "cut" / "quickstart") == whole
+    report = (tmp_path / "whole" / "quickstart" / "report.md").read_text()
+    assert "stop monitor: step" in report and "test acc at the stop" in report
+    fired = {r[0]: r[3] for r in whole if r[3] is not None}
+    assert fired, "the monitor fired in neither run: pick a setting where it does"
+    name, step = next(iter(fired.items()))
+    assert (
+        _train(tmp_path / "stop", "train.epochs=40", "model.hidden=[32]", "train.stop_monitor=stop")
+        == 0
+    )
+    stopped = [r for r in _stop_columns(tmp_path / "stop" / "quickstart") if r[0] == name]
+    assert stopped[-1][3] == step and len(stopped) < 40  # ended at the evaluation after it
+    assert _train(tmp_path / "none", "train.stop_monitor=none") == 0
+    assert all("stop_ratio" not in r for r in _records(tmp_path / "none" / "quickstart"))

@@ -91,8 +91,8 @@ class TrainConfig(_Strict):
     resume: bool = True  # continue from the run's checkpoints when they exist
     # The validation-free stop (`snr_dist.stopping.StopMonitor`) on every run, AdamW included:
     # "report" records it (a column and a marked step in the report), "stop" also ends a run at
-    # the first evaluation after it fires, "off" attaches nothing.
-    stop_monitor: Literal["report", "stop", "off"] = "report"
+    # the first evaluation after it fires, "none" attaches nothing (YAML reads a bare off as false).
+    stop_monitor: Literal["report", "stop", "none"] = "report"
 
 
 class DistributedConfig(_Strict):

@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from snr_dist import checkpoint as ckpt
 from snr_dist.experiments.config import ConfigError, ExperimentConfig, OptimizerConfig
 from snr_dist.experiments.data import NoisyDataset, load_digits_noisy
 from snr_dist.experiments.models import mlp
-from snr_dist.integrations import telemetry
+from snr_dist.integrations import early_stop, telemetry
 from snr_dist.integrations.tensorboard import TensorBoardSink
 from snr_dist.integrations.tensorboard import require as require_tensorboard
 
@@ -182,43 +181,13 @@ def _monitor(run: Trainable, ds_config: dict | None, n: int, tc) -> Any:
     """A `StopMonitor` on the optimizer that steps: ZeRO's partitions (stage >= 1) are shards,
     joined over the world; DDP's and one process's parameters are whole on every rank;
     FSDP2's DTensors carry their own mesh."""
-    from snr_dist.stopping import StopMonitor
-
     sharded = False
     if run.engine is not None:
         sharded = int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) >= 1
     group = dist.group.WORLD if sharded and dist.is_initialized() else None
-    return StopMonitor(
-        _client_optimizer(run.opt),
-        dataset_size=n,
-        batch_size=min(tc.batch_size, n - 1),
-        process_group=group,
+    return early_stop.build(
+        _client_optimizer(run.opt), n, min(tc.batch_size, n - 1), process_group=group
     )
-
-
-def _monitor_path(ckpt_dir: Path, world: World) -> Path:
-    return ckpt_dir / f"stop-monitor.rank{world.rank}.pt"
-
-
-def _save_monitor(monitor, ckpt_dir: Path, steps: int, world: World) -> None:
-    """Each rank's monitor state beside the checkpoint (its means are this rank's shards)."""
-    path = _monitor_path(ckpt_dir, world)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"steps": steps, "monitor": monitor.state_dict()}, tmp)
-    os.replace(tmp, path)
-
-
-def _load_monitor(monitor, ckpt_dir: Path | None, steps: int, world: World) -> None:
-    path = None if ckpt_dir is None else _monitor_path(ckpt_dir, world)
-    saved = torch.load(path, weights_only=False) if path is not None and path.is_file() else None
-    if saved is not None and saved["steps"] == steps:
-        monitor.load_state_dict(saved["monitor"])
-    elif world.main:  # a save cut between the checkpoint and this file: start it afresh
-        warnings.warn(
-            f"{ckpt_dir}: no stop-monitor state for step {steps}; the monitor starts afresh "
-            "(its readings differ from an uninterrupted run's for a few hundred steps)",
-            stacklevel=2,
-        )
 
 
 def _client_optimizer(opt):
@@ -312,7 +281,7 @@ def train_run(
     snr_opt = _client_optimizer(opt)
     snr_opt = snr_opt if isinstance(snr_opt, SNRAdamW) else None
     layers = telemetry.layer_groups(net) if snr_opt is not None else {}
-    monitor = _monitor(run, ds_config, len(data.x_train), tc) if tc.stop_monitor != "off" else None
+    monitor = _monitor(run, ds_config, len(data.x_train), tc) if tc.stop_monitor != "none" else None
     tb = TensorBoardSink(tb_dir) if tb_dir is not None and world.main else None
     order = torch.Generator().manual_seed(10_000 + seed)  # same batches for every optimizer
     n = len(data.x_train)
@@ -334,7 +303,7 @@ def train_run(
         result.history, result.wall_s = extra["history"], extra["wall_s"]
         order.set_state(torch.tensor(extra["order_rng"], dtype=torch.uint8))
         if monitor is not None:
-            _load_monitor(monitor, ckpt_dir, steps, world)
+            early_stop.load(monitor, ckpt_dir, steps)
         if sink is not None:
             for rec in result.history:
                 sink(rec)
@@ -423,7 +392,7 @@ def train_run(
             }
             _save(run, ckpt_dir, steps, extra, world)
             if monitor is not None:
-                _save_monitor(monitor, ckpt_dir, steps, world)
+                early_stop.save(monitor, ckpt_dir, steps)
         stop_now = monitor is not None and tc.stop_monitor == "stop" and monitor.should_stop
         if stop_now and result.history and result.history[-1]["epoch"] == epoch:
             if world.main:
