@@ -423,29 +423,106 @@ def test_convergence_headline_medians_count_seeds_that_never_arrive_as_slowest()
 
 
 def test_publish_replaces_only_the_marked_sections(tmp_path):
+    """Markers in the verdict page or in a study page: each study's block goes where its
+    markers are, with its pictures linked relative to that page."""
     from snr_dist.experiments.publish import publish
 
-    run = tmp_path / "runs" / "label_noise"
-    run.mkdir(parents=True)
-    (run / "report.md").write_text(
-        "# t\n\n## label noise: 0.4\n\n| a |\n|---|\n| 1 |\n\n![curves](curves.png)\n\nMethods..."
-    )
-    (run / "curves.png").write_bytes(b"png")
+    for name in ("label_noise", "convergence"):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "report.md").write_text(
+            f"# t\n\n## {name}: 0.4\n\n| a |\n|---|\n| 1 |\n\n![curves](curves.png)\n\nMethods..."
+        )
+        (run / "curves.png").write_bytes(name.encode())
     docs = tmp_path / "docs"
-    docs.mkdir()
+    (docs / "results").mkdir(parents=True)
     (docs / "results.md").write_text(
-        "intro\n<!-- label_noise:begin -->\nold\n<!-- label_noise:end -->\nend\n"
+        "intro\n<!-- convergence:begin -->\nold\n<!-- convergence:end -->\nend\n"
     )
-    assert publish(tmp_path / "runs", docs) == ["label_noise"]
-    text = (docs / "results.md").read_text()
-    assert "old" not in text and "#### label noise: 0.4" in text and "| 1 |" in text
-    assert text.startswith("intro\n") and text.endswith("end\n") and "Methods" not in text
-    assert (docs / "results" / "label_noise.png").read_bytes() == b"png"
+    study = docs / "results" / "label-noise.md"
+    study.write_text("# noise\n<!-- label_noise:begin -->\nold\n<!-- label_noise:end -->\nend\n")
+    (docs / "results" / "other.md").write_text("no markers\n")
+    assert publish(tmp_path / "runs", docs) == ["convergence", "label_noise"]
+    text = study.read_text()
+    assert "old" not in text and "#### label_noise: 0.4" in text and "| 1 |" in text
+    assert text.startswith("# noise\n") and text.endswith("end\n") and "Methods" not in text
+    assert "![label_noise](label_noise.png)\n<!-- label_noise:end -->" in text  # same folder
+    assert (docs / "results" / "label_noise.png").read_bytes() == b"label_noise"
+    top = (docs / "results.md").read_text()
+    assert top.startswith("intro\n") and "#### convergence: 0.4" in top and "label_noise" not in top
+    assert "![convergence](results/convergence.png)" in top  # from docs/ into docs/results/
+    assert (docs / "results" / "convergence.png").read_bytes() == b"convergence"
+    assert (docs / "results" / "other.md").read_text() == "no markers\n"
     # a gates.png the report does not show (left by an earlier run) is not published
-    (run / "gates.png").write_bytes(b"old")
+    (tmp_path / "runs" / "label_noise" / "gates.png").write_bytes(b"old")
     publish(tmp_path / "runs", docs)
-    assert "gate traces" not in (docs / "results.md").read_text()
+    assert "gate traces" not in study.read_text()
     assert not (docs / "results" / "label_noise-gates.png").exists()
+    # a marker pair in two pages is an error, not a guess
+    (docs / "results" / "other.md").write_text(
+        "<!-- label_noise:begin -->\n<!-- label_noise:end -->"
+    )
+    with pytest.raises(ValueError, match="2 pages"):
+        publish(tmp_path / "runs", docs)
+
+
+def test_publish_copies_and_links_every_picture_a_report_shows(tmp_path):
+    """Several pictures per report, each under its own name; the horizon study's report has no
+    curves.png, so its body ends at its first picture; pictures it does not show, or shows but
+    did not write, are left out."""
+    from snr_dist.experiments.publish import publish
+
+    runs = tmp_path / "runs"
+    horizon = runs / "label_noise_horizon"
+    horizon.mkdir(parents=True)
+    (horizon / "report.md").write_text(
+        "# label_noise_horizon\n\nEach cell: ...\n\n## label noise: 0.4\n\n| h | 100 |\n|---|---|\n"
+        "| AdamW | 0.9 |\n\n## The validation-free stop\n\n| t |\n|---|\n| 2 |\n\n"
+        "![horizons](horizon.png)\n\n![frontier](frontier.png)\n\n![monitor](monitor.png)\n\n"
+        "Methods:\n- **AdamW**: adamw\n\nCommand: `snr-dist experiment label_noise_horizon`\n"
+    )
+    for file in ("horizon.png", "monitor.png", "curves.png"):  # no frontier.png; curves unshown
+        (horizon / file).write_bytes(file.encode())
+    grok = runs / "grokking"
+    grok.mkdir()
+    (grok / "report.md").write_text(
+        "# grokking\n\n## operation: div\n\n| a |\n|---|\n| 1 |\n\n![curves](curves.png)\n\n"
+        "Methods...\n\n![gate traces](gates.png)\n"
+    )
+    for file in ("curves.png", "gates.png"):
+        (grok / file).write_bytes(file.encode())
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    (docs / "results.md").write_text("verdict\n")
+    noise = docs / "results" / "label-noise.md"
+    noise.write_text(
+        "# n\n\n<!-- label_noise_horizon:begin -->\n<!-- label_noise_horizon:end -->\n"
+    )
+    (docs / "results" / "grokking.md").write_text(
+        "<!-- grokking:begin -->\n<!-- grokking:end -->\n"
+    )
+    assert publish(runs, docs) == ["grokking", "label_noise_horizon"]
+
+    text = noise.read_text()
+    assert "#### label noise: 0.4" in text and "#### The validation-free stop" in text
+    assert "| 2 |" in text and "Methods" not in text and "Command" not in text
+    assert text.index("| 2 |") < text.index(
+        "![label_noise_horizon horizons](label_noise_horizon-horizon.png)\n\n"
+        "![label_noise_horizon monitor](label_noise_horizon-monitor.png)\n"
+        "<!-- label_noise_horizon:end -->"
+    )
+    assert "frontier" not in text
+    out = docs / "results"
+    assert (out / "label_noise_horizon-horizon.png").read_bytes() == b"horizon.png"
+    assert (out / "label_noise_horizon-monitor.png").read_bytes() == b"monitor.png"
+    assert not (out / "label_noise_horizon-frontier.png").exists()
+    assert not (out / "label_noise_horizon.png").exists()  # curves.png: not shown, not copied
+
+    grok_page = (out / "grokking.md").read_text()  # the names the pages already use
+    assert "![grokking](grokking.png)\n\n![grokking gate traces](grokking-gates.png)\n" in grok_page
+    assert (out / "grokking.png").read_bytes() == b"curves.png"
+    assert (out / "grokking-gates.png").read_bytes() == b"gates.png"
+    assert (docs / "results.md").read_text() == "verdict\n"
 
 
 def _diverging_grid(study: str, task: dict, budget: dict, setting: str):
