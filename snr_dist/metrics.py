@@ -144,6 +144,8 @@ def parallel_metrics(opt) -> dict[str, Any]:
         "trackers_total": len(dist.owners),
         "tracker_cost_owned": float(sum(dist.costs[p] for p in mine)),
         "tracker_cost_total": float(sum(dist.costs.values())),
-        "state_bytes": int(sum(state_bytes(st) for st in opt.state.values())),
+        "state_bytes": int(
+            sum(state_bytes(st) for p, st in opt.state.items() if isinstance(p, torch.Tensor))
+        ),
         "comm_bytes": dict(dist.comm.bytes),
     }

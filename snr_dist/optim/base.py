@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +29,47 @@ def step_tensor(value: Any) -> Tensor:
     """A saved ``step`` as the step counter (a CPU fp32 0-dim tensor); torch's optimizers also
     load state dicts whose ``step`` is a plain number."""
     return torch.as_tensor(value).to(device="cpu", dtype=torch.float32)
+
+
+def param_states(state: Mapping) -> list[tuple[Tensor, dict]]:
+    """The parameters' entries of an optimizer's ``state``; torch's optimizers also keep
+    entries under other keys (a hook's ``optimizer.state["note"] = 1``), saved and loaded as
+    they are."""
+    return [(p, st) for p, st in state.items() if isinstance(p, Tensor)]
+
+
+def split_tensors(values: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A parameter's state as its tensors (laid out by the distributor) and the rest."""
+    tensors = {k: v for k, v in values.items() if torch.is_tensor(v)}
+    return tensors, {k: v for k, v in values.items() if k not in tensors}
+
+
+def run_hooks(hooks: Mapping[int, Any], optimizer, state_dict: Any = None) -> Any:
+    """Run torch's state-dict hooks of one kind in order: ``hook(optimizer)``, or, given a
+    state dict, ``hook(optimizer, state_dict)``, whose non-None result replaces it."""
+    for hook in list(hooks.values()):
+        if state_dict is None:
+            hook(optimizer)
+            continue
+        result = hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
+
+
+@contextlib.contextmanager
+def hooks_off(optimizer: torch.optim.Optimizer, method: str) -> Iterator[None]:
+    """Hold back ``optimizer``'s ``state_dict`` or ``load_state_dict`` pre- and post-hooks
+    while torch's own method runs inside ours: ours runs them once, around the whole call."""
+    names = [f"_optimizer_{method}_{when}_hooks" for when in ("pre", "post")]
+    held = [getattr(optimizer, n) for n in names]
+    for n in names:
+        setattr(optimizer, n, OrderedDict())
+    try:
+        yield
+    finally:
+        for n, hooks in zip(names, held):
+            setattr(optimizer, n, hooks)
 
 
 class _SharedGroup:

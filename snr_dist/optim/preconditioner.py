@@ -22,7 +22,14 @@ from torch import Tensor
 from snr_dist.distributors.dtensor import local
 from snr_dist.estimators import Moments, complement_closed, gate_active
 from snr_dist.layout import Kind
-from snr_dist.optim.base import SNROptimizerMixin, advance_steps, step_tensor
+from snr_dist.optim.base import (
+    SNROptimizerMixin,
+    advance_steps,
+    param_states,
+    run_hooks,
+    split_tensors,
+    step_tensor,
+)
 from snr_dist.options import SNROptions, complete_saved_group
 
 _ADAM_KEYS = ("betas", "eps", "weight_decay", "amsgrad")
@@ -45,6 +52,13 @@ def _article_base(params: Any, lr: float | None, options: dict[str, Any]) -> tor
         )
     adam = {k: options.pop(k) for k in _ADAM_KEYS if k in options}
     return torch.optim.Adam(params, lr=1e-3 if lr is None else lr, **adam)
+
+
+def _is_index(key: Any) -> bool:
+    """A saved SNR state's key that names a parameter (its position, possibly as text)."""
+    if isinstance(key, bool):
+        return False
+    return isinstance(key, int) or (isinstance(key, str) and key.isdigit())
 
 
 class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
@@ -171,10 +185,9 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
         complete on every rank (under FSDP2 with trackers it raises: use
         `snr_dist.checkpoint` with SNRAdamW, or a plain base optimizer). Hooks registered
         with ``register_state_dict_pre_hook`` / ``_post_hook`` run as in torch's."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
+        run_hooks(self._optimizer_state_dict_pre_hooks, self)
         dist = self._engine.distributor
-        items = [(p, st, self._kinds(p, st)) for p, st in self.state.items()]
+        items = [(p, st, self._kinds(p, st)) for p, st in param_states(self.state)]
         if any(dist.state_needs_collective(kinds) for _, _, kinds in items):
             raise RuntimeError(
                 "SNRPreconditioner.state_dict(): under FSDP2 the subspace trackers hold partial "
@@ -187,20 +200,17 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
             index[p]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in vals.items()}
             for (p, _, _), vals in zip(items, values)
         }
+        # entries under other keys than parameters, as torch's optimizers save them
+        snr_state.update((k, v) for k, v in self.state.items() if not isinstance(k, Tensor))
         state_dict = {"base": self.base.state_dict(), "snr": {"state": snr_state}}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            state_dict = state_dict if result is None else result
-        return state_dict
+        return run_hooks(self._optimizer_state_dict_post_hooks, self, state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what `state_dict` wrote (the base's state and groups, then the SNR state);
         load hooks run as in torch's."""
         if isinstance(state_dict, Mapping):
             state_dict = dict(state_dict)  # shallow, as torch's: a pre-hook may edit it
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            state_dict = state_dict if result is None else result
+        state_dict = run_hooks(self._optimizer_load_state_dict_pre_hooks, self, state_dict)
         if not isinstance(state_dict, Mapping) or set(state_dict) != {"base", "snr"}:
             got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict)
             raise ValueError(
@@ -208,6 +218,8 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
             )
         params = [p for g in self.param_groups for p in g["params"]]
         snr_state = state_dict["snr"]["state"]
+        others = {k: v for k, v in snr_state.items() if not _is_index(k)}  # kept as they are
+        snr_state = {k: v for k, v in snr_state.items() if _is_index(k)}
         bad = [i for i in snr_state if not 0 <= int(i) < len(params)]
         if bad:
             raise ValueError(f"SNR state refers to parameter indices {bad} that do not exist")
@@ -218,20 +230,19 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
         self.param_groups = self.base.param_groups
         self._engine.index()
         dist = self._engine.distributor
-        self.state = defaultdict(dict)
+        self.state = defaultdict(dict, others)
         for i, st in snr_state.items():
             p = params[int(i)]
-            installed = dist.install_state(p, dict(st), self._kinds(p, st))
+            st = {k: (step_tensor(v) if k == "step" else v) for k, v in st.items()}
+            tensors, _ = split_tensors(st)  # other entries (a user's, torch allows) as they are
+            installed = dist.install_state(p, tensors, self._kinds(p, st))
             device = local(p).device
             self.state[p] = {
-                k: step_tensor(v)
-                if k == "step"
-                else (v.to(device).clone() if torch.is_tensor(v) else v)
-                for k, v in installed.items()
+                k: v if k == "step" or k not in installed else installed[k].to(device).clone()
+                for k, v in st.items()
             }
         self._engine.sync_groups()
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        run_hooks(self._optimizer_load_state_dict_post_hooks, self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -33,7 +33,15 @@ from snr_dist.kernels.compiled import COMPILED_RULES, compilable, compiled_snr_a
 from snr_dist.kernels.compiled import prepare as prepare_compiled
 from snr_dist.kernels.reference import FLOAT_DTYPES as TRITON_DTYPES
 from snr_dist.layout import Kind
-from snr_dist.optim.base import SNROptimizerMixin, advance_steps, step_tensor
+from snr_dist.optim.base import (
+    SNROptimizerMixin,
+    advance_steps,
+    hooks_off,
+    param_states,
+    run_hooks,
+    split_tensors,
+    step_tensor,
+)
 from snr_dist.optim.scratch import Scratch
 from snr_dist.options import (
     SNROptions,
@@ -187,7 +195,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         """Each parameter's state with values that do not depend on the world size
         (DTensors with the global shape where the data is sharded). Under FSDP2 with
         trackers, a collective: every rank must call it."""
-        items = [(p, st, self.state_kinds(p)) for p, st in self.state.items() if "step" in st]
+        items = [(p, st, self.state_kinds(p)) for p, st in param_states(self.state) if "step" in st]
         values = self._engine.distributor.global_state(items)
         return {p: v for (p, _, _), v in zip(items, values)}
 
@@ -202,8 +210,10 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
             kinds = self.state_kinds(p, st.keys())
             device = local(p).device
             st = {k: (step_tensor(v) if k == "step" else v) for k, v in st.items()}
-            installed = dist.install_state(p, st, kinds)
-            self.state[p] = {k: v if k == "step" else v.to(device) for k, v in installed.items()}
+            tensors, _ = split_tensors(st)  # other entries (a user's, torch allows) as they are
+            installed = dist.install_state(p, tensors, kinds)
+            installed = {k: v if k == "step" else v.to(device) for k, v in installed.items()}
+            self.state[p] = {k: installed.get(k, v) for k, v in st.items()}
         self._engine.sync_groups()
 
     def state_template(self, p: Tensor, key: str, size, dtype: torch.dtype) -> Tensor:
@@ -214,14 +224,18 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Like torch's, with values that do not depend on the world size (DTensors under
         FSDP2); complete on every rank. Where that needs a collective (FSDP2 with subspace
-        trackers, whose statistics are partial sums), it raises on every rank."""
+        trackers, whose statistics are partial sums), it raises on every rank. Hooks
+        registered with ``register_state_dict_pre_hook`` / ``_post_hook`` run as in torch's,
+        the post-hooks on the finished state dict."""
         dist = self._engine.distributor
         zero = getattr(self, "_zero", None)
         if zero is not None:  # DeepSpeed ZeRO: this rank's row shards (saved per rank)
             sd = zero.inner.state_dict()
             sd["zero_layout"] = zero.layout()
             return sd
-        if any(dist.state_needs_collective(self.state_kinds(p)) for p in self.state):
+        run_hooks(self._optimizer_state_dict_pre_hooks, self)
+        params = [p for p, _ in param_states(self.state)]
+        if any(dist.state_needs_collective(self.state_kinds(p)) for p in params):
             raise RuntimeError(
                 "SNRAdamW.state_dict(): under FSDP2 the subspace trackers hold partial sums "
                 "over ranks, and a plain state_dict cannot complete them without a "
@@ -229,40 +243,51 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 "on every rank (DCP, reshardable), or call optimizer.global_state() on every "
                 "rank."
             )
-        sd = super().state_dict()
+        with hooks_off(self, "state_dict"):  # they run once, around the whole state_dict
+            sd = super().state_dict()
         index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
         for p, values in self.global_state().items():
             sd["state"][index[p]] = values
-        return sd
+        return run_hooks(self._optimizer_state_dict_post_hooks, self, sd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters,
         keeps this optimizer's ``kernels`` choice, and accepts state written by another world
         size or parallelism, or by an earlier release (options its groups predate are filled
-        in as that release ran them: `snr_dist.options.SAVED_BEFORE`)."""
+        in as that release ran them: `snr_dist.options.SAVED_BEFORE`). Load hooks run as in
+        torch's, the post-hooks once the state is loaded."""
         zero = getattr(self, "_zero", None)
         if zero is not None:
             zero.load_state_dict(state_dict)
             return
+        # torch's hooks run once, around the whole load (a post-hook sees the loaded state)
+        state_dict = run_hooks(self._optimizer_load_state_dict_pre_hooks, self, dict(state_dict))
         self._step_bound = None  # re-read from the loaded steps at the next step
         groups = [complete_saved_group(g, self.defaults) for g in state_dict["param_groups"]]
         state_dict = {**state_dict, "param_groups": groups}  # the caller's dict stays as it was
         saved = state_dict["state"]
         # Which kernels run is this process's choice (a GPU checkpoint may resume on a CPU).
         impls = [g.get("kernels", "auto") for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        with hooks_off(self, "load_state_dict"):
+            super().load_state_dict(state_dict)
         for group, choice in zip(self.param_groups, impls):
             group["kernels"] = choice
-        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        by_id = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
         loaded = {}
         for idx, st in saved.items():
-            p = params[idx]
+            p = by_id.get(idx)
+            if p is None:  # not a parameter's state: torch copied it as it was
+                continue
             cur = dict(self.state[p])
             for k, v in st.items():
-                if torch.is_tensor(v) and v.is_floating_point() and cur[k].dtype != v.dtype:
-                    cur[k] = v.clone()  # torch cast it to the parameter's dtype
+                # torch cast every tensor but `step` to the parameter's dtype: fp32
+                # statistics of bf16 parameters, the trackers' bool `basis_rows`
+                if k != "step" and torch.is_tensor(v) and cur[k].dtype != v.dtype:
+                    cur[k] = v.clone()
             loaded[p] = cur
         self.load_global_state(loaded)
+        run_hooks(self._optimizer_load_state_dict_post_hooks, self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Also forgets micro-batch gradients recorded since the last step."""
@@ -319,7 +344,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         construction or a load, then counted on the host: no per-step read)."""
         bound = getattr(self, "_step_bound", None)
         if bound is None:
-            steps = [st["step"] for st in self.state.values() if "step" in st]
+            steps = [st["step"] for _, st in param_states(self.state) if "step" in st]
             bound = int(max(float(t) for t in steps)) if steps else 0
         return bound
 
