@@ -274,6 +274,42 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
             self._step()
         return loss
 
+    def _base_step(self) -> None:
+        """The base optimizer's step inside this one's: its own step hooks run (those
+        registered on ``opt.base``, and an LR scheduler's mark when one is attached to the
+        base), torch's global step hooks do not: they ran for this step already, once.
+
+        torch wraps each optimizer class's ``step`` (``Optimizer.profile_hook_step``) to run
+        the global hooks, then the instance's, around the class's own function; this runs
+        that function with the instance's hooks only."""
+        base = self.base
+        wrapped = type(base).step
+        inner = getattr(wrapped, "__wrapped__", None) if getattr(wrapped, "hooked", False) else None
+        patched = vars(base).get("step")  # an instance-level wrapper of the step
+        if inner is None or (
+            patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False)
+        ):
+            base.step()  # not torch's wrapper, or something else wraps it: its step as it is
+            return
+        if patched is not None:
+            base._opt_called = True  # what the scheduler's wrapper records (torch's name)
+        args: tuple = (base,)
+        kwargs: dict = {}
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(base).__name__}.step"):
+            for hook in list(base._optimizer_step_pre_hooks.values()):
+                result = hook(base, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"a step pre-hook of {type(base).__name__} must return None or a "
+                            f"tuple of (new_args, new_kwargs), but got {result}"
+                        )
+                    args, kwargs = result
+            inner(*args, **kwargs)
+            base._optimizer_step_code()
+            for hook in list(base._optimizer_step_post_hooks.values()):
+                hook(base, args, kwargs)
+
     def _adopt_base_groups(self) -> None:
         """Groups added to the base directly (``opt.base.add_param_group``) share its list but
         lack the SNR options: they get this optimizer's defaults, as `add_param_group` gives."""
@@ -327,7 +363,7 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
                     torch._foreach_mul([local(s.param) for s in slots], 1.0) if active else None
                 )
                 snapshots.append((slots, before))
-            self.base.step()
+            self._base_step()
         finally:
             for p, g in hidden:
                 p.grad = g
