@@ -54,6 +54,20 @@ def _article_base(params: Any, lr: float | None, options: dict[str, Any]) -> tor
     return torch.optim.Adam(params, lr=1e-3 if lr is None else lr, **adam)
 
 
+#: The torch optimizers SNRPreconditioner is tested around (tests/test_optimizer_contract.py).
+_SUPPORTED = (
+    "SGD (with or without momentum, Nesterov), Adam, AdamW, NAdam, RAdam, Adamax, Adagrad, "
+    "Adadelta, RMSprop, ASGD, Rprop, Adafactor, Muon (weight matrices only, as Muon itself)"
+)
+#: The torch optimizers it refuses, and why.
+_REFUSED = {
+    torch.optim.LBFGS: "it re-evaluates the closure inside its step, so a single gradient (and "
+    "SNR) per step does not exist",
+    torch.optim.SparseAdam: "it steps on sparse gradients only, and the SNR statistics are "
+    "dense (the wrapper refuses sparse gradients); use Adam with dense gradients",
+}
+
+
 def _is_index(key: Any) -> bool:
     """A saved SNR state's key that names a parameter (its position, possibly as text)."""
     if isinstance(key, bool):
@@ -123,11 +137,12 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
                     f"it cannot be combined with {', '.join(clash)}: pass one or the other"
                 )
             snr_options.update(gate="clamp", tau=snr_threshold)
-        if isinstance(base_optimizer, torch.optim.LBFGS):
-            raise TypeError(
-                "SNRPreconditioner cannot wrap LBFGS: it re-evaluates the closure inside its "
-                "step, so a single gradient (and SNR) per step does not exist"
-            )
+        for cls, why in _REFUSED.items():
+            if isinstance(base_optimizer, cls):
+                raise TypeError(
+                    f"SNRPreconditioner cannot wrap {cls.__name__}: {why}. It wraps first-order "
+                    f"optimizers that step on dense gradients: {_SUPPORTED} (docs/options.md)"
+                )
         options = SNROptions.parse(snr, **snr_options).model_dump()
         self.base = base_optimizer
         self.foreach = foreach
