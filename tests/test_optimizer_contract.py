@@ -31,6 +31,7 @@ import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -806,6 +807,11 @@ def test_every_torch_optimizer_is_either_supported_and_tested_or_refused():
     assert set(SUPPORTED_BASES) <= tested
     assert shipped <= set(SUPPORTED_BASES) | set(REFUSED_BASES), sorted(shipped)
     assert {"SGD", "Adam", "LBFGS"} <= shipped
+    page = (Path(__file__).parents[1] / "docs" / "options.md").read_text()
+    section = page.split("### Supported base optimizers")[1].split("\n### ")[0]
+    supported, refused = section.split("Refused")
+    assert all(f"`{name}`" in supported for name in SUPPORTED_BASES)
+    assert all(f"`{name}`" in refused for name in REFUSED_BASES)
 
 
 @pytest.mark.parametrize(
