@@ -539,7 +539,10 @@ def _cost(cfg: StudyConfig, job: Job) -> float:
 def _execute(
     cfg: StudyConfig, jobs: list[Job], keep, progress: bool, desc: str, states: Path | None
 ) -> None:
-    jobs = sorted(jobs, key=lambda j: -_cost(cfg, j))
+    # methods in the config's order (a study cut short has its first methods complete), the
+    # longest jobs first within a method (a shorter tail on the pool)
+    order = {m.name: i for i, m in enumerate(cfg.methods)}
+    jobs = sorted(jobs, key=lambda j: (order.get(j.method, len(order)), -_cost(cfg, j)))
     cfg_dict = cfg.model_dump(mode="json")
     with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
         if cfg.workers == 1 or len(jobs) <= 1:
