@@ -1,0 +1,808 @@
+"""Cost at scale, on paper: optimizer state, bytes communicated, refresh work and time per step
+of SNRAdamW against AdamW for Llama-style 1B, 8B and 70B decoders under DDP, FSDP2, DeepSpeed
+ZeRO-1/2/3 and Megatron TP x DP, from 8 to 1,024 ranks.
+
+The model is code, not a spreadsheet: every byte count is a function of the parameter shapes,
+the rank, the world size, the parallelism and the SNR options, written from what the optimizer
+allocates (`snr_dist/estimators/`, `SNRAdamW._init_state`) and what its distributors send
+(`snr_dist/distributors/`, `snr_dist/optim/zero_view.py`), including the 25 MiB buckets and
+DeepSpeed 0.19's partition layout. ``--check`` runs the small cases for real (gloo processes on
+127.0.0.1, real FSDP2 and real DeepSpeed ZeRO on the CPU accelerator) and prints the model's
+prediction beside each measured number; any difference makes it exit non-zero.
+
+    python benchmarks/scale_cost.py                 # the tables (markdown) of docs/scale.md
+    python benchmarks/scale_cost.py --check         # model vs measured, 2 and 4 gloo ranks
+    python benchmarks/scale_cost.py --world 8,64 --models 8B --hbm-tbs 4.8
+
+Times are a model too, at stated (assumed, not measured) rates: the options below.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from snr_dist.distributors.assignment import assign_owners
+from snr_dist.subspace import refresh_due
+
+F32 = 4  # every SNR statistic and every optimizer moment is fp32
+
+# ---------------------------------------------------------------------------- model shapes
+
+
+@dataclass(frozen=True)
+class Llama:
+    """A Llama-style decoder: GQA attention, SwiGLU MLP, RMSNorm, no biases."""
+
+    label: str
+    d_model: int
+    layers: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+
+MODELS = {
+    "1B": Llama("1B", 2048, 16, 8192, 32, 8, 128256, tied=True),
+    "8B": Llama("8B", 4096, 32, 14336, 32, 8, 128256),
+    "70B": Llama("70B", 8192, 80, 28672, 64, 8, 128256),
+}
+"""Shapes as Meta published them for Llama 3.2 1B and Llama 3.1 8B and 70B (the
+``hidden_size``, ``num_hidden_layers``, ``intermediate_size``, ``num_attention_heads``,
+``num_key_value_heads``, ``vocab_size`` and ``tie_word_embeddings`` of their configs)."""
+
+
+def llama_shapes(m: Llama) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of every parameter, in the order a Hugging Face Llama registers them
+    (the order ZeRO flattens them in and the optimizer assigns trackers in)."""
+    d, hd = m.d_model, m.head_dim
+    out: list[tuple[str, tuple[int, ...]]] = [("embed", (m.vocab, d))]
+    for i in range(m.layers):
+        out += [
+            (f"{i}.q", (m.heads * hd, d)),
+            (f"{i}.k", (m.kv_heads * hd, d)),
+            (f"{i}.v", (m.kv_heads * hd, d)),
+            (f"{i}.o", (d, m.heads * hd)),
+            (f"{i}.gate", (m.ffn, d)),
+            (f"{i}.up", (m.ffn, d)),
+            (f"{i}.down", (d, m.ffn)),
+            (f"{i}.attn_norm", (d,)),
+            (f"{i}.mlp_norm", (d,)),
+        ]
+    out.append(("norm", (d,)))
+    if not m.tied:
+        out.append(("lm_head", (m.vocab, d)))
+    return out
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def megatron_vocab(vocab: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron pads the vocabulary to a multiple of ``divisible_by * tp``."""
+    step = divisible_by * tp
+    return -(-vocab // step) * step
+
+
+def megatron_shapes(m: Llama, tp: int) -> list[tuple[str, tuple[int, ...], str]]:
+    """``(name, shape on one TP rank, role)`` of a megatron-core GPTModel with Llama's sizes
+    (fused QKV and gate/up, separate norms, untied output layer unless ``m.tied``). Roles are
+    `snr_dist.megatron.param_role`'s: ``diagonal`` (norms, embedding, output layer), ``cols``
+    (column-parallel: rows split, basis on the input side), ``rows`` (row-parallel)."""
+    d, hd = m.d_model, m.head_dim
+    v = megatron_vocab(m.vocab, tp)
+    out = [("embed", (v // tp, d), "diagonal")]
+    for i in range(m.layers):
+        out += [
+            (f"{i}.input_norm", (d,), "diagonal"),
+            (f"{i}.proj", (d, m.heads * hd // tp), "rows"),
+            (f"{i}.qkv", ((m.heads + 2 * m.kv_heads) * hd // tp, d), "cols"),
+            (f"{i}.pre_mlp_norm", (d,), "diagonal"),
+            (f"{i}.fc1", (2 * m.ffn // tp, d), "cols"),
+            (f"{i}.fc2", (d, m.ffn // tp), "rows"),
+        ]
+    out.append(("final_norm", (d,), "diagonal"))
+    if not m.tied:
+        out.append(("output", (v // tp, d), "diagonal"))
+    return out
+
+
+# ---------------------------------------------------------------------------- what runs
+
+
+@dataclass(frozen=True)
+class Opt:
+    """The optimizer and the SNR options that decide its state and its traffic."""
+
+    name: str = "snr"  # "adamw" (torch.optim.AdamW) or "snr" (SNRAdamW)
+    mode: str = "diagonal"
+    estimator: str = "temporal"
+    noise: str = "innovation"
+    rank: int = 32
+    refresh_every: int = 50
+    basis_side: str = "auto"
+    snr_beta: float = 0.99
+    beta1: float = 0.9
+    skip_nonfinite: bool = True
+    micro_batches: int = 1
+    """Backward passes per rank per step (each one a cross-sample hook call)."""
+
+    @property
+    def needs_rows(self) -> bool:
+        """Under ZeRO 1-3 it runs on row shards (`snr_dist.deepspeed.needs_rows`)."""
+        return self.name == "snr" and (self.mode == "subspace" or self.estimator == "cross_sample")
+
+    @property
+    def label(self) -> str:
+        if self.name == "adamw":
+            return "AdamW"
+        what = "diagonal" if self.mode == "diagonal" else f"subspace r={self.rank}"
+        stats = "cross-sample" if self.estimator == "cross_sample" else self.noise
+        return f"SNRAdamW {what} {stats}"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A parallelism on ``world`` ranks."""
+
+    strategy: str  # "ddp", "fsdp2", "zero1", "zero2", "zero3", "megatron"
+    world: int
+    tp: int = 1
+    """Megatron's tensor-parallel size (data-parallel size ``world // tp``)."""
+    group: bool = True
+    """DDP: the optimizer is given the data-parallel group (refreshes shared out)."""
+    parameter_alignment: bool = False
+    """DeepSpeed ZeRO 1/2's ``zero_optimization.parameter_alignment``."""
+    sub_group_size: int = 10**9
+    """DeepSpeed ZeRO 3's ``zero_optimization.sub_group_size`` (its default)."""
+    bucket_mb: float = 25.0
+    """`snr_dist.distributors.comm.GroupComm`'s bucket size."""
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp if self.strategy == "megatron" else self.world
+
+    @property
+    def label(self) -> str:
+        if self.strategy == "megatron":
+            return f"Megatron TP{self.tp} x DP{self.dp}"
+        return {"ddp": "DDP", "fsdp2": "FSDP2"}.get(self.strategy, f"ZeRO-{self.strategy[-1]}")
+
+
+@dataclass
+class Piece:
+    """One parameter as this rank's optimizer holds it."""
+
+    name: str
+    shape: tuple[int, ...]
+    """The shape its estimator sees (global under FSDP2 and ZeRO; the TP slice under Megatron)."""
+    local: int
+    """Elements this rank steps (Adam's moments are this big)."""
+    row_sharded: bool = False
+    """An FSDP2 or ZeRO row shard: the basis lives on the column side."""
+    side: str | None = None
+    """Megatron's routed basis side ("cols", "rows"); None: the ``basis_side`` option."""
+    diagonal_role: bool = False
+    """Megatron's embedding and output layer: diagonal in subspace mode."""
+    call: int = 0
+    """Which of the optimizer's calls per step steps it (ZeRO-3 asks once per sub-group)."""
+
+
+@dataclass
+class RankView:
+    """What one rank's optimizer holds and which distributor it runs."""
+
+    pieces: list[Piece]
+    distributor: str  # "local", "replicated", "sharded" (FSDP2), "zero" (ZeRO row shards)
+    group_world: int
+    cut_elems: list[int] = field(default_factory=list)
+    """Per optimizer call: elements of the rows cut by ZeRO partition boundaries."""
+    shard_copies: int = 0
+    """Elements of the fp32 row-shard copies a ZeRO row-shard view keeps between steps."""
+    cut_rows: int = 0
+    """Rows cut by ZeRO partition boundaries (all parameters)."""
+
+    @property
+    def calls(self) -> int:
+        return 1 + max((p.call for p in self.pieces), default=0)
+
+
+# ---------------------------------------------------------------------------- layouts
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _row_len(shape: tuple[int, ...]) -> int:
+    return numel(shape[1:]) if len(shape) > 1 else 1
+
+
+def zero_fragments(
+    numels: list[int], world: int, rank: int, stage: int, setup: Setup
+) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """DeepSpeed 0.19's ZeRO partition of one param group on ``rank``: each parameter's
+    ``(start, count)`` (elements of the flattened parameter held), its sub-group (the
+    optimizer call that steps it) and the sizes of this rank's flat fp32 partitions.
+
+    Stages 1/2 flatten the group (with ``parameter_alignment``, each parameter padded to 16
+    bytes), pad it to a multiple of ``2 * world`` and cut it into ``world`` equal partitions.
+    Stage 3 partitions every parameter alone (``ceil(numel / world)`` elements per rank) and
+    groups parameters into sub-groups of ``sub_group_size`` partition elements."""
+    if stage in (1, 2):
+        align = 16 // math.gcd(16, F32) if setup.parameter_alignment else 1
+        offsets, cur = [], 0
+        for i, n in enumerate(numels):
+            offsets.append(cur)
+            cur += n
+            if i < len(numels) - 1:
+                cur += (-cur) % align
+        total = _ceil_div(cur, 2 * world) * 2 * world
+        size = total // world
+        lo, hi = rank * size, (rank + 1) * size
+        frags = []
+        for off, n in zip(offsets, numels):
+            a, b = max(lo, off), min(hi, off + n)
+            frags.append((a - off, b - a) if b > a else (0, 0))
+        return frags, [0] * len(numels), [size]
+    sizes = [_ceil_div(n, world) for n in numels]
+    frags = []
+    for n, size in zip(numels, sizes):
+        start = rank * size
+        frags.append((min(start, n), max(0, min(size, n - start))))
+    calls, flats, acc, total = [], [], 0, sum(sizes)
+    for i, size in enumerate(sizes):
+        calls.append(len(flats))
+        acc += size
+        if setup.sub_group_size < total and (acc >= setup.sub_group_size or i == len(sizes) - 1):
+            flats.append(acc)
+            acc = 0
+    if setup.sub_group_size >= total:
+        calls, flats = [0] * len(sizes), [total]
+    return frags, calls, flats
+
+
+def rank_view(
+    shapes: list[tuple[str, tuple[int, ...]]], setup: Setup, rank: int, opt: Opt
+) -> RankView:
+    """What ``rank``'s optimizer holds under ``setup`` (``shapes``: the model's parameters, or
+    for Megatron `megatron_shapes`' triples)."""
+    w = setup.world
+    s = setup.strategy
+    if s == "ddp":
+        pieces = [Piece(n, sh, numel(sh)) for n, sh in shapes]
+        dist = "replicated" if setup.group and w > 1 else "local"
+        return RankView(pieces, dist, w if dist != "local" else 1)
+    if s == "megatron":
+        pieces = [
+            Piece(n, sh, numel(sh), side=None if role == "diagonal" else role)
+            for n, sh, role in shapes
+        ]
+        for p, (_, _, role) in zip(pieces, shapes):
+            p.diagonal_role = role == "diagonal" and len(p.shape) > 1
+        dp = setup.dp
+        return RankView(pieces, "replicated" if dp > 1 else "local", dp)
+    if s == "fsdp2":
+        pieces = []
+        for n, sh in shapes:
+            size = _ceil_div(sh[0], w)
+            start = min(rank * size, sh[0])
+            stop = min(start + size, sh[0])
+            pieces.append(Piece(n, sh, (stop - start) * _row_len(sh), row_sharded=True))
+        return RankView(pieces, "sharded" if w > 1 else "local", w)
+    stage = int(s[-1])
+    numels = [numel(sh) for _, sh in shapes]
+    frags, calls, flats = zero_fragments(numels, w, rank, stage, setup)
+    if not opt.needs_rows:  # elementwise: the optimizer steps ZeRO's flat partitions
+        flat = [Piece(f"flat{i}", (size,), size, call=i) for i, size in enumerate(flats)]
+        return RankView(flat, "local", 1, cut_elems=[0] * len(flats))
+    everyone = [zero_fragments(numels, w, r, stage, setup)[0] for r in range(w)]
+    pieces, cut, n_cut = [], [0] * len(flats), 0
+    for i, ((n, sh), (start, count)) in enumerate(zip(shapes, frags)):
+        row = _row_len(sh)
+        first = _ceil_div(start, row) if count else 0
+        last = _ceil_div(start + count, row) if count else 0
+        cuts = sum(1 for f in everyone if f[i][1] > 0 and f[i][0] % row != 0)
+        cut[calls[i]] += cuts * row
+        n_cut += cuts
+        pieces.append(Piece(n, sh, (last - first) * row, row_sharded=True, call=calls[i]))
+    copies = sum(p.local for p in pieces)
+    return RankView(pieces, "zero" if w > 1 else "local", w, cut, copies, n_cut)
+
+
+# ---------------------------------------------------------------------------- estimators
+
+
+def estimator_key(p: Piece, opt: Opt) -> tuple[str, str]:
+    """``(statistics, mode)`` as `snr_dist.estimators.estimator_key` picks them."""
+    stats = "cross_sample" if opt.estimator == "cross_sample" else opt.noise
+    sh = p.shape
+    sub = (
+        opt.mode == "subspace"
+        and not p.diagonal_role
+        and len(sh) >= 2
+        and min(sh[0], numel(sh[1:])) >= 2
+    )
+    return stats, "subspace" if sub else "diagonal"
+
+
+def tracker_dims(p: Piece, opt: Opt) -> tuple[int, int, int]:
+    """``(d, r, o)`` of a tracked parameter: basis ``d x r``, this rank's ``o`` columns of its
+    matrix view (`snr_dist.subspace.init_tracker`)."""
+    m, n = p.shape[0], numel(p.shape[1:])
+    if p.row_sharded:
+        on_rows = False
+    else:
+        side = p.side or opt.basis_side
+        on_rows = side == "rows" or (side == "auto" and m <= n)
+    d = m if on_rows else n
+    return d, min(opt.rank, d), p.local // d
+
+
+def tracks(p: Piece, opt: Opt) -> bool:
+    return opt.name == "snr" and estimator_key(p, opt)[1] == "subspace"
+
+
+def state_bytes(view: RankView, opt: Opt) -> dict[str, int]:
+    """Bytes of each state key on this rank, summed over parameters."""
+    out: dict[str, int] = defaultdict(int)
+    for p in view.pieces:
+        out["step"] += F32
+        out["exp_avg"] += p.local * F32
+        out["exp_avg_sq"] += p.local * F32
+        if opt.name == "adamw":
+            continue
+        stats, mode = estimator_key(p, opt)
+        own_mean = opt.snr_beta != opt.beta1
+        if mode == "diagonal":
+            if stats == "innovation":
+                out["noise_avg"] += p.local * F32
+            elif stats == "second_moment" and own_mean:
+                out["snr_avg"] += p.local * F32
+            elif stats == "cross_sample":
+                out["raw_avg"] += p.local * F32
+                out["var_avg"] += p.local * F32
+            continue
+        d, r, o = tracker_dims(p, opt)
+        out["basis_rows"] += 1  # a bool scalar
+        out["basis"] += d * r * F32
+        out["sketch"] += d * r * F32
+        out["sketch_weight"] += F32
+        out["eigvals"] += r * F32
+        if stats == "cross_sample":
+            for k in ("raw_dir", "noise_dir"):
+                out[k] += r * F32
+            for k in ("raw_energy", "noise_energy"):
+                out[k] += F32
+            continue
+        out["proj_avg"] += r * o * F32
+        if stats == "second_moment":
+            out["proj_cov"] += r * r * F32
+            out["energy"] += F32
+            if own_mean:
+                out["snr_avg"] += p.local * F32
+        else:
+            out["noise_dir"] += r * F32
+            out["noise_energy"] += F32
+    return dict(out)
+
+
+REPLICATED_KEYS = ("basis", "sketch", "eigvals", "basis_rows", "sketch_weight")
+"""Tracker state every rank keeps whole, whatever rows it holds."""
+
+
+# ---------------------------------------------------------------------------- collectives
+
+
+def _buckets(sizes: Iterable[int], limit: int) -> list[int]:
+    """Payload bytes of each call `GroupComm` makes for tensors of ``sizes`` bytes (empty
+    tensors dropped, greedy buckets of at most ``limit`` bytes unless one tensor is larger)."""
+    out: list[int] = []
+    cur, open_ = 0, False
+    for s in sizes:
+        if s == 0:
+            continue
+        if open_ and cur + s > limit:
+            out.append(cur)
+            cur, open_ = 0, False
+        cur += s
+        open_ = True
+    if open_:
+        out.append(cur)
+    return out
+
+
+def _by_estimator(pieces: list[Piece], opt: Opt) -> list[Piece]:
+    """Pieces in the order a step visits them: grouped by estimator, in order of first
+    appearance (`SNREngine.slots`), parameter order within."""
+    keys: dict[tuple[str, str], list[Piece]] = {}
+    for p in pieces:
+        keys.setdefault(estimator_key(p, opt), []).append(p)
+    return [p for ps in keys.values() for p in ps]
+
+
+def tracker_costs(view: RankView, opt: Opt) -> list[float]:
+    """The cost of each tracker in optimizer order (`snr_dist.estimators.tracker.tracker_cost`:
+    global elements times effective rank), which longest-job-first ownership balances."""
+    return [float(numel(p.shape) * tracker_dims(p, opt)[1]) for p in view.pieces if tracks(p, opt)]
+
+
+def owners(view: RankView, opt: Opt) -> list[int]:
+    return assign_owners(tracker_costs(view, opt), view.group_world)
+
+
+def exchange_floats(p: Piece, opt: Opt, partial_rows: bool) -> int:
+    """Floats ``p`` adds to the step's all-reduce (0 if none): `Estimator.partial_sums`."""
+    stats, mode = estimator_key(p, opt)
+    if stats == "cross_sample":
+        if mode == "diagonal":
+            return 2 + numel(p.shape)  # [M, W, sum of squares over the whole parameter]
+        r = tracker_dims(p, opt)[1]
+        return r + 3 + (r + 1 if p.row_sharded else 0)
+    if mode == "subspace" and partial_rows:
+        return 2 * tracker_dims(p, opt)[1] + 2
+    return 0
+
+
+def refresh_floats(p: Piece, opt: Opt) -> tuple[int, int]:
+    """``(partials summed to the owner, solution broadcast)`` floats of one refresh."""
+    d, r, _ = tracker_dims(p, opt)
+    cov = opt.estimator != "cross_sample" and opt.noise == "second_moment"
+    return d * r + (2 * r * r if cov else 0), d * r + r + (r * r if cov else 0)
+
+
+def step_collectives(view: RankView, opt: Opt, setup: Setup, step: int) -> dict[str, list[int]]:
+    """Payload bytes of each collective call snr-dist makes on a rank at ``step`` (1-based), by
+    operation, as `GroupComm` counts them (every rank counts every call it joins)."""
+    out: dict[str, list[int]] = defaultdict(list)
+    w = view.group_world
+    if opt.name != "snr" or w == 1 or view.distributor == "local":
+        return {}
+    limit = int(setup.bucket_mb * 2**20)
+    partial_rows = view.distributor in ("sharded", "zero")
+    own = owners(view, opt)
+    owner_of = {id(p): o for p, o in zip([p for p in view.pieces if tracks(p, opt)], own)}
+    for call in range(view.calls):
+        pieces = [p for p in view.pieces if p.call == call]
+        if not pieces:
+            continue
+        cut = view.cut_elems[call] if view.cut_elems else 0
+        if cut:
+            out["all_reduce"] += _buckets([2 * cut * F32], limit)
+        if partial_rows and opt.skip_nonfinite:  # the NaN/Inf agreement, one float each
+            out["all_reduce"] += _buckets([len(pieces) * F32], limit)
+        order = _by_estimator(pieces, opt)
+        vecs = [exchange_floats(p, opt, partial_rows) * F32 for p in order]
+        out["all_reduce"] += _buckets(vecs, limit)
+        jobs = [p for p in order if tracks(p, opt) and refresh_due(step, opt.refresh_every)]
+        if jobs:
+            if partial_rows:
+                for o in range(w):
+                    sizes = [refresh_floats(p, opt)[0] * F32 for p in jobs if owner_of[id(p)] == o]
+                    out["reduce"] += _buckets(sizes, limit)
+            for o in range(w):
+                sizes = [refresh_floats(p, opt)[1] * F32 for p in jobs if owner_of[id(p)] == o]
+                out["broadcast"] += _buckets(sizes, limit)
+        if cut:
+            out["all_reduce"] += _buckets([cut * F32], limit)
+    return dict(out)
+
+
+# ---------------------------------------------------------------------------- measured
+
+
+CHECK_MODEL = Llama("check", d_model=40, layers=2, ffn=99, heads=4, kv_heads=2, vocab=251)
+"""The measured model: Llama's structure at sizes whose ZeRO partitions cut rows (odd row
+counts) and whose narrow k/v matrices hold fewer rows than the rank asked for."""
+CHECK_RANK = 24
+CHECK_STEPS = 5
+CHECK_REFRESH = 4  # refreshes at steps 1, 2 and 4 of 5: both kinds of step are measured
+CHECK_SEQ, CHECK_BATCH = 8, 2
+
+
+def llama_module(m: Llama):
+    """A trainable torch module with exactly `llama_shapes` (m) as its parameters."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            d, hd = m.d_model, m.head_dim
+            self.q = nn.Linear(d, m.heads * hd, bias=False)
+            self.k = nn.Linear(d, m.kv_heads * hd, bias=False)
+            self.v = nn.Linear(d, m.kv_heads * hd, bias=False)
+            self.o = nn.Linear(m.heads * hd, d, bias=False)
+            self.gate = nn.Linear(d, m.ffn, bias=False)
+            self.up = nn.Linear(d, m.ffn, bias=False)
+            self.down = nn.Linear(m.ffn, d, bias=False)
+            self.attn_norm = nn.RMSNorm(d)
+            self.mlp_norm = nn.RMSNorm(d)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            h = self.attn_norm(x)
+            q = self.q(h).view(b, t, m.heads, -1).transpose(1, 2)
+            k, v = (f(h).view(b, t, m.kv_heads, -1).transpose(1, 2) for f in (self.k, self.v))
+            rep = m.heads // m.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
+            h = self.mlp_norm(x)
+            return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(m.vocab, m.d_model)
+            self.layers = nn.ModuleList(Block() for _ in range(m.layers))
+            self.norm = nn.RMSNorm(m.d_model)
+            if not m.tied:
+                self.lm_head = nn.Linear(m.d_model, m.vocab, bias=False)
+
+        def forward(self, idx):
+            x = self.embed(idx)
+            for layer in self.layers:
+                x = layer(x)
+            x = self.norm(x)
+            return x @ self.embed.weight.T if m.tied else self.lm_head(x)
+
+    torch.manual_seed(0)
+    return Decoder(), Block
+
+
+CHECK_CASES: dict[int, list[tuple[str, Opt]]] = {}
+"""World size -> the ``(strategy, optimizer)`` cases measured with that many ranks."""
+
+
+def _check_opts() -> dict[str, Opt]:
+    sub = Opt(mode="subspace", rank=CHECK_RANK, refresh_every=CHECK_REFRESH)
+    return {
+        "adamw": Opt(name="adamw"),
+        "diag": Opt(),
+        "sub": sub,
+        "sub2": replace(sub, noise="second_moment"),
+        "xsub": replace(sub, estimator="cross_sample"),
+        "xdiag": Opt(estimator="cross_sample"),
+    }
+
+
+def _cases() -> dict[int, list[tuple[str, Opt]]]:
+    o = _check_opts()
+    two = [("ddp", o[k]) for k in ("adamw", "diag", "sub", "sub2", "xsub", "xdiag")]
+    two += [("fsdp2", o[k]) for k in ("adamw", "diag", "sub", "xsub", "xdiag")]
+    two += [("zero1", o[k]) for k in ("diag", "sub")]
+    two += [("zero2", o[k]) for k in ("adamw", "sub", "sub2", "xsub", "xdiag")]
+    two += [("zero3", o[k]) for k in ("adamw", "diag", "sub", "xsub")]
+    four = [("ddp", o["sub"]), ("fsdp2", o["sub"]), ("fsdp2", o["xsub"])]
+    four += [("zero2", o["diag"]), ("zero2", o["sub"]), ("zero3", o["sub"]), ("zero3", o["xsub"])]
+    return {2: two, 4: four}
+
+
+def _snr_kwargs(opt: Opt) -> dict:
+    return dict(
+        mode=opt.mode,
+        estimator=opt.estimator,
+        noise=opt.noise,
+        rank=opt.rank,
+        refresh_every=opt.refresh_every,
+        basis_side=opt.basis_side,
+        snr_beta=opt.snr_beta,
+    )
+
+
+def _measure(rank: int, world: int, strategy: str, opt: Opt) -> dict:
+    """Train the check model ``CHECK_STEPS`` steps on this rank; return what was counted."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from snr_dist import SNRAdamW
+    from snr_dist.distributors.dtensor import local
+
+    model, block = llama_module(CHECK_MODEL)
+    grad_counter = {"bytes": 0}
+    engine = None
+    if strategy == "ddp":
+        from comm_bytes import _counting_hook
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model)
+        net.register_comm_hook(None, _counting_hook(grad_counter))
+        if opt.name == "adamw":
+            optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        else:
+            optim = SNRAdamW(
+                model.parameters(), lr=1e-3, process_group=dist.group.WORLD, **_snr_kwargs(opt)
+            )
+    elif strategy == "fsdp2":
+        from snr_dist import fsdp
+
+        if opt.name == "adamw":
+            from torch.distributed.fsdp import fully_shard
+
+            for m in model.modules():
+                if isinstance(m, block):
+                    fully_shard(m)
+            net = fully_shard(model)
+            optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        else:
+            net, optim = fsdp.wrap(model, modules=block, lr=1e-3, **_snr_kwargs(opt))
+    else:
+        os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank))
+        os.environ["WORLD_SIZE"] = str(world)
+        cfg = {
+            "train_micro_batch_size_per_gpu": CHECK_BATCH,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": CHECK_BATCH * world,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "zero_optimization": {"stage": int(strategy[-1])},
+            "gradient_clipping": 0.0,
+            "steps_per_print": 10**9,
+        }
+        if opt.name == "adamw":
+            import deepspeed
+
+            del cfg["optimizer"]
+            cfg["zero_allow_untested_optimizer"] = True
+            client = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            engine, optim, _, _ = deepspeed.initialize(model=model, optimizer=client, config=cfg)
+        else:
+            from snr_dist import deepspeed as snr_ds
+
+            cfg["snr_preconditioner"] = _snr_kwargs(opt)
+            engine, optim, _, _ = snr_ds.initialize(model=model, config=cfg)
+        net = engine
+    base = getattr(optim, "optimizer", optim)  # DeepSpeed's wrapper holds the client optimizer
+    view = getattr(base, "zero_view", None)
+    comm = base.distributor.comm if isinstance(base, SNRAdamW) else None
+    gen = torch.Generator().manual_seed(1 + rank)
+    steps = []
+    for _ in range(CHECK_STEPS):
+        idx = torch.randint(0, CHECK_MODEL.vocab, (CHECK_BATCH, CHECK_SEQ + 1), generator=gen)
+        logits = net(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, CHECK_MODEL.vocab), idx[:, 1:].reshape(-1)
+        )
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()
+        else:
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        steps.append(
+            {op: (comm.bytes.get(op, 0), comm.calls.get(op, 0)) for op in OPS} if comm else {}
+        )
+    holder = view.inner if view is not None else base
+    by_key: dict[str, int] = defaultdict(int)
+    for st in holder.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                t = local(v)
+                by_key[k] += t.numel() * t.element_size()
+    out = {
+        "steps": steps,
+        "state": dict(by_key),
+        "grad_bytes": grad_counter["bytes"] / CHECK_STEPS,
+        "costs": list(base.distributor.costs.values()) if comm else [],
+        "owners": list(base.distributor.owners.values()) if comm else [],
+        "cut_rows": None,
+        "shard_copies": None,
+    }
+    if view is not None:
+        pieces = [p for b in view.buckets for p in b.pieces]
+        out["cut_rows"] = sum(len(p.cuts) for p in pieces)
+        out["shard_copies"] = sum(p.shard.numel() for p in pieces)
+    if engine is not None:
+        engine.destroy()
+    return out
+
+
+OPS = ("all_reduce", "reduce", "broadcast")
+
+
+def _check_worker(rank: int, world: int, cases: list[tuple[str, Opt]]) -> list[dict]:
+    return [_measure(rank, world, s, o) for s, o in cases]
+
+
+def predict(world: int, rank: int, strategy: str, opt: Opt, steps: int = CHECK_STEPS) -> dict:
+    """The model's numbers for one measured case, in `_measure`'s format."""
+    setup = Setup(strategy, world)
+    view = rank_view(llama_shapes(CHECK_MODEL), setup, rank, opt)
+    cum: dict[str, list[int]] = {op: [0, 0] for op in OPS}
+    out_steps = []
+    for t in range(1, steps + 1):
+        for op, sizes in step_collectives(view, opt, setup, t).items():
+            cum[op][0] += sum(sizes)
+            cum[op][1] += len(sizes)
+        out_steps.append({op: tuple(v) for op, v in cum.items()} if opt.name == "snr" else {})
+    snr = opt.name == "snr"
+    zero_rows = strategy.startswith("zero") and opt.needs_rows
+    return {
+        "steps": out_steps,
+        "state": state_bytes(view, opt),
+        "grad_bytes": float(sum(numel(s) for _, s in llama_shapes(CHECK_MODEL)) * F32)
+        if strategy == "ddp"
+        else 0.0,
+        "costs": tracker_costs(view, opt) if snr else [],
+        "owners": owners(view, opt) if snr else [],
+        "cut_rows": view.cut_rows if zero_rows else None,
+        "shard_copies": view.shard_copies if zero_rows else None,
+    }
+
+
+def _spawn(world: int, cases: list[tuple[str, Opt]]) -> list[list[dict]]:
+    """Run ``cases`` on ``world`` gloo processes; per rank, the list of `_measure` results."""
+    import io
+    import queue
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from snr_dist.distributors.ports import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_spawned, args=(r, world, port, cases, out), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, list[dict]] = {}
+    try:
+        while len(results) < world:
+            try:
+                r, status, payload = out.get(timeout=2)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a measuring rank died (exit codes {dead})") from None
+                continue
+            if status != "ok":
+                raise RuntimeError(f"rank {r} failed:\n{payload}")
+            results[r] = torch.load(io.BytesIO(payload), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]
+
+
+def _spawned(rank: int, world: int, port: int, cases, out) -> None:
+    import io
+    import os
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:  # comm_bytes, the sibling benchmark
+        sys.path.insert(0, here)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        buf = io.BytesIO()
+        torch.save(_check_worker(rank, world, cases), buf)
+        out.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        out.put((rank, "error", traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
