@@ -117,6 +117,17 @@ def megatron_shapes(m: Llama, tp: int) -> list[tuple[str, tuple[int, ...], str]]
     return out
 
 
+def megatron_order(shapes: list[tuple[str, tuple[int, ...], str]]) -> list:
+    """The optimizer's parameter order under `snr_dist.megatron.build_param_groups`: Megatron's
+    weight-decay group first (its first parameter, the embedding, decays), then the no-decay
+    group (1-D parameters), each split by role in the order diagonal, cols, rows."""
+    out = []
+    for decay in (True, False):
+        for role in ("diagonal", "cols", "rows"):
+            out += [x for x in shapes if (len(x[1]) > 1) == decay and x[2] == role]
+    return out
+
+
 # ---------------------------------------------------------------------------- what runs
 
 
@@ -286,10 +297,10 @@ def rank_view(
     if s == "megatron":
         pieces = [
             Piece(n, sh, numel(sh), side=None if role == "diagonal" else role)
-            for n, sh, role in shapes
+            for n, sh, role in megatron_order(shapes)
         ]
-        for p, (_, _, role) in zip(pieces, shapes):
-            p.diagonal_role = role == "diagonal" and len(p.shape) > 1
+        for p in pieces:
+            p.diagonal_role = p.side is None and len(p.shape) > 1
         dp = setup.dp
         return RankView(pieces, "replicated" if dp > 1 else "local", dp)
     if s == "fsdp2":
@@ -504,6 +515,8 @@ def step_collectives(view: RankView, opt: Opt, setup: Setup, step: int) -> dict[
 CHECK_MODEL = Llama("check", d_model=40, layers=2, ffn=99, heads=4, kv_heads=2, vocab=251)
 """The measured model: Llama's structure at sizes whose ZeRO partitions cut rows (odd row
 counts) and whose narrow k/v matrices hold fewer rows than the rank asked for."""
+CHECK_TP_MODEL = replace(CHECK_MODEL, label="check-tp", ffn=98)
+"""The Megatron check: an even MLP width, which tensor parallelism needs."""
 CHECK_RANK = 24
 CHECK_STEPS = 5
 CHECK_REFRESH = 4  # refreshes at steps 1, 2 and 4 of 5: both kinds of step are measured
@@ -585,9 +598,19 @@ def _cases() -> dict[int, list[tuple[str, Opt]]]:
     two += [("zero1", o[k]) for k in ("diag", "sub")]
     two += [("zero2", o[k]) for k in ("adamw", "sub", "sub2", "xsub", "xdiag")]
     two += [("zero3", o[k]) for k in ("adamw", "diag", "sub", "xsub")]
+    two += [("megatron-tp1", o[k]) for k in ("diag", "sub")]
     four = [("ddp", o["sub"]), ("fsdp2", o["sub"]), ("fsdp2", o["xsub"])]
     four += [("zero2", o["diag"]), ("zero2", o["sub"]), ("zero3", o["sub"]), ("zero3", o["xsub"])]
+    four += [("megatron-tp2", o["sub"])]
     return {2: two, 4: four}
+
+
+def check_setup(strategy: str, world: int) -> tuple[Setup, list]:
+    """The `Setup` and the model shapes of a measured case."""
+    if strategy.startswith("megatron"):
+        tp = int(strategy.removeprefix("megatron-tp"))
+        return Setup("megatron", world, tp=tp), megatron_shapes(CHECK_TP_MODEL, tp)
+    return Setup(strategy, world), llama_shapes(CHECK_MODEL)
 
 
 def _snr_kwargs(opt: Opt) -> dict:
@@ -610,8 +633,9 @@ def _measure(rank: int, world: int, strategy: str, opt: Opt) -> dict:
     import torch.distributed as dist
 
     from snr_dist import SNRAdamW
-    from snr_dist.distributors.dtensor import local
 
+    if strategy.startswith("megatron"):
+        return _measure_megatron(rank, world, strategy, opt)
     model, block = llama_module(CHECK_MODEL)
     grad_counter = {"bytes": 0}
     engine = None
@@ -687,21 +711,8 @@ def _measure(rank: int, world: int, strategy: str, opt: Opt) -> dict:
             {op: (comm.bytes.get(op, 0), comm.calls.get(op, 0)) for op in OPS} if comm else {}
         )
     holder = view.inner if view is not None else base
-    by_key: dict[str, int] = defaultdict(int)
-    for st in holder.state.values():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                t = local(v)
-                by_key[k] += t.numel() * t.element_size()
-    out = {
-        "steps": steps,
-        "state": dict(by_key),
-        "grad_bytes": grad_counter["bytes"] / CHECK_STEPS,
-        "costs": list(base.distributor.costs.values()) if comm else [],
-        "owners": list(base.distributor.owners.values()) if comm else [],
-        "cut_rows": None,
-        "shard_copies": None,
-    }
+    out = _counted(holder, steps, base.distributor if comm else None)
+    out["grad_bytes"] = grad_counter["bytes"] / CHECK_STEPS
     if view is not None:
         pieces = [p for b in view.buckets for p in b.pieces]
         out["cut_rows"] = sum(len(p.cuts) for p in pieces)
@@ -714,14 +725,94 @@ def _measure(rank: int, world: int, strategy: str, opt: Opt) -> dict:
 OPS = ("all_reduce", "reduce", "broadcast")
 
 
+def _counted(optim, steps: list[dict], distributor) -> dict:
+    """State bytes by key (this rank's part of DTensors), the comm snapshots, the trackers'
+    costs and owners in the optimizer's order."""
+    import torch
+
+    from snr_dist.distributors.dtensor import local
+
+    by_key: dict[str, int] = defaultdict(int)
+    for st in optim.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                t = local(v)
+                by_key[k] += t.numel() * t.element_size()
+    return {
+        "steps": steps,
+        "state": dict(by_key),
+        "grad_bytes": 0.0,
+        "costs": list(distributor.costs.values()) if distributor else [],
+        "owners": list(distributor.owners.values()) if distributor else [],
+        "cut_rows": None,
+        "shard_copies": None,
+    }
+
+
+def _measure_megatron(rank: int, world: int, strategy: str, opt: Opt) -> dict:
+    """megatron-core's GPTModel with the check model's sizes, its param groups and optimizer
+    wrapper (`snr_dist.megatron`); gradients are random TP slices (its forward needs CUDA)."""
+    import torch
+    import torch.nn.functional as F
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer import TransformerConfig
+
+    from snr_dist.megatron import get_megatron_snr_optimizer
+
+    tp = int(strategy.removeprefix("megatron-tp"))
+    m = CHECK_TP_MODEL
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(
+        num_layers=m.layers,
+        hidden_size=m.d_model,
+        num_attention_heads=m.heads,
+        num_query_groups=m.kv_heads,
+        ffn_hidden_size=m.ffn,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        use_cpu_initialization=True,
+    )
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=megatron_vocab(m.vocab, tp),  # Megatron's training script pads it
+        max_sequence_length=CHECK_SEQ,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=m.tied,
+    )
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.01, clip_grad=0.0)
+    snr = {k: v for k, v in _snr_kwargs(opt).items() if k != "basis_side"}
+    wrapper = get_megatron_snr_optimizer(config, [model], snr=snr).chained_optimizers[0]
+    inner = wrapper.optimizer
+    comm = inner.distributor.comm
+    gen = torch.Generator().manual_seed(1 + rank)
+    steps = []
+    for _ in range(CHECK_STEPS):
+        for p in model.parameters():
+            p.main_grad = torch.randn(p.shape, generator=gen)
+        wrapper.prepare_grads()
+        wrapper.step_with_ready_grads()
+        steps.append({op: (comm.bytes.get(op, 0), comm.calls.get(op, 0)) for op in OPS})
+    out = _counted(inner, steps, inner.distributor)
+    ps.destroy_model_parallel()
+    return out
+
+
 def _check_worker(rank: int, world: int, cases: list[tuple[str, Opt]]) -> list[dict]:
     return [_measure(rank, world, s, o) for s, o in cases]
 
 
 def predict(world: int, rank: int, strategy: str, opt: Opt, steps: int = CHECK_STEPS) -> dict:
     """The model's numbers for one measured case, in `_measure`'s format."""
-    setup = Setup(strategy, world)
-    view = rank_view(llama_shapes(CHECK_MODEL), setup, rank, opt)
+    setup, shapes = check_setup(strategy, world)
+    view = rank_view(shapes, setup, rank, opt)
     cum: dict[str, list[int]] = {op: [0, 0] for op in OPS}
     out_steps = []
     for t in range(1, steps + 1):
