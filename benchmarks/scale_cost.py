@@ -19,13 +19,16 @@ Times are a model too, at stated (assumed, not measured) rates: the options belo
 
 from __future__ import annotations
 
+import argparse
+import bisect
+import functools
 import math
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from snr_dist.distributors.assignment import assign_owners
+from snr_dist.distributors.assignment import assign_owners, balance_ratio, rank_loads
 from snr_dist.subspace import refresh_due
 
 F32 = 4  # every SNR statistic and every optimizer moment is fp32
@@ -239,27 +242,32 @@ def _row_len(shape: tuple[int, ...]) -> int:
     return numel(shape[1:]) if len(shape) > 1 else 1
 
 
+def _zero_offsets(numels: tuple[int, ...], world: int, setup: Setup) -> tuple[list[int], int]:
+    """Where each parameter starts in DeepSpeed 0.19's flat ZeRO 1/2 buffer (with
+    ``parameter_alignment``, each parameter padded to 16 bytes) and the partition size: the
+    buffer padded to a multiple of ``2 * world``, cut into ``world`` equal partitions."""
+    align = 16 // math.gcd(16, F32) if setup.parameter_alignment else 1
+    offsets, cur = [], 0
+    for i, n in enumerate(numels):
+        offsets.append(cur)
+        cur += n
+        if i < len(numels) - 1:
+            cur += (-cur) % align
+    return offsets, _ceil_div(cur, 2 * world) * 2
+
+
 def zero_fragments(
-    numels: list[int], world: int, rank: int, stage: int, setup: Setup
+    numels: tuple[int, ...], world: int, rank: int, stage: int, setup: Setup
 ) -> tuple[list[tuple[int, int]], list[int], list[int]]:
     """DeepSpeed 0.19's ZeRO partition of one param group on ``rank``: each parameter's
     ``(start, count)`` (elements of the flattened parameter held), its sub-group (the
     optimizer call that steps it) and the sizes of this rank's flat fp32 partitions.
 
-    Stages 1/2 flatten the group (with ``parameter_alignment``, each parameter padded to 16
-    bytes), pad it to a multiple of ``2 * world`` and cut it into ``world`` equal partitions.
-    Stage 3 partitions every parameter alone (``ceil(numel / world)`` elements per rank) and
-    groups parameters into sub-groups of ``sub_group_size`` partition elements."""
+    Stages 1/2 cut the flat buffer (`_zero_offsets`) into equal partitions. Stage 3 partitions
+    every parameter alone (``ceil(numel / world)`` elements per rank) and groups parameters
+    into sub-groups of ``sub_group_size`` partition elements."""
     if stage in (1, 2):
-        align = 16 // math.gcd(16, F32) if setup.parameter_alignment else 1
-        offsets, cur = [], 0
-        for i, n in enumerate(numels):
-            offsets.append(cur)
-            cur += n
-            if i < len(numels) - 1:
-                cur += (-cur) % align
-        total = _ceil_div(cur, 2 * world) * 2 * world
-        size = total // world
+        offsets, size = _zero_offsets(numels, world, setup)
         lo, hi = rank * size, (rank + 1) * size
         frags = []
         for off, n in zip(offsets, numels):
@@ -271,16 +279,47 @@ def zero_fragments(
     for n, size in zip(numels, sizes):
         start = rank * size
         frags.append((min(start, n), max(0, min(size, n - start))))
-    calls, flats, acc, total = [], [], 0, sum(sizes)
+    total = sum(sizes)
+    if setup.sub_group_size >= total:
+        return frags, [0] * len(sizes), [total]
+    calls, flats, acc = [], [], 0
     for i, size in enumerate(sizes):
         calls.append(len(flats))
         acc += size
-        if setup.sub_group_size < total and (acc >= setup.sub_group_size or i == len(sizes) - 1):
+        if acc >= setup.sub_group_size or i == len(sizes) - 1:
             flats.append(acc)
             acc = 0
-    if setup.sub_group_size >= total:
-        calls, flats = [0] * len(sizes), [total]
     return frags, calls, flats
+
+
+@functools.lru_cache(maxsize=64)
+def zero_cuts(shapes: tuple[tuple[int, ...], ...], world: int, stage: int, setup: Setup) -> list:
+    """Rows of each parameter cut by a partition boundary (`ZeroView`: a rank whose fragment
+    starts inside a row), the same list on every rank."""
+    numels = tuple(numel(s) for s in shapes)
+    out = []
+    if stage in (1, 2):
+        offsets, size = _zero_offsets(numels, world, setup)
+        for off, n, sh in zip(offsets, numels, shapes):
+            row = _row_len(sh)
+            first, last = off // size + 1, (off + n - 1) // size  # boundaries inside the param
+            out.append(sum(1 for k in range(first, last + 1) if (k * size - off) % row))
+        return out
+    for n, sh in zip(numels, shapes):
+        size, row = _ceil_div(n, world), _row_len(sh)
+        starts = min(_ceil_div(n, size) - 1, world - 1)  # ranks k >= 1 whose start k * size < n
+        period = row // math.gcd(size, row)  # k * size falls on a row start every `period` ranks
+        out.append(starts - starts // period)
+    return out
+
+
+def row_piece(name: str, shape: tuple[int, ...], start: int, count: int, call: int = 0) -> Piece:
+    """The row shard `ZeroView` gives a rank holding elements ``[start, start + count)`` of a
+    parameter: the rows whose first element it holds."""
+    row = _row_len(shape)
+    first = _ceil_div(start, row) if count else 0
+    last = _ceil_div(start + count, row) if count else 0
+    return Piece(name, shape, (last - first) * row, row_sharded=True, call=call)
 
 
 def rank_view(
@@ -312,21 +351,17 @@ def rank_view(
             pieces.append(Piece(n, sh, (stop - start) * _row_len(sh), row_sharded=True))
         return RankView(pieces, "sharded" if w > 1 else "local", w)
     stage = int(s[-1])
-    numels = [numel(sh) for _, sh in shapes]
+    numels = tuple(numel(sh) for _, sh in shapes)
     frags, calls, flats = zero_fragments(numels, w, rank, stage, setup)
     if not opt.needs_rows:  # elementwise: the optimizer steps ZeRO's flat partitions
         flat = [Piece(f"flat{i}", (size,), size, call=i) for i, size in enumerate(flats)]
         return RankView(flat, "local", 1, cut_elems=[0] * len(flats))
-    everyone = [zero_fragments(numels, w, r, stage, setup)[0] for r in range(w)]
+    all_cuts = zero_cuts(tuple(sh for _, sh in shapes), w, stage, setup)
     pieces, cut, n_cut = [], [0] * len(flats), 0
-    for i, ((n, sh), (start, count)) in enumerate(zip(shapes, frags)):
-        row = _row_len(sh)
-        first = _ceil_div(start, row) if count else 0
-        last = _ceil_div(start + count, row) if count else 0
-        cuts = sum(1 for f in everyone if f[i][1] > 0 and f[i][0] % row != 0)
-        cut[calls[i]] += cuts * row
+    for i, ((n, sh), (start, count), cuts) in enumerate(zip(shapes, frags, all_cuts)):
+        cut[calls[i]] += cuts * _row_len(sh)
         n_cut += cuts
-        pieces.append(Piece(n, sh, (last - first) * row, row_sharded=True, call=calls[i]))
+        pieces.append(row_piece(n, sh, start, count, calls[i]))
     copies = sum(p.local for p in pieces)
     return RankView(pieces, "zero" if w > 1 else "local", w, cut, copies, n_cut)
 
@@ -408,6 +443,41 @@ def state_bytes(view: RankView, opt: Opt) -> dict[str, int]:
     return dict(out)
 
 
+def max_state(shapes: list, setup: Setup, opt: Opt) -> tuple[int, dict[str, int]]:
+    """``(rank, its state_bytes)`` of the rank that holds the most state. Rank 0 does, except
+    for ZeRO 1/2 row shards (FSDP2 and ZeRO-3 give the first ranks the rounded-up share, flat
+    partitions and replicas are equal); there every rank is computed, from the few
+    parameters its partition touches."""
+    w = setup.world
+    if not (setup.strategy in ("zero1", "zero2") and opt.needs_rows):
+        return 0, state_bytes(rank_view(shapes, setup, 0, opt), opt)
+
+    def total(pieces: list[Piece]) -> dict[str, int]:
+        return state_bytes(RankView(pieces, "zero", w), opt)
+
+    numels = tuple(numel(sh) for _, sh in shapes)
+    offsets, size = _zero_offsets(numels, w, setup)
+    base = total([Piece(n, sh, 0, row_sharded=True) for n, sh in shapes])
+    best: tuple[int, int, dict[str, int]] | None = None
+    for r in range(w):
+        lo, hi = r * size, (r + 1) * size
+        out = dict(base)
+        i = max(bisect.bisect_right(offsets, lo) - 1, 0)
+        while i < len(shapes) and offsets[i] < hi:
+            name, sh = shapes[i]
+            a, b = max(lo, offsets[i]), min(hi, offsets[i] + numels[i])
+            if b > a:
+                held = total([row_piece(name, sh, a - offsets[i], b - a)])
+                empty = total([Piece(name, sh, 0, row_sharded=True)])
+                for k in held:
+                    out[k] += held[k] - empty.get(k, 0)
+            i += 1
+        t = sum(out.values())
+        if best is None or t > best[1]:
+            best = (r, t, out)
+    return best[0], best[2]
+
+
 REPLICATED_KEYS = ("basis", "sketch", "eigvals", "basis_rows", "sketch_weight")
 """Tracker state every rank keeps whole, whatever rows it holds."""
 
@@ -449,7 +519,12 @@ def tracker_costs(view: RankView, opt: Opt) -> list[float]:
 
 
 def owners(view: RankView, opt: Opt) -> list[int]:
-    return assign_owners(tracker_costs(view, opt), view.group_world)
+    return list(_owners(tuple(tracker_costs(view, opt)), view.group_world))
+
+
+@functools.lru_cache(maxsize=256)
+def _owners(costs: tuple[float, ...], world: int) -> tuple[int, ...]:
+    return tuple(assign_owners(costs, world))
 
 
 def exchange_floats(p: Piece, opt: Opt, partial_rows: bool) -> int:
@@ -496,17 +571,229 @@ def step_collectives(view: RankView, opt: Opt, setup: Setup, step: int) -> dict[
         vecs = [exchange_floats(p, opt, partial_rows) * F32 for p in order]
         out["all_reduce"] += _buckets(vecs, limit)
         jobs = [p for p in order if tracks(p, opt) and refresh_due(step, opt.refresh_every)]
-        if jobs:
-            if partial_rows:
-                for o in range(w):
-                    sizes = [refresh_floats(p, opt)[0] * F32 for p in jobs if owner_of[id(p)] == o]
-                    out["reduce"] += _buckets(sizes, limit)
-            for o in range(w):
-                sizes = [refresh_floats(p, opt)[1] * F32 for p in jobs if owner_of[id(p)] == o]
-                out["broadcast"] += _buckets(sizes, limit)
+        by_owner: dict[int, list[Piece]] = defaultdict(list)  # each owner's jobs, in job order
+        for p in jobs:
+            by_owner[owner_of[id(p)]].append(p)
+        for o in sorted(by_owner) if partial_rows else ():  # owners 0, 1, ... in turn
+            out["reduce"] += _buckets([refresh_floats(p, opt)[0] * F32 for p in by_owner[o]], limit)
+        for o in sorted(by_owner):
+            out["broadcast"] += _buckets(
+                [refresh_floats(p, opt)[1] * F32 for p in by_owner[o]], limit
+            )
         if cut:
             out["all_reduce"] += _buckets([cut * F32], limit)
     return dict(out)
+
+
+# ---------------------------------------------------------------------------- work and time
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Assumed hardware rates (an H100 SXM node; none of them measured here)."""
+
+    gpus_per_node: int = 8
+    nvlink_gbs: float = 450.0
+    """NVLink, GB/s each way per GPU (the 900 GB/s usually quoted counts both directions)."""
+    net_gbits: float = 400.0
+    """Inter-node network, Gb/s each way per GPU (one 400G NIC per GPU)."""
+    latency_us: float = 20.0
+    """Fixed cost of one collective call."""
+    hbm_tbs: float = 3.35
+    fp32_tflops: float = 67.0
+    """fp32 without tensor cores: the statistics' matmuls (torch's default, no TF32)."""
+    fp64_tflops: float = 34.0
+    """The refresh's Nystrom solve runs in float64."""
+    bf16_tflops: float = 989.0
+    mfu: float = 0.4
+    """Model flops utilisation of the forward and backward passes (for the context column)."""
+    tokens: int = 8192
+    """Tokens per data-parallel replica per step (for the context column)."""
+    grad_bytes: int = 2
+    """Bytes per gradient element on the wire (bf16)."""
+    param_bytes: int = 2
+    """Bytes per parameter element all-gathered by FSDP2 and ZeRO (bf16)."""
+
+    def link(self, setup: Setup) -> float:
+        """Bytes per second each way for the data-parallel group: NVLink inside one node, the
+        network once the job spans nodes (Megatron's TP groups stay inside a node)."""
+        if setup.world <= self.gpus_per_node:
+            return self.nvlink_gbs * 1e9
+        return self.net_gbits / 8 * 1e9
+
+
+PASSES = {"adamw": 7, "snr": 9}
+"""Passes over the fp32 elements a step must read or write (`benchmarks/step_floor.py`'s
+floors): AdamW reads p, g, m, v and writes p, m, v; SNRAdamW adds one (diagonal: its state
+vector read and written; subspace: the gradient and the update direction read once more)."""
+ROW_SHARD_PASSES = 7
+"""A ZeRO row-shard step's copies (`ZeroView._fill`, `_write_back`): values read and written,
+a gradient buffer zeroed, the gradient read and written, the new values read and written."""
+
+
+def wire_factor(op: str, g: int) -> float:
+    """Bytes each rank sends per payload byte: a ring all-reduce sends ``2 (g - 1) / g``;
+    a pipelined reduce or broadcast passes the payload on once."""
+    if g <= 1:
+        return 0.0
+    return 2 * (g - 1) / g if op == "all_reduce" else 1.0
+
+
+def amortised(view: RankView, opt: Opt, setup: Setup) -> dict[str, tuple[float, float]]:
+    """Steady-state ``{op: (payload bytes, calls)}`` per step: a step without refresh plus the
+    refresh step's extra divided by ``refresh_every``."""
+    k = opt.refresh_every
+    plain = step_collectives(view, opt, setup, 2 * k + 1)
+    full = step_collectives(view, opt, setup, 2 * k)
+    out = {}
+    for op in OPS:
+        a, b = plain.get(op, []), full.get(op, [])
+        out[op] = (
+            sum(a) + (sum(b) - sum(a)) / k,
+            len(a) + (len(b) - len(a)) / k,
+        )
+    return out
+
+
+def comm_seconds(per_op: dict[str, tuple[float, float]], setup: Setup, rates: Rates) -> float:
+    g = setup.dp
+    t = 0.0
+    for op, (nbytes, calls) in per_op.items():
+        t += nbytes * wire_factor(op, g) / rates.link(setup) + calls * rates.latency_us * 1e-6
+    return t
+
+
+def wire_bytes(per_op: dict[str, tuple[float, float]], setup: Setup) -> float:
+    return sum(b * wire_factor(op, setup.dp) for op, (b, _) in per_op.items())
+
+
+def parallelism_wire(setup: Setup, n_global: int, n_rank: int, rates: Rates) -> float:
+    """Bytes each rank sends per step for the parallelism itself, whatever the optimizer:
+    DDP all-reduces the gradient; ZeRO 1/2 reduce-scatter it and all-gather the new
+    parameters; FSDP2 and ZeRO-3 also gather the parameters for the forward and again for the
+    backward; Megatron all-reduces each TP slice's gradient over its data-parallel group (its
+    TP traffic moves activations and is left out)."""
+    g = setup.dp
+    if g <= 1:
+        return 0.0
+    part = (g - 1) / g
+    gb, pb = rates.grad_bytes, rates.param_bytes
+    return {
+        "ddp": 2 * part * n_global * gb,
+        "fsdp2": part * n_global * (gb + 2 * pb),
+        "zero1": part * n_global * (gb + pb),
+        "zero2": part * n_global * (gb + pb),
+        "zero3": part * n_global * (gb + 2 * pb),
+        "megatron": 2 * part * n_rank * gb,
+    }[setup.strategy]
+
+
+def step_flops(view: RankView, opt: Opt) -> float:
+    """The trackers' matmuls per step on this rank: the projection and sketch of the gradient
+    and the gate's projection and reconstruction, ``2 r`` flops per element each
+    (`snr_dist.subspace`); cross-sample also projects each backward pass's whole gradient in
+    its hook, and on row shards the applied gradient once more."""
+    f = 0.0
+    for p in view.pieces:
+        if not tracks(p, opt):
+            continue
+        r = tracker_dims(p, opt)[1]
+        f += 8 * r * p.local
+        if opt.estimator == "cross_sample":
+            f += 2 * r * numel(p.shape) * opt.micro_batches + (
+                2 * r * p.local if p.row_sharded else 0
+            )
+    return f
+
+
+def refresh_flops(p: Piece, opt: Opt) -> tuple[float, float]:
+    """``(owner's solve, every holder's apply)`` flops of one refresh. The solve
+    (`snr_dist.subspace._nystrom_basis`, float64): ``Q^T Y``, a QR of ``Y`` with its ``Q``,
+    ``Q1^T Y``, ``Q1 V``: ``10 d r^2``, and two ``r x r`` eigendecompositions with their
+    products, counted as ``25 r^3``. The apply: the rotation ``Q_new^T Q_old`` (``2 d r^2``)
+    and, for the temporal rules, the mean re-projected on the new basis (``2 r`` per
+    element held); the second-moment rule's ``r x r`` products on top."""
+    d, r, o = tracker_dims(p, opt)
+    solve = 10 * d * r * r + 25 * r**3
+    apply = 2 * d * r * r
+    if opt.estimator != "cross_sample":
+        apply += 2 * r * p.local
+        if opt.noise == "second_moment":
+            apply += 4 * r * r * o
+    return float(solve), float(apply)
+
+
+def refresh_seconds(view: RankView, opt: Opt, rates: Rates) -> tuple[float, float]:
+    """``(seconds of one refresh's compute on the critical path, max/mean of the owners'
+    solve work)``: the busiest owner's solves (the others wait at its broadcast) plus this
+    rank's applies."""
+    tracked = [p for p in view.pieces if tracks(p, opt)]
+    if not tracked:
+        return 0.0, 1.0
+    flops = [refresh_flops(p, opt) for p in tracked]
+    solves = [s for s, _ in flops]
+    own = owners(view, opt)
+    loads = rank_loads(solves, own, view.group_world)
+    busiest = max(loads)
+    t = busiest / (rates.fp64_tflops * 1e12) + sum(a for _, a in flops) / (rates.fp32_tflops * 1e12)
+    return t, balance_ratio(solves, own, view.group_world)
+
+
+@dataclass
+class Cost:
+    """One optimizer under one setup: per-rank numbers (state: the rank holding the most)."""
+
+    state: dict[str, int]
+    shard_copies: int
+    elements: int
+    per_op: dict[str, tuple[float, float]]
+    wire: float
+    comm_s: float
+    hbm_s: float
+    flops_s: float
+    refresh_s: float
+    solve_balance: float
+
+    @property
+    def state_total(self) -> int:
+        return sum(self.state.values())
+
+    @property
+    def replicated(self) -> int:
+        return sum(v for k, v in self.state.items() if k in REPLICATED_KEYS)
+
+    @property
+    def time_s(self) -> float:
+        return self.hbm_s + self.flops_s + self.comm_s + self.refresh_s
+
+
+def cost(shapes: list, setup: Setup, opt: Opt, rates: Rates) -> Cost:
+    rank, state = max_state(shapes, setup, opt)
+    view = rank_view(shapes, setup, rank, opt)
+    per_op = amortised(view, opt, setup)
+    elements = sum(p.local for p in view.pieces)
+    hbm = PASSES[opt.name] * F32 * elements
+    copies = view.shard_copies if opt.needs_rows else 0
+    hbm += ROW_SHARD_PASSES * F32 * copies
+    refresh_s, balance = refresh_seconds(view, opt, rates) if opt.name == "snr" else (0.0, 1.0)
+    return Cost(
+        state=state,
+        shard_copies=copies * F32,
+        elements=elements,
+        per_op=per_op,
+        wire=wire_bytes(per_op, setup),
+        comm_s=comm_seconds(per_op, setup, rates),
+        hbm_s=hbm / (rates.hbm_tbs * 1e12),
+        flops_s=step_flops(view, opt) / (rates.fp32_tflops * 1e12),
+        refresh_s=refresh_s / opt.refresh_every,
+        solve_balance=balance,
+    )
+
+
+def setup_shapes(model: Llama, setup: Setup) -> list:
+    if setup.strategy == "megatron":
+        return megatron_shapes(model, setup.tp)
+    return llama_shapes(model)
 
 
 # ---------------------------------------------------------------------------- measured
@@ -897,3 +1184,335 @@ def _spawned(rank: int, world: int, port: int, cases, out) -> None:
         out.put((rank, "error", traceback.format_exc()))
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def table_opts(rank: int, refresh_every: int) -> dict[str, Opt]:
+    sub = Opt(mode="subspace", rank=rank, refresh_every=refresh_every)
+    return {
+        "adamw": Opt(name="adamw"),
+        "diag": Opt(refresh_every=refresh_every),
+        "sub": sub,
+        "xsub": replace(sub, estimator="cross_sample"),
+        "xdiag": Opt(estimator="cross_sample", refresh_every=refresh_every),
+    }
+
+
+def table_setups(world: int, tp: int) -> list[Setup]:
+    out = [Setup(s, world) for s in ("ddp", "fsdp2", "zero1", "zero2", "zero3")]
+    return out + [Setup("megatron", world, tp=min(tp, world))]
+
+
+def _b(n: float) -> str:
+    """Bytes in decimal units, three significant digits."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.3g}" if s else "0"
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{100 * a / b:.3g}%" if b else "-"
+
+
+def compute(models: list[Llama], worlds: list[int], args, rates: Rates) -> dict:
+    """Every cost the tables show: ``{(model, world, setup label): {opt key: Cost}}``."""
+    opts = table_opts(args.rank, args.refresh_every)
+    out = {}
+    for m in models:
+        for w in worlds:
+            for setup in table_setups(w, args.tp):
+                shapes = setup_shapes(m, setup)
+                out[(m.label, w, setup.label)] = {
+                    "setup": setup,
+                    "n_global": sum(numel(sh) for _, sh in llama_shapes(m)),
+                    "n_rank": sum(numel(x[1]) for x in shapes),
+                    **{k: cost(shapes, setup, o, rates) for k, o in opts.items()},
+                }
+    return out
+
+
+def report(models: list[Llama], worlds: list[int], args, rates: Rates) -> str:
+    costs = compute(models, worlds, args, rates)
+    r = args.rank
+    lines: list[str] = []
+    for m in models:
+        rows = [(w, c) for (label, w, _), c in costs.items() if label == m.label]
+        n = rows[0][1]["n_global"]
+        lines += [
+            f"### {m.label}: d_model {m.d_model}, {m.layers} layers, ffn {m.ffn}, {m.heads} heads "
+            f"({m.kv_heads} KV), vocab {m.vocab}{', tied embeddings' if m.tied else ''}: "
+            f"{n / 1e9:.2f}B parameters",
+            "",
+            "Optimizer state per rank (the rank holding the most):",
+            "",
+            f"| parallelism | ranks | AdamW | SNRAdamW diagonal | SNRAdamW subspace r={r} "
+            "| subspace / AdamW | of it, replicated tracker state | ZeRO row-shard copies |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for w, c in rows:
+            a, d, s = c["adamw"], c["diag"], c["sub"]
+            lines.append(
+                f"| {c['setup'].label} | {w} | {_b(a.state_total)} | {_b(d.state_total)} "
+                f"| {_b(s.state_total)} | {s.state_total / a.state_total:.2f}x "
+                f"| {_b(s.replicated)} | {_b(s.shard_copies) if s.shard_copies else '-'} |"
+            )
+        lines += [
+            "",
+            "Bytes each rank sends per step (refreshes amortised over "
+            f"refresh_every={args.refresh_every}):",
+            "",
+            "| parallelism | ranks | the parallelism's own | SNRAdamW diagonal "
+            f"| SNRAdamW subspace r={r} | % of own | subspace cross-sample | % of own "
+            "| diagonal cross-sample | % of own |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for w, c in rows:
+            own = parallelism_wire(c["setup"], c["n_global"], c["n_rank"], rates)
+            cells = []
+            for k in ("sub", "xsub", "xdiag"):
+                if c["setup"].strategy == "megatron" and k != "sub":
+                    cells += ["refused", "-"]
+                    continue
+                cells += [_b(c[k].wire), _pct(c[k].wire, own)]
+            lines.append(
+                f"| {c['setup'].label} | {w} | {_b(own)} | {_b(c['diag'].wire)} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        lines += [
+            "",
+            "Time per step per rank, ms (SNRAdamW columns: time added to AdamW's; the "
+            "subspace split into its extra memory passes, tracker matmuls, collectives and "
+            "amortised refresh compute):",
+            "",
+            "| parallelism | ranks | AdamW step | its parallelism's comm | SNRAdamW diagonal "
+            f"| SNRAdamW subspace r={r} | = passes + matmuls + comm + refresh "
+            "| subspace / (AdamW step + comm) | subspace / forward+backward |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        ]
+        for w, c in rows:
+            setup = c["setup"]
+            a, d, s = c["adamw"], c["diag"], c["sub"]
+            own_s = parallelism_wire(setup, c["n_global"], c["n_rank"], rates) / rates.link(setup)
+            fb = 6 * c["n_rank"] * rates.tokens / (rates.bf16_tflops * 1e12 * rates.mfu)
+            d_add = d.time_s - a.time_s
+            s_hbm = s.hbm_s - a.hbm_s
+            s_add = s.time_s - a.time_s
+            lines.append(
+                f"| {setup.label} | {w} | {_ms(a.hbm_s)} | {_ms(own_s)} | {_ms(d_add)} "
+                f"| {_ms(s_add)} | {_ms(s_hbm)} + {_ms(s.flops_s)} + {_ms(s.comm_s)} + "
+                f"{_ms(s.refresh_s)} | {_pct(s_add, a.time_s + own_s)} | {_pct(s_add, fb)} |"
+            )
+        lines.append("")
+    lines += refresh_table(models, worlds, args, rates)
+    return "\n".join(lines)
+
+
+def refresh_table(models: list[Llama], worlds: list[int], args, rates: Rates) -> list[str]:
+    """Tracker ownership (`assign_owners` on each model's real matrices) and what one refresh
+    costs: the busiest owner's solve, every rank's apply, the bytes, and per step."""
+    opt = Opt(mode="subspace", rank=args.rank, refresh_every=args.refresh_every)
+    lines = [
+        f"Refreshes (subspace r={args.rank}, every {args.refresh_every} steps) and tracker "
+        "ownership, longest job first (`snr_dist.distributors.assign_owners` on the real list "
+        "of matrices; cost = elements x rank, as the optimizer counts it). Solve: the busiest "
+        "owner's float64 flops; apply: fp32 flops on every rank; bytes: sent per rank for one "
+        "refresh:",
+        "",
+        "| model | parallelism | ranks | trackers | data-parallel ranks | LPT max/mean "
+        "| ranks owning none | solve max/mean | busiest solve | apply per rank | bytes "
+        "| ms per refresh | ms per step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    groups = (("DDP", "ddp"), ("FSDP2, ZeRO", "fsdp2"), (f"Megatron TP{args.tp}", "megatron"))
+    for m in models:
+        for label, strategy in groups:
+            for w in worlds:
+                setup = Setup(strategy, w, tp=min(args.tp, w))
+                view = rank_view(setup_shapes(m, setup), setup, 0, opt)
+                costs = tracker_costs(view, opt)
+                g = max(view.group_world, 1)
+                own = owners(view, opt)
+                tracked = [p for p in view.pieces if tracks(p, opt)]
+                flops = [refresh_flops(p, opt) for p in tracked]
+                solves = [f for f, _ in flops]
+                busiest = max(rank_loads(solves, own, g))
+                apply = sum(a for _, a in flops)
+                at_refresh = step_collectives(view, opt, setup, 2 * opt.refresh_every)
+                extra = {  # a refresh step's reduces and broadcasts (its all-reduce is any step's)
+                    op: (sum(v), len(v)) for op, v in at_refresh.items() if op != "all_reduce"
+                }
+                sent = wire_bytes(extra, setup)
+                t = refresh_seconds(view, opt, rates)[0] + comm_seconds(extra, setup, rates)
+                lines.append(
+                    f"| {m.label} | {label} | {w} | {len(costs)} | {setup.dp} "
+                    f"| {balance_ratio(costs, own, g):.3f} | {g - len(set(own))} "
+                    f"| {balance_ratio(solves, own, g):.3f} | {busiest / 1e9:.3g} GFLOP "
+                    f"| {apply / 1e9:.3g} GFLOP | {_b(sent)} | {_ms(t)} "
+                    f"| {_ms(t / opt.refresh_every)} |"
+                )
+    return lines
+
+
+# ---------------------------------------------------------------------------- check
+
+
+def check_lines() -> tuple[list[str], bool]:
+    """Run every case of `_cases` on real ranks; model and measurement side by side."""
+    ok = True
+    lines = [
+        "| ranks | parallelism | optimizer | quantity | model | measured | equal |",
+        "|---:|---|---|---|---:|---:|---|",
+    ]
+    for world, cases in _cases().items():
+        measured = _spawn(world, cases)
+        for i, (strategy, opt) in enumerate(cases):
+            got = [measured[r][i] for r in range(world)]
+            want = [predict(world, r, strategy, opt) for r in range(world)]
+            label = check_setup(strategy, world)[0].label
+            for quantity, m_val, g_val in _compare(got, want, opt, strategy):
+                same = m_val == g_val
+                ok &= same
+                lines.append(
+                    f"| {world} | {label} | {opt.label} | {quantity} | {m_val} | {g_val} "
+                    f"| {'yes' if same else '**NO**'} |"
+                )
+    return lines, ok
+
+
+def _per_rank(values: list) -> str:
+    return " / ".join(f"{v:,}" for v in values)
+
+
+def _compare(got: list[dict], want: list[dict], opt: Opt, strategy: str):
+    """``(quantity, model, measured)`` rows of one case (all ranks, every step)."""
+    yield (
+        "state bytes per rank",
+        _per_rank(sum(w["state"].values()) for w in want),
+        _per_rank(sum(g["state"].values()) for g in got),
+    )
+    yield (
+        "state keys, bytes each (rank 0)",
+        _keys(want[0]["state"]),
+        _keys(got[0]["state"]),
+    )
+    if opt.name == "snr":
+        for op in OPS:
+            wb = [w["steps"] for w in want]
+            gb = [g["steps"] for g in got]
+            if not any(s[-1][op][1] for s in wb + gb):
+                continue
+            per_step = all([s[op] for s in wr] == [s[op] for s in gr] for wr, gr in zip(wb, gb))
+            yield (
+                f"{op} bytes / calls, {CHECK_STEPS} steps (every rank, every step equal: "
+                f"{'yes' if per_step else 'no'})",
+                "{:,} / {}".format(*wb[0][-1][op]) if per_step else "per step",
+                "{:,} / {}".format(*gb[0][-1][op]) if per_step else "differs",
+            )
+        if want[0]["costs"] or got[0]["costs"]:
+            yield (
+                "trackers' owners (every rank)",
+                " ".join(map(str, want[0]["owners"])),
+                " ".join(map(str, got[0]["owners"]))
+                if all(g["owners"] == got[0]["owners"] for g in got)
+                and all(g["costs"] == w["costs"] for g, w in zip(got, want))
+                else "differs",
+            )
+    if want[0]["cut_rows"] is not None:
+        yield "rows cut by partitions", want[0]["cut_rows"], got[0]["cut_rows"]
+        yield (
+            "row-shard copies, elements per rank",
+            _per_rank(w["shard_copies"] for w in want),
+            _per_rank(g["shard_copies"] for g in got),
+        )
+    if strategy == "ddp":
+        yield (
+            "DDP gradient bytes per step",
+            f"{want[0]['grad_bytes']:,.0f}",
+            f"{got[0]['grad_bytes']:,.0f}",
+        )
+
+
+def _keys(state: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(state.items()))
+
+
+def meta_costs_lines(models: list[Llama], worlds: list[int], rank: int) -> tuple[list[str], bool]:
+    """The trackers' costs a real SNRAdamW computes for each model's real shapes (parameters
+    on the meta device: shapes without memory) against the model's, and the balance
+    `assign_owners` gives both."""
+    import torch
+
+    from snr_dist import SNRAdamW
+
+    ok = True
+    lines = [
+        "| model | trackers (model / SNRAdamW) | costs equal | "
+        + " | ".join(f"LPT max/mean, {w} ranks (model / SNRAdamW)" for w in worlds)
+        + " |",
+        "|---|---:|---|" + "---:|" * len(worlds),
+    ]
+    opt = Opt(mode="subspace", rank=rank)
+    for m in models:
+        shapes = llama_shapes(m)
+        params = [torch.nn.Parameter(torch.empty(sh, device="meta")) for _, sh in shapes]
+        real = list(SNRAdamW(params, mode="subspace", rank=rank).distributor.costs.values())
+        ours = tracker_costs(rank_view(shapes, Setup("ddp", 1), 0, opt), opt)
+        cells = []
+        for w in worlds:
+            a = balance_ratio(ours, assign_owners(ours, w), w)
+            b = balance_ratio(real, assign_owners(real, w), w)
+            ok &= a == b
+            cells.append(f"{a:.3f} / {b:.3f}")
+        ok &= ours == real
+        lines.append(
+            f"| {m.label} | {len(ours)} / {len(real)} | {'yes' if ours == real else '**NO**'} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines, ok
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--models", default="1B,8B,70B", help="of " + ", ".join(MODELS))
+    ap.add_argument("--world", default="8,64,512,1024", help="rank counts")
+    ap.add_argument("--rank", type=int, default=32, help="subspace rank")
+    ap.add_argument("--refresh-every", type=int, default=50)
+    ap.add_argument("--tp", type=int, default=8, help="Megatron's tensor-parallel size")
+    ap.add_argument("--check", action="store_true", help="model vs measured on 2 and 4 ranks")
+    for f in Rates.__dataclass_fields__.values():
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rates = Rates(**{f: getattr(args, f) for f in Rates.__dataclass_fields__})
+    models = [MODELS[k] for k in args.models.split(",")]
+    worlds = [int(w) for w in args.world.split(",")]
+    if args.check:
+        lines, ok = check_lines()
+        print("\n".join(lines))
+        print()
+        more, ok2 = meta_costs_lines(list(MODELS.values()), [8, 64, 512, 1024], args.rank)
+        print("\n".join(more))
+        print()
+        print("every byte equal" if ok and ok2 else "DIFFERENCES: see the rows marked **NO**")
+        return 0 if ok and ok2 else 1
+    print(report(models, worlds, args, rates))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
