@@ -927,6 +927,9 @@ def _measure(rank: int, world: int, strategy: str, opt: Opt) -> dict:
     grad_counter = {"bytes": 0}
     engine = None
     if strategy == "ddp":
+        here = os.path.dirname(os.path.abspath(__file__))
+        if here not in sys.path:  # comm_bytes, the sibling benchmark
+            sys.path.insert(0, here)
         from comm_bytes import _counting_hook
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1171,9 +1174,6 @@ def _spawned(rank: int, world: int, port: int, cases, out) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    here = os.path.dirname(os.path.abspath(__file__))
-    if here not in sys.path:  # comm_bytes, the sibling benchmark
-        sys.path.insert(0, here)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
