@@ -1223,16 +1223,30 @@ def _b(n: float) -> str:
     """Bytes in decimal units, three significant digits."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+            return f"{_g(n / size)} {unit}"
     return f"{n:.0f} B"
 
 
+def _g(x: float) -> str:
+    """Three significant digits, never an exponent."""
+    if x == 0:
+        return "0"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    digits = max(0, 2 - math.floor(math.log10(abs(x))))
+    return f"{x:.{digits}f}"
+
+
 def _ms(s: float) -> str:
-    return f"{s * 1e3:.3g}" if s else "0"
+    return _g(s * 1e3)
 
 
 def _pct(a: float, b: float) -> str:
-    return f"{100 * a / b:.3g}%" if b else "-"
+    return f"{_g(100 * a / b)}%" if b else "-"
+
+
+def _flop(f: float) -> str:
+    return f"{_g(f / 1e12)} TFLOP" if f >= 1e12 else f"{_g(f / 1e9)} GFLOP"
 
 
 def compute(models: list[Llama], worlds: list[int], args, rates: Rates) -> dict:
@@ -1272,8 +1286,11 @@ def report(models: list[Llama], worlds: list[int], args, rates: Rates) -> str:
         ]
         for w, c in rows:
             a, d, s = c["adamw"], c["diag"], c["sub"]
+            adamw = _b(a.state_total)
+            if c["setup"].strategy == "megatron" and c["setup"].dp > 1:  # moments over DP
+                adamw += f" ({_b(2 * F32 * c['n_rank'] / c['setup'].dp)} distributed)"
             lines.append(
-                f"| {c['setup'].label} | {w} | {_b(a.state_total)} | {_b(d.state_total)} "
+                f"| {c['setup'].label} | {w} | {adamw} | {_b(d.state_total)} "
                 f"| {_b(s.state_total)} | {s.state_total / a.state_total:.2f}x "
                 f"| {_b(s.replicated)} | {_b(s.shard_copies) if s.shard_copies else '-'} |"
             )
@@ -1368,8 +1385,8 @@ def refresh_table(models: list[Llama], worlds: list[int], args, rates: Rates) ->
                 lines.append(
                     f"| {m.label} | {label} | {w} | {len(costs)} | {setup.dp} "
                     f"| {balance_ratio(costs, own, g):.3f} | {g - len(set(own))} "
-                    f"| {balance_ratio(solves, own, g):.3f} | {busiest / 1e9:.3g} GFLOP "
-                    f"| {apply / 1e9:.3g} GFLOP | {_b(sent)} | {_ms(t)} "
+                    f"| {balance_ratio(solves, own, g):.3f} | {_flop(busiest)} "
+                    f"| {_flop(apply)} | {_b(sent)} | {_ms(t)} "
                     f"| {_ms(t / opt.refresh_every)} |"
                 )
     return lines
