@@ -980,6 +980,9 @@ def _measure(rank: int, world: int, strategy: str, opt: Opt) -> dict:
             "gradient_clipping": 0.0,
             "steps_per_print": 10**9,
         }
+        import logging
+
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its per-engine warnings
         if opt.name == "adamw":
             import deepspeed
 
@@ -1269,7 +1272,12 @@ def compute(models: list[Llama], worlds: list[int], args, rates: Rates) -> dict:
 def report(models: list[Llama], worlds: list[int], args, rates: Rates) -> str:
     costs = compute(models, worlds, args, rates)
     r = args.rank
-    lines: list[str] = []
+    lines: list[str] = [
+        "Assumed (not measured): "
+        + ", ".join(f"{k}={v}" for k, v in vars(rates).items())
+        + f"; subspace rank {r}, refresh_every {args.refresh_every}, Megatron TP{args.tp}.",
+        "",
+    ]
     for m in models:
         rows = [(w, c) for (label, w, _), c in costs.items() if label == m.label]
         n = rows[0][1]["n_global"]
