@@ -24,6 +24,7 @@ import bisect
 import functools
 import math
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -1288,9 +1289,10 @@ def report(models: list[Llama], worlds: list[int], args, rates: Rates) -> str:
             "",
             "Optimizer state per rank (the rank holding the most):",
             "",
-            f"| parallelism | ranks | AdamW | SNRAdamW diagonal | SNRAdamW subspace r={r} "
-            "| subspace / AdamW | of it, replicated tracker state | ZeRO row-shard copies |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| parallelism | ranks | AdamW | SNRAdamW diagonal | diagonal / AdamW "
+            f"| SNRAdamW subspace r={r} | subspace / AdamW | of it, replicated tracker state "
+            "| ZeRO row-shard copies |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for w, c in rows:
             a, d, s = c["adamw"], c["diag"], c["sub"]
@@ -1299,6 +1301,7 @@ def report(models: list[Llama], worlds: list[int], args, rates: Rates) -> str:
                 adamw += f" ({_b(2 * F32 * c['n_rank'] / c['setup'].dp)} distributed)"
             lines.append(
                 f"| {c['setup'].label} | {w} | {adamw} | {_b(d.state_total)} "
+                f"| {d.state_total / a.state_total:.2f}x "
                 f"| {_b(s.state_total)} | {s.state_total / a.state_total:.2f}x "
                 f"| {_b(s.replicated)} | {_b(s.shard_copies) if s.shard_copies else '-'} |"
             )
@@ -1532,6 +1535,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = [MODELS[k] for k in args.models.split(",")]
     worlds = [int(w) for w in args.world.split(",")]
     if args.check:
+        started = time.perf_counter()
+        m, t = CHECK_MODEL, CHECK_TP_MODEL
+        print(
+            f"Measured model: d_model {m.d_model}, {m.layers} layers, ffn {m.ffn} (Megatron: "
+            f"{t.ffn}), {m.heads} heads ({m.kv_heads} KV), vocab {m.vocab}; subspace rank "
+            f"{CHECK_RANK}, refresh_every {CHECK_REFRESH}, {CHECK_STEPS} steps, "
+            f"{CHECK_BATCH} x {CHECK_SEQ} tokens per rank per step.\n"
+        )
         lines, ok = check_lines()
         print("\n".join(lines))
         print()
@@ -1539,6 +1550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(more))
         print()
         print("every byte equal" if ok and ok2 else "DIFFERENCES: see the rows marked **NO**")
+        print(f"(checked in {time.perf_counter() - started:.0f} s)")
         return 0 if ok and ok2 else 1
     print(report(models, worlds, args, rates))
     return 0
