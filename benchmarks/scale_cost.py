@@ -628,7 +628,7 @@ class Rates:
 
 PASSES = {"adamw": 7, "snr": 9}
 """Passes over the fp32 elements a step must read or write (`benchmarks/step_floor.py`'s
-floors): AdamW reads p, g, m, v and writes p, m, v; SNRAdamW adds one (diagonal: its state
+floors): AdamW reads p, g, m, v and writes p, m, v; SNRAdamW adds two (diagonal: its state
 vector read and written; subspace: the gradient and the update direction read once more)."""
 ROW_SHARD_PASSES = 7
 """A ZeRO row-shard step's copies (`ZeroView._fill`, `_write_back`): values read and written,

@@ -166,6 +166,15 @@ def test_zero_layout_invariants_and_cut_rows(sc):
             assert sc.zero_cuts(shapes, world, stage, setup) == defined
 
 
+def test_passes_are_step_floors(sc):
+    """The time model's memory passes are `benchmarks/step_floor.py`'s floors."""
+    import step_floor
+
+    assert sc.PASSES["adamw"] == step_floor.PASSES["AdamW (foreach)"]
+    assert sc.PASSES["snr"] == step_floor.PASSES["SNRAdamW diagonal"]
+    assert sc.PASSES["snr"] == step_floor.PASSES["SNRAdamW subspace r=32"]
+
+
 def test_tables_come_out(sc, capsys):
     """The CLI prints the three tables per model and the refresh table."""
     assert sc.main(["--models", "1B", "--world", "8,64"]) == 0
