@@ -21,8 +21,15 @@ neighbouring steps only, so a gradient that drifts as training goes on does not 
 It reports ``ratio = (n - b) / B_noise`` with ``B_noise = tr(Sigma) / |mu|^2`` rebuilt from
 those estimates: 1 when the per-example gradients share nothing (one step's SNR is then the
 paper's finite-dataset ``b / (n - b)``), far above 1 while shared patterns are being learned.
-A stop is signalled once it has stayed at or below ``threshold`` for ``patience`` checks.
 Sampling with replacement (independent batches) reads 2 instead of 1 at that point.
+
+Two stop rules read it (`StopRule`): ``"below"`` stops once the ratio has stayed at or below a
+threshold for ``patience`` steps (nothing shared is being learned any more); ``"rise"`` stops
+once it has stayed above ``(1 + value)`` times its lowest reading so far for ``patience`` steps
+(the gradient turned coherent again after the shared patterns were fit: with class-structured
+label noise, every mislabelled example of a class pushes the same way, against its class, so
+memorising such noise reads as a shared pattern, not as single examples). Which rule and value
+hold up is measured in the horizon study (docs/stopping.md).
 
 It observes any optimizer (a step pre-hook: AdamW as well as the SNR optimizers), keeps one
 fp32 copy of the last gradient (of every ``stride``-th coordinate), and costs no communication
@@ -40,13 +47,52 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from snr_dist import snr as rule
+from snr_dist import snr as snr_rule
 from snr_dist.distributors.dtensor import is_dtensor, local
+
+RULES = ("below", "rise")
 
 
 def finite_dataset_snr(dataset_size: int, batch_size: int) -> float:
     """``b / (n - b)``: one step's SNR when the per-example gradients share no direction."""
-    return rule.finite_dataset_a(dataset_size, batch_size)
+    return snr_rule.finite_dataset_a(dataset_size, batch_size)
+
+
+class StopRule:
+    """When a sequence of ``(step, ratio)`` readings says stop: ``"below"`` once the ratio has
+    been at or below ``value`` for ``patience`` steps, ``"rise"`` once it has been above
+    ``(1 + value)`` times its lowest reading (from ``min_steps`` on) for ``patience`` steps.
+    The online monitor and the studies' off-line reading share it."""
+
+    def __init__(self, rule: str, value: float, patience: int, min_steps: int) -> None:
+        if rule not in RULES:
+            raise ValueError(f"Invalid rule: {rule!r}; allowed values: {', '.join(RULES)}")
+        self.rule, self.value, self.patience, self.min_steps = rule, value, patience, min_steps
+        self.low: float | None = None  # lowest reading from min_steps on ("rise")
+        self.since: int | None = None  # first step of the current run of true conditions
+
+    def update(self, step: int, ratio: float | None) -> bool:
+        """Feed one reading; True when the stop fires at it."""
+        if ratio is None or step < self.min_steps:
+            return False
+        if self.rule == "below":
+            holds = ratio <= self.value
+        else:
+            if self.low is None or ratio < self.low:
+                self.low = ratio
+            holds = ratio > (1.0 + self.value) * self.low
+        if not holds:
+            self.since = None
+            return False
+        if self.since is None:
+            self.since = step
+        return step - self.since >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"low": self.low, "since": self.since}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.low, self.since = state.get("low"), state.get("since")
 
 
 class StopMonitor:
@@ -58,9 +104,11 @@ class StopMonitor:
         batch_size: examples per optimizer step ``b`` (global: all ranks and micro-batches).
         beta: EMA factor over the successive-batch products (a window of ~1/(1-beta) steps;
             it averages, it does not lag: each term compares neighbouring steps).
-        threshold: stop once ``ratio <= threshold`` (1: nothing left beyond what single
-            examples explain).
-        patience: consecutive checks at or below the threshold before the stop is signalled.
+        rule: ``"below"`` (stop once ``ratio <= threshold``) or ``"rise"`` (stop once the
+            ratio is above ``(1 + threshold)`` times its lowest reading); see `StopRule`.
+        threshold: the rule's value (``"below"``: 1 is nothing left beyond what single
+            examples explain; ``"rise"``: the relative rise).
+        patience: steps the rule's condition must hold before the stop is signalled.
         check_every: steps between reads of the statistic (each read is one host sync, and
             one all-reduce of three numbers with ``process_group``).
         min_steps: no stop before this step (default: three windows, ``3 / (1 - beta)``).
@@ -78,8 +126,9 @@ class StopMonitor:
         dataset_size: int,
         batch_size: int,
         beta: float = 0.99,
+        rule: str = "below",
         threshold: float = 1.0,
-        patience: int = 5,
+        patience: int = 50,
         check_every: int = 10,
         min_steps: int | None = None,
         stride: int = 1,
@@ -88,7 +137,7 @@ class StopMonitor:
         for name, value, lo in (
             ("dataset_size", dataset_size, 2),
             ("batch_size", batch_size, 1),
-            ("patience", patience, 1),
+            ("patience", patience, 0),
             ("check_every", check_every, 1),
             ("stride", stride, 1),
         ):
@@ -118,7 +167,7 @@ class StopMonitor:
         # count
         self.noise: Tensor | None = None
         self.pairs = 0
-        self.below = 0  # consecutive checks at or below the threshold
+        self.rule = StopRule(rule, float(threshold), patience, self.min_steps)
         self.stop_step: int | None = None
         self.last: dict[str, float] = {}
         self._handle = optimizer.register_step_pre_hook(self._observe)
@@ -209,12 +258,8 @@ class StopMonitor:
         self.last = stats
         if "ratio" not in stats or self.stop_step is not None:
             return
-        if self.step >= self.min_steps and stats["ratio"] <= self.threshold:
-            self.below += 1
-            if self.below >= self.patience:
-                self.stop_step = self.step
-        else:
-            self.below = 0
+        if self.rule.update(self.step, stats["ratio"]):
+            self.stop_step = self.step
 
     # ------------------------------------------------------------------ reading
     @property
@@ -232,6 +277,7 @@ class StopMonitor:
             checked_at=int(self.last.get("step", 0)),
             should_stop=self.should_stop,
             stop_step=self.stop_step,
+            rule=self.rule.rule,
             threshold=self.threshold,
         )
         return out
@@ -251,7 +297,7 @@ class StopMonitor:
             "means": {index[p]: m.clone() for p, m in self.means.items() if p in index},
             "noise": None if self.noise is None else self.noise.clone(),
             "pairs": self.pairs,
-            "below": self.below,
+            "rule": self.rule.state(),
             "stop_step": self.stop_step,
             "last": dict(self.last),
         }
@@ -267,7 +313,7 @@ class StopMonitor:
         device = next(iter(self.means.values())).device if self.means else "cpu"
         self.noise = None if noise is None else noise.to(device).clone()
         self.pairs = int(state.get("pairs", 0))
-        self.below = int(state["below"])
+        self.rule.load(state.get("rule", {}))
         self.stop_step = state["stop_step"]
         self.last = dict(state.get("last", {}))
 

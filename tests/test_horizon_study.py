@@ -103,7 +103,8 @@ def test_longer_runs_continue_bit_for_bit_and_every_horizon_is_read(tmp_path):
     names_80 = [r.method for r in rows[0.4][80]]
     assert "AdamW + oracle early stop" in names_80 and GATE_MATCHED.format("SNR diag") in names_80
     mon = horizon.monitor_rows(cfg, records)
-    assert {r["threshold"] for r in mon} == set(horizon.THRESHOLDS)
+    assert {r["rule"] for r in mon} == {horizon._rule_name(s) for s in horizon.RULES}
+    assert horizon.recommended_rule(mon) in {r["rule"] for r in mon}
 
 
 def test_rerun_reuses_every_finished_run(tmp_path):
@@ -117,11 +118,18 @@ def test_rerun_reuses_every_finished_run(tmp_path):
     assert (tmp_path / "results.jsonl").read_text().splitlines() == lines  # nothing re-ran
 
 
-def test_stop_index_needs_patience_and_min_step():
-    hist = [{"step": s, "stop_ratio": r} for s, r in zip(range(100, 1100, 100), [0.5] * 10)]
-    i = horizon.stop_index(hist, 1.0, patience=3)
-    assert hist[i]["step"] == 500  # 300, 400, 500: the first three from MIN_STEP on
-    assert horizon.stop_index(hist, 0.4, patience=3) == len(hist) - 1  # never: the end
+def test_stop_rules_need_patience_and_min_step():
+    steps = range(100, 1600, 100)
+    ratios = [2.0, 2.0, 0.5, 0.5, 0.5, 0.5, 0.4, 0.5, 0.9, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]
+    hist = [{"step": s, "stop_ratio": r} for s, r in zip(steps, ratios)]
+    # below 1 from step 300 (MIN_STEP): the condition holds at 300, 400, 500: fires at 500
+    assert hist[horizon.stop_index(hist, "below", 1.0, 200)]["step"] == 500
+    assert horizon.stop_index(hist, "below", 0.3, 100) == len(hist) - 1  # never: the end
+    # the lowest reading is 0.4 (step 700); above 0.4 * 2 = 0.8 from step 900 on
+    assert hist[horizon.stop_index(hist, "rise", 1.0, 200)]["step"] == 1100
+    # a reading missing (no statistic yet) is skipped
+    hist[3]["stop_ratio"] = None
+    assert hist[horizon.stop_index(hist, "below", 1.0, 200)]["step"] == 500
 
 
 def test_the_bundled_config_smoke_runs_and_writes_the_report(tmp_path):
@@ -150,7 +158,7 @@ def test_the_bundled_config_smoke_runs_and_writes_the_report(tmp_path):
         assert (folder / name).is_file(), name
     assert "validation-free stop" in report and "80 steps" in report
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["recommended_threshold"] in horizon.THRESHOLDS
+    assert summary["recommended_rule"] in {horizon._rule_name(s) for s in horizon.RULES}
 
 
 def test_pair_flip_noise_moves_exactly_the_fraction_one_class_up():

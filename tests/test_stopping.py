@@ -87,14 +87,14 @@ def test_state_dict_resumes_the_same_readings_and_close_stops_observing():
 
     p = torch.nn.Parameter(torch.zeros(50))
     opt = torch.optim.SGD([p], lr=0.0)
-    mon = StopMonitor(opt, dataset_size=500, batch_size=50, check_every=3, patience=2)
+    mon = StopMonitor(opt, dataset_size=500, batch_size=50, check_every=3, patience=6)
     gen = torch.Generator().manual_seed(0)
     train(opt, mon, 20, gen)
     saved, gen_state = copy.deepcopy(mon.state_dict()), gen.get_state()
     train(opt, mon, 30, gen)
     q = torch.nn.Parameter(torch.zeros(50))
     opt2 = torch.optim.SGD([q], lr=0.0)
-    mon2 = StopMonitor(opt2, dataset_size=500, batch_size=50, check_every=3, patience=2)
+    mon2 = StopMonitor(opt2, dataset_size=500, batch_size=50, check_every=3, patience=6)
     mon2.load_state_dict(saved)
     gen.set_state(gen_state)
     train(opt2, mon2, 30, gen)
@@ -114,7 +114,8 @@ def test_state_dict_resumes_the_same_readings_and_close_stops_observing():
         ({"beta": 1.0}, "beta: 1.0"),
         ({"stride": 0}, "stride: 0"),
         ({"threshold": float("nan")}, "threshold: nan"),
-        ({"patience": 0}, "patience: 0"),
+        ({"patience": -1}, "patience: -1"),
+        ({"rule": "above"}, "rule: 'above'"),
     ],
 )
 def test_bad_arguments_name_the_key_and_the_value(kw, match):

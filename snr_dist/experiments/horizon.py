@@ -9,8 +9,8 @@ of the points selected at the grid's length. The report also holds
 - the speed-robustness frontier: for every method and lr, steps to the clean test targets
   against the share of flipped labels memorised at each horizon;
 - the validation-free stop (`snr_dist.stopping.StopMonitor`, recorded in every run): the step
-  it stops at and the test accuracy there, against the oracle's best-test stop, for a range of
-  thresholds (the one the report recommends is chosen on validation accuracy).
+  it stops at and the test accuracy there, against the oracle's best-test stop, for several
+  stop rules (the one the report recommends is chosen on validation accuracy).
 """
 
 from __future__ import annotations
@@ -34,9 +34,15 @@ from snr_dist.experiments.study import (
     method_hash,
     select,
 )
+from snr_dist.stopping import StopRule
 
-THRESHOLDS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
-PATIENCE = 5  # consecutive evaluations at or below the threshold
+# the stop rules read off line (`snr_dist.stopping.StopRule`): (rule, value, patience steps)
+RULES = tuple(
+    (rule, value, patience)
+    for rule, values in (("below", (0.5, 0.75, 1.0, 1.5)), ("rise", (0.25, 0.5, 1.0)))
+    for value in values
+    for patience in (100, 250)
+)
 MIN_STEP = 300  # the monitor's own default: three windows of beta = 0.99
 
 
@@ -125,25 +131,26 @@ def _extended_rows(cfg: StudyConfig, setting: Any, extra: dict, h: int) -> list[
 
 
 # ---------------------------------------------------------------------- the stop
-def stop_index(history: list[dict], threshold: float, patience: int = PATIENCE) -> int:
-    """Index of the evaluation where a stop with this threshold fires (the last one if it
-    never does): ``patience`` consecutive readings at or below it, from `MIN_STEP` on."""
-    below = 0
+def stop_index(history: list[dict], rule: str, value: float, patience: int) -> int:
+    """Index of the evaluation where the stop fires (the last one if it never does), from the
+    monitor's readings recorded at each evaluation (``stop_ratio``)."""
+    stop = StopRule(rule, value, patience, MIN_STEP)
     for i, rec in enumerate(history):
-        ratio = rec.get("stop_ratio")
-        if rec["step"] >= MIN_STEP and ratio is not None and ratio <= threshold:
-            below += 1
-            if below >= patience:
-                return i
-        else:
-            below = 0
+        if stop.update(rec["step"], rec.get("stop_ratio")):
+            return i
     return len(history) - 1
 
 
+def _rule_name(spec: tuple) -> str:
+    rule, value, patience = spec
+    return f"{rule} {value:g}, {patience} steps"
+
+
 def monitor_rows(cfg: StudyConfig, records: dict[str, dict]) -> list[dict[str, Any]]:
-    """Per setting, method and threshold: the stop's step, test and validation accuracy there,
-    and the run's own best test accuracy (means over seeds), for each method's point selected
-    at the grid's length, read on its longest run."""
+    """Every setting, method, grid point and stop rule: the stop's step, test and validation
+    accuracy there, and the run's own best test accuracy (means over seeds), each point read
+    on its longest run. The runs keep training past the stop, so every rule is read off the
+    same runs."""
     extra = _extra_runs(cfg, records)
     chosen = select(cfg, records)
     # the oracle: AdamW's best test accuracy of any lr (mean over seeds), within the grid's runs
@@ -154,42 +161,55 @@ def monitor_rows(cfg: StudyConfig, records: dict[str, dict]) -> list[dict[str, A
         if r.method.endswith("+ oracle early stop")
     }
     out = []
-    for setting, rows in chosen.items():
-        for row in rows:
-            if row.method.endswith("oracle early stop"):
-                continue
-            m = next(x for x in cfg.methods if x.name == row.method)
-            point = m.grid().index(row.point)
-            longer = extra.get((setting, m.name), {}).get(point, {})
-            hists = [longer.get(s) or h for s, h in zip(cfg.seeds, row.histories)]
-            for threshold in THRESHOLDS:
-                at = [x[stop_index(x, threshold)] for x in hists]
-                out.append(
-                    {
-                        "setting": setting,
-                        "method": m.name,
-                        "lr": row.point["lr"],
-                        "threshold": threshold,
-                        "stop_step": statistics.median(a["step"] for a in at),
-                        "fired": sum(stop_index(x, threshold) < len(x) - 1 for x in hists),
-                        "test_at_stop": mean_sd([a["test_acc"] for a in at]),
-                        "val_at_stop": mean_sd([a["val_acc"] for a in at]),
-                        "memorised_at_stop": mean_sd([a["memorised"] for a in at]),
-                        "best_test": mean_sd([max(x["test_acc"] for x in h) for h in hists]),
-                        "last_step": statistics.median(h[-1]["step"] for h in hists),
-                        "oracle": oracle.get(setting),
-                    }
-                )
+    for setting in chosen:
+        for m in cfg.methods:
+            mh = method_hash(m)
+            for i, point in enumerate(m.grid()):
+                keys = [Job(setting, m.name, i, s, mh).key for s in cfg.seeds]
+                if any(k not in records for k in keys):
+                    continue
+                longer = extra.get((setting, m.name), {}).get(i, {})
+                hists = [longer.get(s) or records[k]["history"] for s, k in zip(cfg.seeds, keys)]
+                for spec in RULES:
+                    at = [h[stop_index(h, *spec)] for h in hists]
+                    out.append(
+                        {
+                            "setting": setting,
+                            "method": m.name,
+                            "lr": point["lr"],
+                            "rule": _rule_name(spec),
+                            "stop_step": statistics.median(a["step"] for a in at),
+                            "fired": sum(stop_index(h, *spec) < len(h) - 1 for h in hists),
+                            "test_at_stop": mean_sd([a["test_acc"] for a in at]),
+                            "val_at_stop": mean_sd([a["val_acc"] for a in at]),
+                            "memorised_at_stop": mean_sd([a["memorised"] for a in at]),
+                            "best_test": mean_sd([max(x["test_acc"] for x in h) for h in hists]),
+                            "last_step": statistics.median(h[-1]["step"] for h in hists),
+                            "oracle": oracle.get(setting),
+                        }
+                    )
     return out
 
 
-def recommended_threshold(rows: list[dict[str, Any]]) -> float:
-    """The threshold with the best mean validation accuracy at the stop over every setting and
-    method (validation labels carry the noise: no test number takes part)."""
-    by_t: dict[float, list[float]] = {}
+def selected_by_stop(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per setting, method and rule, the lr whose validation accuracy at the stop is best (the
+    choice a user of the stop makes with a validation set; without one the lr is fixed)."""
+    best: dict[tuple, dict] = {}
     for r in rows:
-        by_t.setdefault(r["threshold"], []).append(r["val_at_stop"][0])
-    return max(by_t, key=lambda t: (statistics.fmean(by_t[t]), t))
+        key = (str(r["setting"]), r["method"], r["rule"])
+        if key not in best or r["val_at_stop"][0] > best[key]["val_at_stop"][0]:
+            best[key] = r
+    return list(best.values())
+
+
+def recommended_rule(rows: list[dict[str, Any]]) -> str:
+    """The rule with the best mean validation accuracy at the stop over every setting and
+    method at its selected lr (validation labels carry the noise: no test number takes
+    part)."""
+    by_rule: dict[str, list[float]] = {}
+    for r in selected_by_stop(rows):
+        by_rule.setdefault(r["rule"], []).append(r["val_at_stop"][0])
+    return max(by_rule, key=lambda k: statistics.fmean(by_rule[k]))
 
 
 # ---------------------------------------------------------------------- speed
@@ -262,14 +282,14 @@ def _horizon_table(cfg: StudyConfig, per_h: dict[int, list[Row]]) -> str:
     return "\n".join(lines)
 
 
-def _monitor_table(rows: list[dict[str, Any]], threshold: float) -> str:
+def _monitor_table(rows: list[dict[str, Any]], rule: str) -> str:
     lines = [
         "| label noise | method | lr | stop step (median) | fired | test acc at stop | "
         "memorised at stop | run's best test acc | oracle AdamW best test acc | at stop - oracle |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        if r["threshold"] != threshold:
+        if r["rule"] != rule:
             continue
         o = r["oracle"]
         diff = "n/a" if o is None else f"{r['test_at_stop'][0] - o:+.3f}"
@@ -283,21 +303,23 @@ def _monitor_table(rows: list[dict[str, Any]], threshold: float) -> str:
     return "\n".join(lines)
 
 
-def _threshold_table(rows: list[dict[str, Any]]) -> str:
-    by_t: dict[float, list[dict]] = {}
-    for r in rows:
-        by_t.setdefault(r["threshold"], []).append(r)
+def _rule_table(rows: list[dict[str, Any]]) -> str:
+    by_rule: dict[str, list[dict]] = {}
+    for r in selected_by_stop(rows):
+        by_rule.setdefault(r["rule"], []).append(r)
     lines = [
-        "| threshold | mean val acc at stop (selects) | mean test acc at stop | "
-        "mean (test at stop - run's best) | runs stopped before the end |",
-        "|---:|---:|---:|---:|---:|",
+        "| rule | mean val acc at stop (selects) | mean test acc at stop | "
+        "mean (test at stop - oracle) | mean (test at stop - run's best) | runs stopped |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for t, rs in sorted(by_t.items()):
+    for name, rs in by_rule.items():
         val = statistics.fmean(r["val_at_stop"][0] for r in rs)
         test = statistics.fmean(r["test_at_stop"][0] for r in rs)
-        gap = statistics.fmean(r["test_at_stop"][0] - r["best_test"][0] for r in rs)
+        gaps = [r["test_at_stop"][0] - r["oracle"] for r in rs if r["oracle"] is not None]
+        gap = f"{statistics.fmean(gaps):+.4f}" if gaps else "n/a"
+        own = statistics.fmean(r["test_at_stop"][0] - r["best_test"][0] for r in rs)
         fired = sum(r["fired"] for r in rs)
-        lines.append(f"| {t:g} | {val:.4f} | {test:.4f} | {gap:+.4f} | {fired} |")
+        lines.append(f"| {name} | {val:.4f} | {test:.4f} | {gap} | {own:+.4f} | {fired} |")
     return "\n".join(lines)
 
 
@@ -323,7 +345,7 @@ def write(
     task = study.task_model.model_validate(cfg.task)
     per_setting = horizon_rows(cfg, records)
     mon = monitor_rows(cfg, records)
-    best_t = recommended_threshold([r for r in mon if not is_clean(r["setting"])] or mon)
+    best_rule = recommended_rule([r for r in mon if not is_clean(r["setting"])] or mon)
     speed = speed_rows(cfg, records)
     parts = [f"# {cfg.name}\n"]
     parts.append(
@@ -336,15 +358,16 @@ def write(
     if speed:
         parts.append("## Speed on clean labels (every lr)\n")
         parts.append(_speed_table(speed, task.test_targets) + "\n")
-    parts.append(f"## The validation-free stop (threshold {best_t:g}, chosen on validation)\n")
+    parts.append(f"## The validation-free stop ({best_rule}: the rule validation chose)\n")
     parts.append(
-        "Each method at the lr selected at the grid's length, read on its longest run; "
-        f"a stop fires after {PATIENCE} evaluations in a row with the monitor's ratio at or "
-        f"below the threshold (from step {MIN_STEP}); a run where it never fires is read at "
-        "its end.\n"
+        "Each method at the lr whose validation accuracy at the stop is best, read on its "
+        f"longest run; the stop rules read the monitor's ratio recorded at every evaluation "
+        f"(`snr_dist.stopping.StopRule`, from step {MIN_STEP}); a run where the stop never "
+        "fires is read at its end.\n"
     )
-    parts.append(_monitor_table(mon, best_t) + "\n")
-    parts.append("Every threshold:\n\n" + _threshold_table(mon) + "\n")
+    parts.append(_monitor_table(selected_by_stop(mon), best_rule) + "\n")
+    parts.append("Every rule (each method at its lr selected as above):\n\n" + _rule_table(mon))
+    parts.append("")
     grids = "\n".join(
         f"- **{m.name}**: {m.type}, lr {m.lr}, weight_decay {m.weight_decay}"
         + (f", lr warm-up {m.lr_warmup} steps" if m.lr_warmup else "")
@@ -390,14 +413,14 @@ def write(
         },
         "speed": speed,
         "monitor": mon,
-        "recommended_threshold": best_t,
+        "recommended_rule": best_rule,
     }
     (out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
-    plot(cfg, records, per_setting, mon, best_t, out_dir)
+    plot(cfg, records, per_setting, out_dir)
     return text
 
 
-def plot(cfg, records, per_setting, mon, threshold, out_dir: Path) -> None:
+def plot(cfg, records, per_setting, out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -472,7 +495,7 @@ def plot(cfg, records, per_setting, mon, threshold, out_dir: Path) -> None:
         xs = [x["step"] for x in hist if x.get("stop_ratio") is not None]
         ys = [x["stop_ratio"] for x in hist if x.get("stop_ratio") is not None]
         ax.plot(xs, ys, label=m.name)
-    ax.axhline(threshold, color="k", ls=":", label=f"threshold {threshold:g}")
+    ax.axhline(1.0, color="k", ls=":", label="1: no shared signal")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training steps")
