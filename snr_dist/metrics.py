@@ -73,6 +73,19 @@ def param_metrics(opt, p: Tensor, group: dict, gates: bool = False) -> dict[str,
     return out
 
 
+def group_params(opt, index: int) -> list[Tensor]:
+    """The parameters of param group ``index``: those in it now, and those with state that a
+    framework took out of it (DeepSpeed ZeRO-3 puts its flat partitions in the client
+    optimizer's groups only during ``step()``)."""
+    groups = opt.param_groups
+    params = list(groups[index]["params"])
+    engine = getattr(opt, "_engine", None)
+    if engine is None:
+        return params
+    present = {p for g in groups for p in g["params"]}
+    return params + [p for p in opt.state if p not in present and engine.home(p) == index]
+
+
 def collect_metrics(opt, names: dict[Tensor, str] | None = None) -> dict[str, Any]:
     """``{"groups": [...], "params": {name: {...}}, "nonfinite_skips": int, "parallel": {...}}``.
 
@@ -89,12 +102,7 @@ def collect_metrics(opt, names: dict[Tensor, str] | None = None) -> dict[str, An
         acc: dict[str, float] = {}
         total = 0
         energies = []
-        params = group["params"]
-        if not params and len(opt.param_groups) == 1:
-            # DeepSpeed ZeRO-3 attaches its flat partitions to the client optimizer only
-            # inside step(); their state is all there is to report.
-            params = list(opt.state)
-        for p in params:
+        for p in group_params(opt, gi):
             name = (names or {}).get(p, f"group{gi}.param{idx}")
             idx += 1
             if p.numel() == 0:  # an empty shard (FSDP2, ZeRO row shards): nothing to report

@@ -62,10 +62,15 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {start}-{start + block - 1}")
 
 
-def _worker(rank, world, port, fn, args, results) -> None:
+def _worker(rank, world, port, fn, args, results, init) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if init:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    else:  # the function (or the framework it runs) starts torch.distributed from the env
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
+        )
     try:
         buf = io.BytesIO()  # plain bytes: tensors shared by file descriptor die with the child
         torch.save(fn(rank, world, *args), buf)
@@ -73,16 +78,19 @@ def _worker(rank, world, port, fn, args, results) -> None:
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run_distributed(fn, world: int = 2, *args, timeout: float = 180.0) -> list:
-    """``[fn(rank, world, *args) for each rank]``, computed by ``world`` processes."""
+def run_distributed(fn, world: int = 2, *args, timeout: float = 180.0, init: bool = True) -> list:
+    """``[fn(rank, world, *args) for each rank]``, computed by ``world`` processes. With
+    ``init=False`` no process group is started: ``fn`` finds ``MASTER_ADDR``, ``MASTER_PORT``,
+    ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in the environment, as under torchrun."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world, port, fn, args, results), daemon=True)
+        ctx.Process(target=_worker, args=(r, world, port, fn, args, results, init), daemon=True)
         for r in range(world)
     ]
     for p in procs:

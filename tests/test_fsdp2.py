@@ -230,3 +230,98 @@ def test_fsdp2_cross_sample_with_a_frozen_parameter_and_a_group_added_later():
     for out in run_distributed(_frozen_and_added_worker, 2):
         for p, q in zip(out, ref):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- frameworks that shard later
+def _swap_like_accelerate(opt, model, before: dict) -> None:
+    """What Accelerate's FSDP2 preparation (and so HF Trainer's) does to an optimizer built on
+    the plain parameters: after ``fully_shard``, each parameter in its groups is replaced by the
+    DTensor of the same name (accelerate.utils.fsdp_utils.fsdp2_switch_optimizer_parameters)."""
+    name_of = {id(p): n for n, p in before.items()}
+    now = dict(model.named_parameters())
+    for group in opt.param_groups:
+        group["params"] = [now[name_of[id(p)]] for p in group["params"]]
+
+
+def _sharded_later_run(rank: int, kw: dict, path: str) -> dict:
+    """``path="framework"``: the optimizer is built on the plain parameters and the model is
+    sharded afterwards, as Accelerate and HF Trainer do under FSDP2; ``"direct"``: torch FSDP2
+    + SNRAdamW built on the DTensors (snr_dist.fsdp.wrap). 2 ranks x 2 micro-batches."""
+    import torch.distributed as dist
+
+    model = tiny_mlp()
+    if path == "framework":
+        # the data-parallel group, which the cross-sample estimator needs before sharding
+        group = dist.group.WORLD if kw["estimator"] == "cross_sample" else "auto"
+        opt = SNRAdamW(model.parameters(), lr=1e-2, process_group=group, **kw)
+        before = dict(model.named_parameters())
+        fsdp.shard(model)
+        _swap_like_accelerate(opt, model, before)
+        if kw["estimator"] == "cross_sample":
+            # what snr_dist.integrations.accelerate.prepare and SNRTrainer call there
+            from snr_dist.integrations.wiring import adopt_fsdp2
+
+            adopt_fsdp2(model, opt)
+    else:
+        model, opt = fsdp.wrap(model, lr=1e-2, **kw)
+    half = slice(rank * 8, (rank + 1) * 8)
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        for k in range(2):
+            part = slice(half.start + 4 * k, half.start + 4 * k + 4)
+            (torch.nn.functional.cross_entropy(model(x[part]), y[part]) / 2).backward()
+        opt.step()
+    metrics = opt.metrics()
+    return {
+        "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+        "ran": [(g["estimator"], g["mode"]) for g in metrics["groups"]],
+        "distributor": metrics["parallel"]["mode"],
+        "gates": [m["gate_mean"] for m in metrics["params"].values()],
+    }
+
+
+def _sharded_later_worker(rank: int, world: int, kws: list[dict]):
+    out = []
+    for kw in kws:
+        try:
+            framework = _sharded_later_run(rank, kw, "framework")
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            framework = {"error": f"{type(err).__name__}: {err}"}
+        out.append((framework, _sharded_later_run(rank, kw, "direct")))
+    # FSDP1's flat parameters swapped in the same way are refused at the first step
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    model = tiny_mlp()
+    opt = SNRAdamW(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        _set_fsdp_flattened(p)
+    x, y = _data(0)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    try:
+        opt.step()
+        fsdp1 = None
+    except ValueError as err:
+        fsdp1 = str(err)
+    return out, fsdp1
+
+
+def test_optimizer_built_before_fully_shard_steps_on_the_sharded_distributor():
+    """Issue 34.4: Accelerate and HF Trainer build the optimizer on plain tensors and put FSDP2's
+    DTensors in its groups afterwards. The optimizer kept its local distributor: subspace mode
+    then gated each rank's rows differently. Now the first step picks the sharded distributor
+    (every rank says so through opt.metrics()) and equals torch FSDP2 + SNRAdamW built on the
+    DTensors, in each mode (diagonal temporal, elementwise, matched before); FSDP1's flat
+    parameters swapped in are refused at the first step."""
+    kws = MODES
+    for out, fsdp1 in run_distributed(_sharded_later_worker, 2, kws):
+        for kw, (framework, direct) in zip(kws, out):
+            assert "error" not in framework, (kw, framework["error"])
+            assert (framework["distributor"], direct["distributor"]) == ("sharded",) * 2, kw
+            assert framework["ran"] == [(kw["estimator"], kw["mode"])]
+            for p, q in zip(framework["params"], direct["params"]):
+                torch.testing.assert_close(
+                    p, q, rtol=0, atol=1e-5, msg=lambda m, kw=kw: f"{kw}: {m}"
+                )
+            assert framework["gates"] == pytest.approx(direct["gates"], abs=1e-6), kw
+        assert fsdp1 is not None and "does not support FSDP1" in fsdp1

@@ -82,12 +82,28 @@ def _fsdp2_mesh(dtensors: list[Tensor], n_params: int):
     return mesh
 
 
+def _same_ranks(group: Any, other: Any) -> bool:
+    """Whether ``group`` (a process group, or None / a string: not one) spans ``other``'s
+    ranks."""
+    if group is None or isinstance(group, str):
+        return False
+    return dist.get_process_group_ranks(group) == dist.get_process_group_ranks(other)
+
+
+def _describe(group: Any) -> str:
+    if group is None or isinstance(group, str):
+        return repr(group)
+    return f"ranks {dist.get_process_group_ranks(group)}"
+
+
 def make_distributor(
     params: list[Tensor], process_group: Any = "auto", pools_ranks: bool = False
 ) -> Distributor:
     """The distributor for ``params``; ``process_group``: "auto", None or a process group.
 
-    - DTensor parameters (FSDP2): their mesh, whatever ``process_group`` says ("auto").
+    - DTensor parameters (FSDP2): their mesh; ``process_group`` must be "auto" or a group of
+      the mesh's ranks (an optimizer built with the data-parallel group before a framework
+      sharded its parameters, as Accelerate and HF Trainer do under FSDP2).
     - ``None``: local to this rank. A process group: replicated data parallelism over it.
     - "auto" with plain tensors: local. Every rank of a DDP job then computes the same
       statistics from the same reduced gradient, so that is right for DDP too, except for
@@ -98,10 +114,11 @@ def make_distributor(
     dtensors = [p for p in params if is_dtensor(p)]
     if dtensors:
         mesh = _fsdp2_mesh(dtensors, len(params))
-        if process_group != "auto":
+        if process_group != "auto" and not _same_ranks(process_group, mesh.get_group()):
             raise ValueError(
-                "process_group is taken from the DTensor parameters' device mesh; pass "
-                "process_group='auto'"
+                "process_group is taken from the DTensor parameters' device mesh (ranks "
+                f"{dist.get_process_group_ranks(mesh.get_group())}), and the one given "
+                f"({_describe(process_group)}) is another; pass process_group='auto'"
             )
         return ShardedDistributor(mesh)
     if process_group is None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from snr_dist.metrics import param_metrics
+from snr_dist.metrics import group_params, param_metrics
 
 KEYS = ("gate_mean", "closed_frac", "snr_q10", "snr_q50", "snr_q90")
 
@@ -50,17 +50,19 @@ def _params_of(opt, groups: dict[Tensor, str]):
                 if piece.lp in groups:
                     yield inner, piece.shard, group, groups[piece.lp]
         return
+    held = [(group, group_params(opt, i)) for i, group in enumerate(opt.param_groups)]
     named = False
-    for group in opt.param_groups:
-        for p in group["params"]:
+    for group, params in held:
+        for p in params:
             if p in groups:
                 named = True
                 yield opt, p, group, groups[p]
     if not named:
         # no parameter of the model in the optimizer: ZeRO 1-3 hand an elementwise SNRAdamW
-        # flat partitions cutting across layers; their statistics still make ``all``
-        for group in opt.param_groups:
-            for p in group["params"]:
+        # flat partitions cutting across layers (ZeRO-3 only during step()); their statistics
+        # still make ``all``
+        for group, params in held:
+            for p in params:
                 yield opt, p, group, None
 
 

@@ -13,6 +13,15 @@ param group, the estimators (`snr_dist.estimators`) and the distributor
 
 It also keeps the state layout fixed: estimator, mode, rank and basis side may not change once
 a parameter has state.
+
+The distributor follows what the parameters *are*, not only what they were at construction:
+frameworks swap the tensors in ``param_groups`` after the optimizer exists (Accelerate and HF
+Trainer shard a model with ``fully_shard`` after building its optimizer and put the DTensors
+in its groups; DeepSpeed puts flat partitions there). Each time the groups are re-read the
+engine checks the kind of parameters it holds (plain, DTensor, ZeRO row shard) and rebuilds
+the distributor when it changed; at the first step it also checks that an estimator pooling
+the ranks' gradients knows their group (an optimizer built before ``torch.distributed`` was
+initialised could not), and refuses otherwise.
 """
 
 from __future__ import annotations
@@ -22,12 +31,13 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 from torch import Tensor
 
 from snr_dist import estimators as est
 from snr_dist import subspace
 from snr_dist.cross_sample import MicrobatchStats
-from snr_dist.distributors import make_distributor
+from snr_dist.distributors import LocalDistributor, make_distributor
 from snr_dist.distributors.dtensor import (
     global_shape,
     is_dtensor,
@@ -57,9 +67,16 @@ class SNREngine:
     def __init__(self, optimizer: torch.optim.Optimizer, moments: est.Moments, process_group: Any):
         self.opt = optimizer
         self.estimators = est.build(moments)
+        self.process_group = process_group
+        # ``dist.group.WORLD`` is None until init_process_group: a None given before then may
+        # have meant the world (see `_check_resolved`)
+        self.built_before_init = not _initialised()
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        pools = any(g["estimator"] == "cross_sample" for g in optimizer.param_groups)
-        self.distributor = make_distributor(params, process_group, pools_ranks=pools)
+        self.distributor = make_distributor(params, process_group, pools_ranks=self._pools())
+        self._param_kind = _param_kind(params)
+        # each parameter's param group, kept after a framework takes it out of the groups
+        # (DeepSpeed ZeRO-3 puts its flat partitions there only during step())
+        self.homes: dict[Tensor, int] = {}
         self.capture = MicrobatchCapture(self.observe)
         self.nonfinite = NonfiniteCounter()
         self.flat_aliases = AliasCache()  # the compiled step's aliases of params and state
@@ -92,10 +109,43 @@ class SNREngine:
                     subspace.basis_on_rows(global_shape(p), group["basis_side"], is_row_sharded(p))
 
     def index(self) -> None:
-        """Which group each parameter is in (torch's load_state_dict replaces the groups)."""
+        """Which group each parameter is in (torch's load_state_dict replaces the groups);
+        a new distributor if the kind of parameters changed (see the module docstring)."""
         groups = self.opt.param_groups
-        self._keys = {p: i for i, p in enumerate(p for g in groups for p in g["params"])}
+        params = [p for g in groups for p in g["params"]]
+        self._keys = {p: i for i, p in enumerate(params)}
         self._group_of = {p: g for g in groups for p in g["params"]}
+        homes = {p: i for i, g in enumerate(groups) for p in g["params"]}
+        state = self.opt.state
+        for p, i in self.homes.items():  # out of the groups now: kept while it has state
+            if p not in homes and p in state:
+                homes[p] = i
+        self.homes = homes
+        kind = _param_kind(params)
+        if kind is not None and kind != self._param_kind:
+            self._param_kind = kind
+            self._new_distributor(params)
+
+    def _pools(self) -> bool:
+        return any(g["estimator"] == "cross_sample" for g in self.opt.param_groups)
+
+    def _new_distributor(self, params: list[Tensor]) -> None:
+        """The parameters are now another kind (plain tensors swapped for FSDP2's DTensors,
+        typically): the distributor for what they are, owners and hooks again."""
+        group = self.process_group
+        if group is None and self.built_before_init:
+            group = "auto"  # see `_check_resolved`
+        self.distributor = make_distributor(params, group, pools_ranks=self._pools())
+        self.path_cache.clear()
+        self.flat_aliases.clear()
+        for group_ in self.opt.param_groups:
+            self.check_group(group_)
+        self._distribute()
+
+    def home(self, p: Tensor) -> int | None:
+        """The index of ``p``'s param group, also after a framework took ``p`` out of the
+        groups (DeepSpeed ZeRO-3 outside its step); None for a tensor never in them."""
+        return self.homes.get(p)
 
     def group_of(self, p: Tensor) -> dict:
         """``p``'s param group. Frameworks may swap the tensors in ``param_groups`` (DeepSpeed
@@ -110,20 +160,24 @@ class SNREngine:
         self.moment_sqrt.clear()
         self.scratch.clear()
         self.index()
-        groups = self.opt.param_groups
-        trackers, hooked = [], []
         self._layouts = {}
-        for i, group in enumerate(groups):
+        for i, group in enumerate(self.opt.param_groups):
             self.check_group(group)
             if _has_matrices(group):
                 self._with_matrices.add(id(group))
+            self._check_layout(i, group)
+        self._distribute()
+
+    def _distribute(self) -> None:
+        """Tracker owners and cross-sample hooks for the parameters in the groups now."""
+        trackers, hooked = [], []
+        for group in self.opt.param_groups:
             for p in group["params"]:
                 e = self.estimator(p, group)
                 if e.tracks:
                     trackers.append((p, e.cost(p, group)))
                 if e.pools_ranks:
                     hooked.append(p)
-            self._check_layout(i, group)
         self.distributor.assign(trackers)
         self.capture.attach(hooked)
         if self.capture.fsdp_modules:  # attached before: groups added since are observed too
@@ -179,6 +233,8 @@ class SNREngine:
     def begin_step(self) -> None:
         """Once: every rank runs the same configuration; every step: layouts unchanged."""
         if not self.distributor._checked:
+            self.index()  # frameworks swap the parameters after construction (FSDP2, ZeRO)
+            self._check_resolved()
             signature = [
                 (
                     i,
@@ -194,10 +250,7 @@ class SNREngine:
                     f"snr-dist: param group {i} has mode='subspace' and held weight matrices "
                     "when the optimizer was built, but now holds only flat 1-D tensors: "
                     "DeepSpeed ZeRO (and its bf16 optimizer) hand the client optimizer flat "
-                    "partitions, on which subspace trackers cannot run. Build the engine with "
-                    "snr_dist.deepspeed.initialize (or snr_dist.integrations.accelerate.prepare), "
-                    "or call optimizer.attach_zero(engine.optimizer) right after "
-                    "deepspeed.initialize."
+                    "partitions, on which subspace trackers cannot run. " + ZERO_PATHS
                 )
         for i, group in enumerate(self.opt.param_groups):
             self._check_layout(i, group)
@@ -263,19 +316,12 @@ class SNREngine:
                 short += 1
                 continue
             if count < need:
-                fsdp = is_dtensor(p) and id(p) not in self.capture.fsdp_wanted
                 raise RuntimeError(
                     "snr-dist: estimator='cross_sample' needs >= 2 gradient contributions per "
                     "step (micro-batches of gradient accumulation or data-parallel ranks); a "
                     f"parameter of shape {tuple(p.shape)} saw {count} since the last step"
                     + (f" on rank {self.distributor.rank}" if world > 1 else "")
-                    + (
-                        ". Under FSDP2 call opt.attach_fsdp(model) once before training "
-                        "(snr_dist.fsdp.wrap does it), so that each rank's own gradient is seen."
-                        if fsdp
-                        else ". Run several backward passes before step(), or use "
-                        "estimator='temporal'."
-                    )
+                    + self._why_unseen(p)
                 )
         if late:
             self.capture.wake()
@@ -296,6 +342,64 @@ class SNREngine:
                 "accumulation, e.g. at the end of an epoch): their noise statistics carry over "
                 "from the previous steps (said once)",
             )
+
+    def _why_unseen(self, p: Tensor) -> str:
+        """The end of `check_ready`'s refusal: why ``p``'s micro-batches went unseen, and the
+        way that works."""
+        if is_dtensor(p) and id(p) not in self.capture.fsdp_wanted:
+            return (
+                ". Under FSDP2 the optimizer holds reduced gradient shards; each rank's own "
+                "gradient is seen on FSDP2's unsharded parameters once opt.attach_fsdp(model) "
+                "has run (snr_dist.fsdp.wrap, snr_dist.integrations.accelerate.prepare and "
+                "snr_dist.integrations.transformers.SNRTrainer call it; with your own "
+                "fully_shard call it once before training)."
+            )
+        hooked = p in self.capture.handles or p in self.capture.dormant
+        if not is_dtensor(p) and row_shard(p) is None and not hooked:
+            return (
+                ": this tensor was put in the optimizer's param groups after it was built, so "
+                "no gradient hook observes it. DeepSpeed ZeRO 1-3 (and its bf16 optimizer) "
+                "hand the client optimizer flat partitions that cut across the model's tensors "
+                "and hold only the reduced gradient; each rank's own gradients exist on the "
+                "model's parameters only. " + ZERO_PATHS
+            )
+        return ". Run several backward passes before step(), or use estimator='temporal'."
+
+    def _check_resolved(self) -> None:
+        """At the first step: an estimator that pools the ranks' own gradients, run local to
+        each rank while several ranks train plain tensors, because the optimizer was built
+        before ``torch.distributed`` was initialised ("auto" could not ask for the group then,
+        and ``dist.group.WORLD`` was None), is refused: each rank's statistics, and then the
+        replicas' parameters, would drift apart."""
+        if not isinstance(self.distributor, LocalDistributor) or self._param_kind != "plain":
+            return
+        if not (self._pools() and self.built_before_init and _initialised()):
+            return
+        capture = self.capture
+        pooled = [
+            p
+            for g in self.opt.param_groups
+            if g["estimator"] == "cross_sample"
+            for p in g["params"]
+        ]
+        if any(p not in capture.handles and p not in capture.dormant for p in pooled):
+            return  # tensors swapped in by a framework (ZeRO): `check_ready` says what to do
+        world = torch_dist.get_world_size()
+        if world <= 1 or self.process_group not in ("auto", None):
+            return
+        raise ValueError(
+            "snr-dist: estimator='cross_sample' pools the gradients of the data-parallel ranks, "
+            "but this optimizer was built before torch.distributed was initialised "
+            f"(process_group={self.process_group!r}; dist.group.WORLD is None until "
+            f"init_process_group runs), and now {world} ranks train it. Run local to each "
+            "rank, its statistics and then the ranks' parameters would drift apart under DDP. "
+            "Build the optimizer once the process group exists, with "
+            "process_group=dist.group.WORLD (or your data-parallel group), or "
+            "process_group=None for an optimizer local to its rank. HF Trainer: pass "
+            "optimizer_cls_and_kwargs=snr_adamw(args, estimator='cross_sample') (or use "
+            "snr_dist.integrations.transformers.SNRTrainer), which builds it then; Accelerate: "
+            "create it after the Accelerator; Lightning: in configure_optimizers."
+        )
 
     def _has_statistics(self, p: Tensor, group: dict) -> bool:
         """``p`` has finished a step of its estimator (its statistics are worth carrying)."""
@@ -466,6 +570,35 @@ class SNREngine:
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         self.capture.close()
+
+
+ZERO_PATHS = (
+    "Build the DeepSpeed engine through snr-dist, which attaches row shards after DeepSpeed "
+    "has built its optimizer: snr_dist.deepspeed.initialize, "
+    "snr_dist.integrations.accelerate.prepare, snr_dist.integrations.transformers.SNRTrainer "
+    "(HF Trainer with TrainingArguments(deepspeed=...)) or "
+    "snr_dist.integrations.lightning.SNRDeepSpeedStrategy; or call "
+    "optimizer.attach_zero(engine.optimizer) right after deepspeed.initialize."
+)
+"""The ways to run subspace mode and the cross-sample estimator under DeepSpeed ZeRO."""
+
+
+def _initialised() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def _param_kind(params: list[Tensor]) -> str | None:
+    """What a framework made the parameters: "dtensor" (FSDP2), "rows" (ZeRO row shards),
+    "fsdp1" (FSDP1's flat parameters), "plain", or None for no parameters."""
+    if not params:
+        return None
+    if any(is_dtensor(p) for p in params):
+        return "dtensor"
+    if any(row_shard(p) is not None for p in params):
+        return "rows"
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+        return "fsdp1"
+    return "plain"
 
 
 def _has_matrices(group: dict) -> bool:
