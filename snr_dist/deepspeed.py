@@ -132,7 +132,7 @@ def _adam_options(cfg: dict) -> dict[str, Any]:
             "Adam; SNRAdamW's weight decay is decoupled (AdamW)"
         )
     params.pop("torch_adam", None)
-    if "betas" in params:
+    if isinstance(params.get("betas"), list):
         params["betas"] = tuple(params["betas"])
     return params
 
@@ -176,14 +176,42 @@ def needs_rows(snr: SNROptions) -> bool:
     return snr.mode == "subspace" or snr.estimator == "cross_sample"
 
 
-def build(config, model_parameters) -> tuple[Any, dict[str, Any]]:
-    """``(SNRAdamW, the config to hand DeepSpeed)`` without starting DeepSpeed."""
-    from snr_dist.optim.snr_adamw import SNRAdamW
-
-    cfg = _load(config)
+def take_blocks(cfg: dict) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """For a framework that builds the client optimizer itself and hands DeepSpeed the rest of
+    the config (HF Trainer, Accelerate's DeepSpeed plugin, Lightning's DeepSpeed strategy):
+    take the ``"optimizer"`` and ``"snr_preconditioner"`` blocks out of ``cfg`` (in place),
+    validated. Returns ``(SNRAdamW's Adam options from the "optimizer" block, None without
+    one; the SNR options the "snr_preconditioner" block names)``. Values a framework has not
+    filled in yet stay ``"auto"``."""
     snr = _snr_block(cfg)
-    adam = _adam_options(cfg)
-    check_support(cfg, snr)
+    adam = _adam_options(cfg) if "optimizer" in cfg else None
+    return adam, snr.model_dump(exclude_unset=True)
+
+
+def merge_options(code: dict[str, Any], block: dict[str, Any], code_name: str) -> dict[str, Any]:
+    """The SNR options given in code (``code_name`` says where) and those the JSON's
+    ``"snr_preconditioner"`` block names, together; a key both give with different values is
+    refused, naming both."""
+    for key, value in block.items():
+        if key in code and code[key] != value:
+            raise DeepSpeedConfigError(
+                f"snr_preconditioner.{key} = {value!r} in the DeepSpeed config, but {code_name} "
+                f"says {key}={code[key]!r}: set it in one place"
+            )
+    try:
+        SNROptions.model_validate({**code, **block})
+    except ValidationError as err:  # each part valid alone, not together
+        lines = error_lines(err, prefix="")
+        raise DeepSpeedConfigError(
+            f"the SNR options of {code_name} with the snr_preconditioner block's on top do not "
+            "go together:\n  " + "\n  ".join(lines)
+        ) from None
+    return {**code, **block}
+
+
+def warn_clipping(cfg: dict, snr: SNROptions, stacklevel: int = 3) -> None:
+    """The cross-sample estimator's statistics come from gradients before DeepSpeed clips
+    them; say so when the config clips (DeepSpeed clips at 1.0 when the key is absent)."""
     clip = cfg.get("gradient_clipping", _DEEPSPEED_DEFAULT_CLIPPING)
     if snr.estimator == "cross_sample" and clip:
         warnings.warn(
@@ -193,16 +221,30 @@ def build(config, model_parameters) -> tuple[Any, dict[str, Any]]:
             "clipping, and under data parallelism it does not correct for the rescaling. Set "
             '"gradient_clipping": 0.0 for exact statistics.',
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
-    cfg["zero_allow_untested_optimizer"] = True
-    # Elementwise mode needs no process group; the others run snr-dist's replicated
-    # data-parallel machinery over DeepSpeed's ranks (stage 0 keeps whole, replicated
-    # parameters, as DDP does).
+
+
+def data_parallel_group(snr: SNROptions) -> Any:
+    """The process group SNRAdamW runs over under DeepSpeed: none for the elementwise mode
+    (diagonal temporal), which needs no communication; else DeepSpeed's ranks (stage 0 keeps
+    whole, replicated parameters, as DDP does; ZeRO 1-3 move to row shards at attach)."""
     elementwise = snr.mode == "diagonal" and snr.estimator == "temporal"
     several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    group = dist.group.WORLD if several and not elementwise else None
-    opt = SNRAdamW(model_parameters, **adam, snr=snr, process_group=group)
+    return dist.group.WORLD if several and not elementwise else None
+
+
+def build(config, model_parameters) -> tuple[Any, dict[str, Any]]:
+    """``(SNRAdamW, the config to hand DeepSpeed)`` without starting DeepSpeed."""
+    from snr_dist.optim.snr_adamw import SNRAdamW
+
+    cfg = _load(config)
+    snr = _snr_block(cfg)
+    adam = _adam_options(cfg)
+    check_support(cfg, snr)
+    warn_clipping(cfg, snr, stacklevel=3)
+    cfg["zero_allow_untested_optimizer"] = True
+    opt = SNRAdamW(model_parameters, **adam, snr=snr, process_group=data_parallel_group(snr))
     return opt, cfg
 
 

@@ -7,9 +7,11 @@ reduced gradient, as every rank does; the cross-sample estimator needs
 ``process_group=torch.distributed.group.WORLD``, which `prepare` checks).
 
 Under Accelerate's DeepSpeed plugin, ``accelerator.prepare`` calls ``deepspeed.initialize``
-itself, with the optimizer as DeepSpeed's client optimizer, so it misses the two things
-`snr_dist.deepspeed.initialize` adds around that call:
+itself, with the optimizer as DeepSpeed's client optimizer, so it misses what
+`snr_dist.deepspeed.initialize` does around that call:
 
+- the JSON's ``"snr_preconditioner"`` block (with its ``"optimizer"`` block when the script
+  passes Accelerate's ``DummyOptim``, the optimizer "from the config") configures SNRAdamW;
 - DeepSpeed's unfused bf16/fp16 optimizer (ZeRO stage 0) "initialises the optimizer states"
   with one step on zero gradients while it is built; snr-dist skips that step (it would decay
   the weights and advance the bias corrections);
@@ -19,8 +21,13 @@ itself, with the optimizer as DeepSpeed's client optimizer, so it misses the two
   with ``optimizer.attach_zero`` after DeepSpeed has built its optimizer
   (`snr_dist.optim.zero_view`).
 
-`prepare` does both; `attach` does the second for an optimizer that ``accelerator.prepare``
-already returned.
+Under FSDP2 Accelerate shards the model after the optimizer was built and puts the DTensors
+in its groups: `prepare` moves the optimizer to the sharded distributor there and, for the
+cross-sample estimator, hooks FSDP2's unsharded parameters (`SNRAdamW.attach_fsdp`). FSDP1
+is refused before anything is wrapped.
+
+`prepare` does all of it; `attach` does the DeepSpeed part for an optimizer that
+``accelerator.prepare`` already returned.
 """
 
 from __future__ import annotations
@@ -29,23 +36,21 @@ from typing import Any
 
 try:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, DummyOptim
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError(
         "snr_dist.integrations.accelerate needs the accelerate package: pip install 'snr-dist[hf]'"
     ) from None
 
+from torch import nn
+
+from snr_dist import deepspeed as snr_ds
+from snr_dist.integrations.wiring import adopt_fsdp2, attach_deepspeed, deferred_steps
 from snr_dist.optim.base import SNROptimizerMixin
 from snr_dist.optim.snr_adamw import SNRAdamW
+from snr_dist.options import SNROptions
 
 __all__ = ["attach", "prepare"]
-
-
-def _needs_rows(opt: SNROptimizerMixin) -> bool:
-    """Subspace mode or the cross-sample estimator in any param group: whole rows needed."""
-    return any(
-        g["mode"] == "subspace" or g["estimator"] == "cross_sample" for g in opt.param_groups
-    )
 
 
 def _check_group(accelerator: Accelerator, opt: SNROptimizerMixin) -> None:
@@ -53,6 +58,8 @@ def _check_group(accelerator: Accelerator, opt: SNROptimizerMixin) -> None:
     world = accelerator.num_processes
     if world <= 1 or opt.distributor.world > 1:
         return
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return  # the group comes from DeepSpeed / the DTensors' mesh
     if any(g["estimator"] == "cross_sample" for g in opt.param_groups):
         raise ValueError(
             f"snr-dist: estimator='cross_sample' under {accelerator.distributed_type} with "
@@ -62,6 +69,76 @@ def _check_group(accelerator: Accelerator, opt: SNROptimizerMixin) -> None:
         )
 
 
+def _check_fsdp(accelerator: Accelerator) -> None:
+    plugin = accelerator.state.fsdp_plugin
+    version = getattr(plugin, "fsdp_version", 1)
+    if version != 2:
+        raise ValueError(
+            f"snr-dist: Accelerate's FSDP plugin with fsdp_version={version} (FSDP1) hands the "
+            "optimizer flattened parameter shards, so per-matrix statistics cannot be formed. "
+            "Use FullyShardedDataParallelPlugin(fsdp_version=2) (FSDP2), DDP or DeepSpeed"
+        )
+
+
+def _group_options(group: dict) -> SNROptions:
+    return SNROptions.parse({k: group[k] for k in SNROptions.model_fields if k in group})
+
+
+def _from_config(accelerator: Accelerator, objects: list[Any]) -> list[Any]:
+    """The DeepSpeed config's ``"snr_preconditioner"`` block (and its ``"optimizer"`` block
+    for a ``DummyOptim``): build SNRAdamW from them in the ``DummyOptim``'s place, or check
+    that the SNR optimizer given agrees with the block; either way the blocks leave the
+    config DeepSpeed gets."""
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    dummies = [i for i, o in enumerate(objects) if isinstance(o, DummyOptim)]
+    snrs = [o for o in objects if isinstance(o, SNROptimizerMixin)]
+    if "snr_preconditioner" not in cfg or not (dummies or snrs):
+        return objects
+    had_adam = "optimizer" in cfg
+    adam, block = snr_ds.take_blocks(cfg)
+    objects = list(objects)
+    for i in dummies:
+        dummy = objects[i]
+        if adam is None:
+            raise snr_ds.DeepSpeedConfigError(
+                'DummyOptim takes the optimizer from the DeepSpeed config: it needs an "optimizer" '
+                'block of type "Adam" or "AdamW" beside the "snr_preconditioner" block'
+            )
+        kw = dict(adam)
+        for key in ("lr", "weight_decay"):  # "auto": the DummyOptim's, as Accelerate fills them
+            if kw.get(key) == "auto":
+                kw[key] = getattr(dummy, key)
+        kw = {k: v for k, v in kw.items() if v != "auto"}  # betas, eps: SNRAdamW's defaults
+        snr = SNROptions.model_validate(block)
+        snr_ds.check_support(cfg, snr)
+        snr_ds.warn_clipping(cfg, snr)
+        objects[i] = SNRAdamW(
+            dummy.params, **kw, snr=snr, process_group=snr_ds.data_parallel_group(snr)
+        )
+    for opt in snrs:
+        if had_adam:
+            raise snr_ds.DeepSpeedConfigError(
+                'the DeepSpeed config has an "optimizer" block and the script passes an optimizer: '
+                "pass accelerate.utils.DummyOptim(model.parameters()) to build SNRAdamW from the "
+                'config\'s "optimizer" and "snr_preconditioner" blocks, or remove the "optimizer" '
+                "block"
+            )
+        for gi, group in enumerate(opt.param_groups):
+            for key, value in block.items():
+                if group.get(key) != value:
+                    raise snr_ds.DeepSpeedConfigError(
+                        f"snr_preconditioner.{key} = {value!r} in the DeepSpeed config, but the "
+                        f"optimizer passed to prepare has {key}={group.get(key)!r} (param group "
+                        f"{gi}): build it with those options (SNRAdamW(..., snr=block)), or pass "
+                        'accelerate.utils.DummyOptim(model.parameters()) with an "optimizer" '
+                        "block to build it from the config"
+                    )
+        for group in opt.param_groups:
+            snr_ds.check_support(cfg, _group_options(group))
+    cfg["zero_allow_untested_optimizer"] = True
+    return objects
+
+
 def attach(accelerator: Accelerator, optimizer: Any) -> None:
     """Under Accelerate's DeepSpeed plugin with ZeRO 1-3 or bf16: run ``optimizer`` (as
     returned by ``accelerator.prepare``) on snr-dist's row shards when it needs whole rows
@@ -69,39 +146,42 @@ def attach(accelerator: Accelerator, optimizer: Any) -> None:
     Call it on every rank, before the first step."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
-    wrapper = getattr(optimizer, "optimizer", optimizer)  # DeepSpeedOptimizerWrapper
-    client = getattr(wrapper, "optimizer", None)
-    if isinstance(wrapper, SNROptimizerMixin):  # ZeRO stage 0, fp32: the client optimizer
-        return
-    if not isinstance(client, SNRAdamW):
+    if attach_deepspeed(optimizer) is None:
         raise TypeError(
             "attach: expected the optimizer accelerator.prepare returned for an SNRAdamW, got "
-            f"{type(optimizer).__name__} wrapping {type(wrapper).__name__}"
+            f"{type(optimizer).__name__}"
         )
-    if client.zero_view is not None or not _needs_rows(client):
-        return
-    client.attach_zero(wrapper, getattr(wrapper, "dp_process_group", None))
 
 
 def prepare(accelerator: Accelerator, *objects: Any, **kwargs: Any) -> Any:
     """``accelerator.prepare(*objects, **kwargs)`` (same return value) that also wires every
     snr-dist optimizer among ``objects`` into what Accelerate built (see the module
-    docstring). Call it on every rank, as ``accelerator.prepare``."""
+    docstring); under DeepSpeed a ``DummyOptim`` with a ``"snr_preconditioner"`` block in the
+    config becomes SNRAdamW. Call it on every rank, as ``accelerator.prepare``."""
+    kind = accelerator.distributed_type
+    deepspeed = kind == DistributedType.DEEPSPEED
+    fsdp = kind == DistributedType.FSDP
+    if deepspeed:
+        objects = tuple(_from_config(accelerator, list(objects)))
+    if fsdp:
+        _check_fsdp(accelerator)
     opts = [o for o in objects if isinstance(o, SNROptimizerMixin)]
     for opt in opts:
         _check_group(accelerator, opt)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    deferred = [o for o in opts if isinstance(o, SNRAdamW)] if deepspeed else []
-    for opt in deferred:
-        opt._defer_steps = True  # see snr_dist.deepspeed.initialize
-    try:
+    with deferred_steps(opts if deepspeed else ()):
         out = accelerator.prepare(*objects, **kwargs)
-    finally:
-        for opt in deferred:
-            opt._defer_steps = False
-    if deepspeed:
-        results = out if len(objects) > 1 else (out,)  # accelerate unpacks a single object
-        for obj, res in zip(objects, results):
-            if isinstance(obj, SNRAdamW):
-                attach(accelerator, res)
+    results = out if len(objects) > 1 else (out,)  # accelerate unpacks a single object
+    model = next((r for r in results if isinstance(r, nn.Module)), None)
+    for obj, res in zip(objects, results):
+        if not isinstance(obj, SNROptimizerMixin):
+            continue
+        if deepspeed:
+            attach(accelerator, res)
+        elif fsdp:
+            if model is None:
+                raise ValueError(
+                    "snr-dist under FSDP2: prepare the model and the optimizer in one call "
+                    "(the optimizer's parameters become the model's DTensors there)"
+                )
+            adopt_fsdp2(model, res)
     return out

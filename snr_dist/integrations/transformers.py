@@ -1,16 +1,28 @@
 """Hugging Face Transformers: `SNRAdamW` in ``transformers.Trainer``, and its SNR telemetry in
 the Trainer's own loggers (``report_to``).
 
-Trainer needs nothing from snr-dist to *run* SNRAdamW: it is a torch optimizer whose
-``state_dict`` round-trips, so Trainer's gradient accumulation, gradient clipping, LR
-schedulers, bf16 autocast and ``train(resume_from_checkpoint=...)`` work as with AdamW (each
-backward pass of an accumulation step is one micro-batch of the cross-sample estimator). This
-module exists for two details that are easy to get wrong:
+In one process and under DDP, Trainer needs nothing from snr-dist to *run* SNRAdamW: it is a
+torch optimizer whose ``state_dict`` round-trips, so Trainer's gradient accumulation, gradient
+clipping, LR schedulers, bf16 autocast and ``train(resume_from_checkpoint=...)`` work as with
+AdamW (each backward pass of an accumulation step is one micro-batch of the cross-sample
+estimator). This module exists for what is easy to get wrong:
 
 - ``Trainer(optimizer_cls_and_kwargs=(cls, kwargs))`` builds ``cls(param_groups, **kwargs)``
   and takes nothing from ``TrainingArguments`` but the weight decay of each param group: not
   ``learning_rate``, ``adam_beta1/2`` or ``adam_epsilon``. `snr_adamw` returns the pair with
-  them filled in.
+  them filled in, and with the data-parallel group the cross-sample estimator needs, resolved
+  when Trainer builds the optimizer (after ``torch.distributed`` has started).
+- With ``TrainingArguments(deepspeed=...)`` Trainer drops ``optimizer_cls_and_kwargs`` and
+  ``optimizers`` when the JSON has an ``"optimizer"`` block (DeepSpeed's own Adam runs), never
+  reads a ``"snr_preconditioner"`` block, and hands the optimizer to DeepSpeed without what
+  `snr_dist.deepspeed.initialize` adds around that call (row shards for subspace mode and the
+  cross-sample estimator under ZeRO 1-3 and bf16, no step while the engine is built).
+  `snr_adamw` takes the two blocks' place (their options become SNRAdamW's), and `SNRTrainer`
+  (Trainer's own ``create_optimizer`` / ``create_scheduler`` hooks) adds the rest, before the
+  first step and before a checkpoint is loaded. A configuration plain Trainer cannot run is
+  refused before the first step, naming `SNRTrainer`.
+- Under FSDP2 Trainer builds the optimizer on plain tensors and shards the model afterwards:
+  `SNRTrainer` hooks the cross-sample estimator on FSDP2's unsharded parameters.
 - Callbacks passed as ``Trainer(callbacks=[...])`` run *after* the ``report_to`` integrations,
   which are callbacks too and write ``logs`` in their own ``on_log``; a callback that adds
   scalars to ``logs`` there adds them too late. `add_snr_metrics` puts `SNRMetricsCallback`
@@ -23,6 +35,7 @@ only.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -34,11 +47,17 @@ except ImportError:  # pragma: no cover - depends on the environment
         "pip install 'snr-dist[hf]'"
     ) from None
 
+import torch.distributed as dist
+
+from snr_dist import deepspeed as snr_ds
+from snr_dist.distributors.dtensor import is_dtensor
 from snr_dist.integrations import telemetry
+from snr_dist.integrations.wiring import adopt_fsdp2, attach_deepspeed
 from snr_dist.integrations.wrappers import unwrap
 from snr_dist.optim.snr_adamw import SNRAdamW
+from snr_dist.options import SNROptions
 
-__all__ = ["SNRMetricsCallback", "add_snr_metrics", "snr_adamw", "unwrap"]
+__all__ = ["SNRMetricsCallback", "SNRTrainer", "add_snr_metrics", "snr_adamw", "unwrap"]
 
 # SNRAdamW arguments that TrainingArguments owns (and where it keeps them).
 _FROM_ARGS = {
@@ -54,7 +73,20 @@ def snr_adamw(args: TrainingArguments, **options: Any) -> tuple[type[SNRAdamW], 
     and ``eps`` from ``args``, read when Trainer builds the optimizer (so a
     ``hyperparameter_search`` trial's values reach it; Trainer sets ``args.weight_decay`` per
     param group itself), plus SNRAdamW's ``options`` (``estimator``, ``mode``, ``tau``,
-    ``process_group``, ...)."""
+    ``process_group``, ...).
+
+    Without ``process_group`` (or with a ``None`` given before ``torch.distributed`` started,
+    which is what ``dist.group.WORLD`` is then), the group is chosen when Trainer builds the
+    optimizer: under DDP the world for the cross-sample estimator, under DeepSpeed DeepSpeed's
+    ranks for the modes that exchange statistics.
+
+    With ``args.deepspeed``, the JSON's ``"optimizer"`` block (its values are the ones
+    ``TrainingArguments`` matched to it) and ``"snr_preconditioner"`` block leave the config
+    Trainer hands DeepSpeed, so that Trainer builds SNRAdamW with the block's options (a key
+    given both here and in the block with different values is refused). What plain Trainer
+    cannot run under DeepSpeed (subspace mode or the cross-sample estimator on ZeRO 1-3 or
+    bf16 partitions, any mode under fp16/bf16 at stage 0) is refused when it builds the
+    optimizer, naming `SNRTrainer`, which runs it."""
     clash = sorted(set(options) & set(_FROM_ARGS))
     if clash:
         raise ValueError(
@@ -64,25 +96,108 @@ def snr_adamw(args: TrainingArguments, **options: Any) -> tuple[type[SNRAdamW], 
     return SNRAdamW, _ArgsKwargs(args, options)
 
 
+def _initialised() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _deepspeed_config(args: TrainingArguments) -> dict | None:
+    """The DeepSpeed config dict Trainer (and its Accelerator) will hand DeepSpeed."""
+    hf = getattr(args, "hf_deepspeed_config", None) if args.deepspeed else None
+    return None if hf is None else hf.config
+
+
+def _take_blocks(args: TrainingArguments) -> dict[str, Any]:
+    """The ``"snr_preconditioner"`` block's options, the ``"optimizer"`` and
+    ``"snr_preconditioner"`` blocks taken out of the DeepSpeed config (once per config: the
+    options stay with it for every later call)."""
+    hf = args.hf_deepspeed_config
+    taken = getattr(hf, "_snr_dist_block", None)
+    if taken is None:
+        _, taken = snr_ds.take_blocks(hf.config)
+        hf._snr_dist_block = taken
+    return taken
+
+
 class _ArgsKwargs(Mapping):
     """SNRAdamW's keyword arguments, ``lr``, ``betas`` and ``eps`` read from ``args`` whenever
     they are read: Trainer builds the optimizer from them in ``create_optimizer``, and
     ``Trainer.hyperparameter_search`` sets each trial's values on the same ``args`` before
     building the trial's optimizer (values copied at call time would train every trial
-    alike)."""
+    alike). The data-parallel group is resolved then too (see `snr_adamw`)."""
 
     def __init__(self, args: TrainingArguments, options: dict[str, Any]) -> None:
         self.args = args
-        self.options = dict(options)
+        options = dict(options)
+        if "process_group" in options and options["process_group"] is None and not _initialised():
+            del options["process_group"]  # dist.group.WORLD before init_process_group
+        self.options = options
+        self.wired = False  # set by SNRTrainer, which wires DeepSpeed and FSDP2
+        self.deepspeed = _deepspeed_config(args)
+        if self.deepspeed is not None:
+            block = _take_blocks(args)
+            code = {k: v for k, v in options.items() if k in SNROptions.model_fields}
+            merged = snr_ds.merge_options(code, block, "snr_adamw(args, ...)")
+            snr_ds.check_support(self.deepspeed, SNROptions.model_validate(merged))
+            self.options.update(merged)
+
+    def _refusal(self) -> str | None:
+        """Why plain Trainer cannot run this under its DeepSpeed config (None: it can)."""
+        cfg = self.deepspeed
+        if cfg is None or self.wired:
+            return None
+        snr = SNROptions.model_validate(
+            {k: v for k, v in self.options.items() if k in SNROptions.model_fields}
+        )
+        stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+        low = [k for k in ("bf16", "fp16") if (cfg.get(k) or {}).get("enabled") is True]
+        if snr_ds.needs_rows(snr) and (stage or low):
+            where = f"ZeRO stage {stage}" if stage else f"{low[0]} at ZeRO stage 0"
+            what = f"mode={snr.mode!r}" if snr.mode == "subspace" else "estimator='cross_sample'"
+            return (
+                f"{what} under DeepSpeed {where}: DeepSpeed hands the optimizer flat partitions "
+                "that cut across the model's tensors, and SNRAdamW runs such a mode on row "
+                "shards that must be attached after DeepSpeed has built its optimizer and "
+                "before a checkpoint is loaded, which plain Trainer does not do"
+            )
+        if low and not stage:
+            return (
+                f"{low[0]} at ZeRO stage 0: DeepSpeed's unfused {low[0]} optimizer steps the "
+                "client optimizer once on zero gradients while it is built (decaying the "
+                "weights and counting a step), which plain Trainer does not prevent"
+            )
+        return None
+
+    def _group(self, options: dict[str, Any]) -> Any:
+        """The data-parallel group for an optimizer Trainer builds now."""
+        snr = SNROptions.model_validate(
+            {k: v for k, v in options.items() if k in SNROptions.model_fields}
+        )
+        if self.deepspeed is not None:
+            return snr_ds.data_parallel_group(snr)
+        several = _initialised() and dist.get_world_size() > 1
+        if snr.estimator == "cross_sample" and several:
+            return dist.group.WORLD  # Trainer's DDP spans the world
+        return "auto"
 
     def _now(self) -> dict[str, Any]:
+        why = self._refusal()
+        if why is not None:
+            raise RuntimeError(
+                f"snr-dist: {why}. Use snr_dist.integrations.transformers.SNRTrainer in place "
+                "of transformers.Trainer (same arguments); it runs this configuration"
+            )
         a = self.args
-        return {
+        out = {
             "lr": a.learning_rate,
             "betas": (a.adam_beta1, a.adam_beta2),
             "eps": a.adam_epsilon,
             **self.options,
         }
+        if "process_group" not in out:
+            group = self._group(out)
+            if group != "auto":  # SNRAdamW's default
+                out["process_group"] = group
+        return out
 
     def __getitem__(self, key: str) -> Any:
         return self._now()[key]
@@ -127,11 +242,27 @@ class SNRMetricsCallback(TrainerCallback):
         empty before the first step."""
         opt = unwrap(optimizer)
         if opt is None:
+            inner = getattr(optimizer, "optimizer", None)
+            found = type(optimizer).__name__
+            if inner is not None:
+                found += f" around {type(inner).__name__}"
+            if "deepspeed" in type(optimizer).__module__ + type(inner).__module__:
+                why = (
+                    "; under TrainingArguments(deepspeed=...) Trainer builds the optimizer "
+                    "itself and drops optimizers=(...) and optimizer_cls_and_kwargs: with an "
+                    '"optimizer" block in the JSON DeepSpeed\'s own optimizer runs. Use '
+                    "snr_dist.integrations.transformers.SNRTrainer (or "
+                    "optimizer_cls_and_kwargs=snr_adamw(args)), which builds SNRAdamW from the "
+                    'JSON\'s "optimizer" and "snr_preconditioner" blocks'
+                )
+            else:
+                why = (
+                    "; pass optimizer_cls_and_kwargs=snr_adamw(args) or "
+                    "optimizers=(SNRAdamW(...), None) to the Trainer"
+                )
             raise TypeError(
-                "SNRMetricsCallback: the Trainer's optimizer is "
-                f"{type(optimizer).__name__}, with no SNRAdamW / SNRPreconditioner inside; "
-                "pass optimizer_cls_and_kwargs=snr_adamw(args) or optimizers=(SNRAdamW(...), "
-                "None) to the Trainer"
+                f"SNRMetricsCallback: the Trainer's optimizer is {found}, with no SNRAdamW / "
+                f"SNRPreconditioner inside{why}"
             )
         if self._groups is None or self._model_id != id(model):
             self._groups = telemetry.layer_groups(model)
@@ -140,6 +271,12 @@ class SNRMetricsCallback(TrainerCallback):
         if not self.per_layer:
             out = {k: v for k, v in out.items() if k.startswith(self.prefix + "all/")}
         return out
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        """Before the first step: the Trainer's optimizer must be an SNR optimizer (under
+        DeepSpeed Trainer may have built another one)."""
+        if optimizer is not None and unwrap(optimizer) is None:
+            self.values(optimizer, None)  # raises, naming what was found
 
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
         """Add the scalars to ``logs`` once per optimizer step (evaluation logs and the final
@@ -180,3 +317,101 @@ def add_snr_metrics(trainer: Trainer, **kwargs: Any) -> SNRMetricsCallback:
     callback.placed = True
     handler.callbacks.insert(0, callback)
     return callback
+
+
+class SNRTrainer(Trainer):
+    """``transformers.Trainer`` that trains with SNRAdamW under every parallelism Trainer
+    offers: one process, DDP, DeepSpeed (``TrainingArguments(deepspeed=...)``, ZeRO 0-3, the
+    JSON's ``"optimizer"`` and ``"snr_preconditioner"`` blocks) and FSDP2. Takes Trainer's
+    arguments; the optimizer comes from ``optimizer_cls_and_kwargs=snr_adamw(args, **options)``
+    (``snr_adamw(args)`` when not given) with the DeepSpeed JSON's blocks on top.
+
+    What it adds to Trainer, through Trainer's own hooks: ``create_optimizer`` builds
+    SNRAdamW (no step while DeepSpeed builds its engine); ``create_scheduler``, which Trainer
+    calls once ``accelerator.prepare`` has built the DeepSpeed engine or sharded the model and
+    before it loads a checkpoint, attaches the row shards that subspace mode and the
+    cross-sample estimator need on ZeRO's partitions (`SNRAdamW.attach_zero`), or moves the
+    optimizer to FSDP2's DTensors and hooks the cross-sample estimator there. Training refuses
+    to start if that did not happen. Works as a base class next to other Trainer subclasses
+    (``class MyTrainer(SNRTrainer, SFTTrainer)``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        pair = self.optimizer_cls_and_kwargs
+        if self.optimizer is not None:
+            if self.is_deepspeed_enabled:
+                raise ValueError(
+                    "SNRTrainer under DeepSpeed: Trainer builds the optimizer itself and would "
+                    "drop the one passed as optimizers=(...); pass its SNR options as "
+                    "optimizer_cls_and_kwargs=snr_adamw(args, **options) or in the JSON's "
+                    '"snr_preconditioner" block'
+                )
+        elif pair is None:
+            self.optimizer_cls_and_kwargs = snr_adamw(self.args)
+        elif pair[0] is not SNRAdamW or not isinstance(pair[1], _ArgsKwargs):
+            raise ValueError(
+                "SNRTrainer builds SNRAdamW: pass optimizer_cls_and_kwargs=snr_adamw(args, "
+                f"**options) or nothing, not ({getattr(pair[0], '__name__', pair[0])}, ...)"
+            )
+        if self.optimizer_cls_and_kwargs is not None:
+            self.optimizer_cls_and_kwargs[1].wired = True
+        self._snr_wired = False
+        self.add_callback(_WiringCheck(self))
+
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None  # Trainer's DeepSpeed setup builds one per train()
+        opt = super().create_optimizer(model)
+        if fresh:
+            self._snr_wired = False
+            snr = unwrap(opt)
+            if self.is_deepspeed_enabled and isinstance(snr, SNRAdamW):
+                snr._defer_steps = True  # accelerator.prepare builds the engine: see _wire
+        return opt
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        self._wire()
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _wire(self) -> None:
+        """Once ``accelerator.prepare`` has run (Trainer creates the scheduler then, before
+        it loads a checkpoint): what `snr_dist.deepspeed.initialize` adds around
+        ``deepspeed.initialize``, or the FSDP2 side of `snr_dist.integrations.wiring`."""
+        if self._snr_wired or self.optimizer is None:
+            return
+        snr = unwrap(self.optimizer)
+        if snr is None:
+            return
+        if self.is_deepspeed_enabled:
+            if snr is self.optimizer:
+                return  # not prepared yet (Trainer.create_optimizer_and_scheduler)
+            snr._defer_steps = False
+            attach_deepspeed(self.optimizer)
+        elif self.is_fsdp_enabled:
+            params = [p for g in snr.param_groups for p in g["params"]]
+            if not any(is_dtensor(p) for p in params):
+                return  # not sharded yet (FSDP1 is refused by SNRAdamW itself)
+            adopt_fsdp2(self.model_wrapped, self.optimizer)
+        self._snr_wired = True
+
+
+class _WiringCheck(TrainerCallback):
+    """Refuses to train an `SNRTrainer` whose optimizer was not wired before the first step
+    (a transformers release that calls its hooks in another order)."""
+
+    def __init__(self, trainer: SNRTrainer) -> None:
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        trainer = self._trainer()
+        if trainer is None or optimizer is None:
+            return
+        snr = unwrap(optimizer)
+        if snr is None:
+            return
+        if trainer.is_deepspeed_enabled and not trainer._snr_wired:
+            raise RuntimeError(
+                "snr-dist: SNRTrainer did not get to wire SNRAdamW into DeepSpeed before "
+                "training (Trainer.create_scheduler was not called after accelerator.prepare in "
+                "this transformers release); train with snr_dist.integrations.accelerate.prepare "
+                "or snr_dist.deepspeed.initialize"
+            )
