@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_utils import run_distributed
 
 pl = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
@@ -452,26 +453,66 @@ import json, sys
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 sys.path.insert(0, {tests!r})
 from test_integration_lightning import TinyGPT, sequences, trainer
 from snr_dist import SNRAdamW
 from snr_dist.integrations.lightning import SNRMetricsCallback
 
+SUB = dict(mode="subspace", rank=3, refresh_every=4, basis_side="cols")  # FSDP2: column side
+MODES = {{
+    "cross_sample": dict(estimator="cross_sample"),
+    "temporal": dict(),
+    "subspace-temporal": SUB,
+    "subspace-cross_sample": dict(SUB, estimator="cross_sample"),
+}}
+
 class DDPGPT(TinyGPT):
     def configure_optimizers(self):
-        return SNRAdamW(self.parameters(), lr=3e-3, estimator="cross_sample",
-                        process_group=dist.group.WORLD)
+        group = dist.group.WORLD if self.snr.get("estimator") == "cross_sample" else "auto"
+        return SNRAdamW(self.parameters(), lr=3e-3, process_group=group, **self.snr)
+
+class FSDP2GPT(TinyGPT):
+    # ModelParallelStrategy: configure_model shards, configure_optimizers then sees DTensors
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def configure_optimizers(self):
+        opt = SNRAdamW(self.parameters(), lr=3e-3, **self.snr)
+        if self.snr.get("estimator") == "cross_sample":
+            opt.attach_fsdp(self)  # each rank's own gradient, on FSDP2's unsharded parameters
+        return opt
+
+def full(module):
+    return torch.cat([getattr(p, "full_tensor", lambda: p)().detach().reshape(-1)
+                      for p in module.parameters()])
 
 if __name__ == "__main__":
-    module = DDPGPT()
-    t = trainer(strategy="ddp", devices=2, max_steps=15, logger=CSVLogger("logs"),
-                callbacks=[SNRMetricsCallback(every_n_steps=5)])
-    t.fit(module, torch.utils.data.DataLoader(sequences(256), batch_size=8))
-    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-    gathered = [torch.zeros_like(flat) for _ in range(2)]
-    dist.all_gather(gathered, flat)
-    out = dict(world=t.optimizers[0].distributor.world, losses=module.losses,
-               ranks_differ=(gathered[0] - gathered[1]).abs().max().item())
+    out = {{}}
+    for name, snr in MODES.items():  # one Lightning run after the other, DDP then FSDP2
+        first = name == "cross_sample"
+        for kind, cls in (("ddp", DDPGPT), ("fsdp2", FSDP2GPT)):
+            module = cls(**snr)
+            log = first and kind == "ddp"
+            strategy = "ddp" if kind == "ddp" else ModelParallelStrategy(
+                data_parallel_size=2, tensor_parallel_size=1)
+            t = trainer(strategy=strategy, devices=2, max_steps=15,
+                        logger=CSVLogger("logs") if log else False,
+                        callbacks=[SNRMetricsCallback(every_n_steps=5)] if log else [])
+            t.fit(module, torch.utils.data.DataLoader(sequences(256), batch_size=8))
+            flat = full(module)
+            gathered = [torch.zeros_like(flat) for _ in range(2)]
+            dist.all_gather(gathered, flat)
+            metrics = t.optimizers[0].metrics()
+            out[name + "/" + kind] = dict(
+                world=t.optimizers[0].distributor.world, losses=module.losses,
+                ranks_differ=(gathered[0] - gathered[1]).abs().max().item(),
+                ran=[(g["estimator"], g["mode"]) for g in metrics["groups"]],
+                distributor=metrics["parallel"]["mode"], params=flat.tolist())
     with open(f"ddp_rank{{t.global_rank}}.json", "w") as f:
         json.dump(out, f)
     # Lightning leaves the process group up; left to interpreter exit, a gloo rank can abort
@@ -481,21 +522,168 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-def test_ddp_cross_sample_two_processes(tmp_path):
+def test_ddp_and_fsdp2_two_processes(tmp_path):
     """strategy="ddp", devices=2 on the CPU: Lightning launches the second process itself;
     the cross-sample estimator pools the two ranks' gradients (process_group=WORLD), and
-    the callback logs from rank 0."""
+    the callback logs from rank 0. Then every mode under DDP and under FSDP2
+    (ModelParallelStrategy, the model sharded in configure_model), one run after the other:
+    every rank says what ran through opt.metrics(), the ranks agree, the loss falls, and FSDP2
+    ends where DDP does."""
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).resolve().parent)))
-    _run_script(script, tmp_path, timeout=180)
+    _run_script(script, tmp_path, timeout=400)
+    names = ["cross_sample", "temporal", "subspace-temporal", "subspace-cross_sample"]
     for rank in (0, 1):
-        out = json.loads((tmp_path / f"ddp_rank{rank}.json").read_text())
-        assert out["world"] == 2
-        assert out["ranks_differ"] == 0.0
-        losses = out["losses"]
-        assert len(losses) == 15
-        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+        runs = json.loads((tmp_path / f"ddp_rank{rank}.json").read_text())
+        assert list(runs) == [f"{n}/{k}" for n in names for k in ("ddp", "fsdp2")]
+        for key, out in runs.items():
+            name, kind = key.split("/")
+            cross = name.endswith("cross_sample")
+            mode = "subspace" if name.startswith("subspace") else "diagonal"
+            assert out["ran"] == [["cross_sample" if cross else "temporal", mode]], key
+            distributor = "sharded" if kind == "fsdp2" else "replicated" if cross else "local"
+            assert out["distributor"] == distributor, key
+            assert out["world"] == (2 if cross or kind == "fsdp2" else 1), key
+            assert out["ranks_differ"] == 0.0, key
+            losses = out["losses"]
+            assert len(losses) == 15
+            assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, (key, losses)
+        for name in names:
+            ddp, fsdp2 = runs[f"{name}/ddp"]["params"], runs[f"{name}/fsdp2"]["params"]
+            torch.testing.assert_close(torch.tensor(fsdp2), torch.tensor(ddp), rtol=0, atol=1e-5)
     with open(tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("snr/all/gate_mean")]
     assert [int(r["step"]) for r in rows] == [5, 10, 15]
     assert all(math.isfinite(float(r["snr/all/closed_frac"])) for r in rows)
+
+
+# ---------------------------------------------------------------- DeepSpeed strategy (issue 34)
+def _lightning_strategy(cls, cfg: dict):
+    """Lightning's DeepSpeed strategy as far as the CPU lets it run: its ``setup_environment``
+    refuses any accelerator but CUDA, and it hands DeepSpeed ``root_device.index`` (None for a
+    plain "cpu" device), so the strategy gets indexed CPU devices and its model-and-optimizer
+    setup, the part that calls ``deepspeed.initialize``, is called as ``init_deepspeed`` calls
+    it."""
+    return cls(config=copy.deepcopy(cfg), parallel_devices=[torch.device("cpu", i) for i in (0, 1)])
+
+
+def _strategy_run(rank: int, cls, cfg: dict, snr: dict | None, gas: int, ckpt=None):
+    from conftest import tiny_mlp
+    from test_deepspeed import STEPS, _params, _train
+
+    model = tiny_mlp(seed=0 if ckpt is None or ckpt[1] == "save" else 5)
+    opt = None
+    if snr is not None:  # configure_optimizers' optimizer (None: the config's "optimizer" block)
+        import torch.distributed as dist
+
+        group = dist.group.WORLD if snr.get("estimator") == "cross_sample" else "auto"
+        opt = SNRAdamW(model.parameters(), lr=1e-2, weight_decay=0.01, process_group=group, **snr)
+    engine, ds_opt = _lightning_strategy(cls, cfg)._setup_model_and_optimizer(model, opt)
+    try:
+        if ckpt is None:
+            _train(engine, rank, gas, 0, STEPS)
+        elif ckpt[1] == "save":
+            _train(engine, rank, gas, 0, 3)
+            engine.save_checkpoint(ckpt[0], tag="step3")
+            return None
+        else:  # as Lightning's DeepSpeedStrategy.load_checkpoint, after the setup
+            engine.load_checkpoint(ckpt[0], tag="step3")
+            _train(engine, rank, gas, 3, STEPS)
+    except RuntimeError as err:
+        return {"error": str(err)}
+    metrics = unwrap(ds_opt).metrics()
+    out = {
+        "params": _params(engine),
+        "ran": [(g["estimator"], g["mode"]) for g in metrics["groups"]],
+    }
+    out["distributor"] = metrics["parallel"]["mode"]
+    engine.destroy()
+    return out
+
+
+def _strategy_worker(rank: int, world: int, tmp: str):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from test_deepspeed import SUB, XDIAG, XSUB, _config, _ds_env
+
+    _ds_env(rank, world)
+    out = {}
+
+    def cfg(snr, gas, blocks=False):
+        c = _config(2, snr, micro=8 // gas, gas=gas)
+        c["zero_allow_untested_optimizer"] = True  # Lightning's own default config says so
+        if not blocks:
+            del c["optimizer"], c["snr_preconditioner"]
+        return c
+
+    # Lightning's own strategy: the elementwise mode runs on ZeRO's partitions; the cross-sample
+    # estimator gets no per-rank gradients there and its first step says what to do
+    out["stock_diagonal"] = _strategy_run(rank, DeepSpeedStrategy, cfg({}, 1), {}, 1)
+    out["stock_cross"] = _strategy_run(rank, DeepSpeedStrategy, cfg(XDIAG, 2), XDIAG, 2)
+    try:
+        from snr_dist.integrations.lightning import SNRDeepSpeedStrategy
+    except ImportError:  # before issue 34: the stock strategy's results still come back
+        return out
+    out["snr_cross"] = _strategy_run(rank, SNRDeepSpeedStrategy, cfg(XSUB, 2), XSUB, 2)
+    # the config's "optimizer" block: Lightning skips configure_optimizers, the strategy builds
+    # SNRAdamW from the blocks
+    out["snr_blocks"] = _strategy_run(rank, SNRDeepSpeedStrategy, cfg(XSUB, 2, True), None, 2)
+    path = str(Path(tmp) / "ckpt")
+    for phase in ("save", "resume"):
+        out[phase] = _strategy_run(rank, SNRDeepSpeedStrategy, cfg(XSUB, 1), XSUB, 1, (path, phase))
+    out["sweep"] = {}
+    for stage in (1, 2, 3):
+        for snr in ({}, XDIAG, SUB, XSUB):
+            c = _config(stage, snr, micro=4, gas=2)
+            c["zero_allow_untested_optimizer"] = True
+            del c["optimizer"], c["snr_preconditioner"]
+            run = _strategy_run(rank, SNRDeepSpeedStrategy, c, snr, 2)
+            out["sweep"][stage, tuple(sorted(snr.items()))] = run
+    return out
+
+
+@pytest.mark.slow
+def test_deepspeed_strategy_runs_snr_on_row_shards(tmp_path):
+    """Issue 34.5 (Lightning): Lightning's DeepSpeedStrategy refuses the CPU, so its
+    model-and-optimizer setup runs here on 2 CPU processes (DeepSpeed's CPU accelerator, gloo).
+    With Lightning's own strategy the diagonal temporal mode equals the direct snr-dist path,
+    and the cross-sample estimator's first step refuses, now naming ZeRO and
+    SNRDeepSpeedStrategy. SNRDeepSpeedStrategy runs subspace cross-sample on row shards (from
+    configure_optimizers, or from the config's blocks), seen on every rank through
+    opt.metrics(), equal to the direct path, and a checkpoint loaded after its setup (as
+    Lightning restores one) resumes to the uninterrupted run; then every ZeRO stage 1-3 in each
+    mode, equal to the one-process path."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    from test_deepspeed import XSUB, _reference
+
+    ranks = run_distributed(_strategy_worker, 2, str(tmp_path), timeout=600)
+    ref = {"diag": _reference({}, parts=2), "xsub": _reference(XSUB, parts=4)}
+    refs: dict = {}
+    resumed = _reference(XSUB, parts=2)
+    for out in ranks:
+        stock = out["stock_diagonal"]
+        assert stock["ran"] == [("temporal", "diagonal")] and stock["distributor"] == "local"
+        for p, q in zip(stock["params"], ref["diag"]):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+        refused = out["stock_cross"]
+        assert "error" in refused, f"ran {refused.get('ran')}"
+        assert "DeepSpeed ZeRO" in refused["error"] and "SNRDeepSpeedStrategy" in refused["error"]
+        for name in ("snr_cross", "snr_blocks"):
+            run = out[name]
+            assert "error" not in run, (name, run.get("error"))
+            assert (run["ran"], run["distributor"]) == ([("cross_sample", "subspace")], "zero")
+            for p, q in zip(run["params"], ref["xsub"]):
+                torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+        assert out["resume"]["distributor"] == "zero"
+        for p, q in zip(out["resume"]["params"], resumed):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        for (stage, items), run in out["sweep"].items():
+            snr = dict(items)
+            assert "error" not in run, (stage, snr, run.get("error"))
+            mode = (snr.get("estimator", "temporal"), snr.get("mode", "diagonal"))
+            rows = "local" if mode == ("temporal", "diagonal") else "zero"
+            assert (run["ran"], run["distributor"]) == ([mode], rows), (stage, snr)
+            key = tuple(sorted(snr.items()))
+            if key not in refs:
+                refs[key] = _reference(snr, parts=4)
+            for p, q in zip(run["params"], refs[key]):
+                torch.testing.assert_close(p, q, rtol=0, atol=1e-5)

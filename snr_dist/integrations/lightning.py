@@ -9,6 +9,13 @@ cannot do by itself is read the SNR statistics out of the optimizer: `SNRMetrics
 finds the SNR optimizer behind Lightning's and strategies' wrappers and sends the scalars of
 `snr_dist.integrations.telemetry` to every logger of the Trainer.
 
+Under Lightning's DeepSpeed strategy, ``deepspeed.initialize`` is called by the strategy,
+without what `snr_dist.deepspeed.initialize` adds around it; `SNRDeepSpeedStrategy` adds it:
+the JSON's ``"snr_preconditioner"`` block (with its ``"optimizer"`` block, SNRAdamW is built
+from the config, as Lightning builds DeepSpeed's optimizer from it), no step while DeepSpeed
+builds its engine, and the row shards subspace mode and the cross-sample estimator need on
+ZeRO 1-3 and bf16 partitions, before Lightning restores a checkpoint.
+
 Needs the ``lightning`` package (``pip install 'snr-dist[lightning]'``), imported by this
 module only.
 """
@@ -19,17 +26,21 @@ from typing import Any
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
+    from lightning.pytorch.strategies import DeepSpeedStrategy
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError(
         "snr_dist.integrations.lightning needs Lightning 2.x (the `lightning` package): "
         "pip install 'snr-dist[lightning]'"
     ) from None
 
+from snr_dist import deepspeed as snr_ds
 from snr_dist.integrations import telemetry
+from snr_dist.integrations.wiring import attach_deepspeed, deferred_steps
 from snr_dist.integrations.wrappers import unwrap
 from snr_dist.optim.base import SNROptimizerMixin
+from snr_dist.options import SNROptions
 
-__all__ = ["SNRMetricsCallback", "snr_optimizers", "unwrap"]
+__all__ = ["SNRDeepSpeedStrategy", "SNRMetricsCallback", "snr_optimizers", "unwrap"]
 
 
 def snr_optimizers(trainer: Trainer) -> list[SNROptimizerMixin]:
@@ -105,3 +116,69 @@ class SNRMetricsCallback(Callback):
             return
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
+
+
+class SNRDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` (same arguments) for an snr-dist optimizer.
+
+    Lightning's own strategy hands the optimizer of ``configure_optimizers`` to
+    ``deepspeed.initialize`` as it is: under ZeRO 1-3 and bf16 subspace mode and the
+    cross-sample estimator then get flat partitions and no per-rank gradients (refused at the
+    first step), and a ``"snr_preconditioner"`` block in the config is never read. This
+    strategy:
+
+    - with an ``"optimizer"`` block in the config (Lightning then skips
+      ``configure_optimizers``), builds SNRAdamW from it and the ``"snr_preconditioner"``
+      block, as `snr_dist.deepspeed.initialize` does;
+    - with an SNR optimizer from ``configure_optimizers``, checks that it runs what the
+      ``"snr_preconditioner"`` block (if any) names, and refuses otherwise;
+    - skips the step DeepSpeed's unfused bf16/fp16 optimizer takes while it is built, and
+      attaches the row shards (`SNRAdamW.attach_zero`) once DeepSpeed has built its optimizer,
+      before Lightning restores a checkpoint.
+
+    Lightning's DeepSpeed strategy runs on CUDA devices only."""
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        cfg = self.config
+        if "snr_preconditioner" in cfg:
+            adam, block = snr_ds.take_blocks(cfg)
+            if optimizer is None and adam is not None:
+                optimizer = _from_blocks(cfg, model, adam, block)
+            elif unwrap(optimizer) is not None:
+                _check_agrees(cfg, unwrap(optimizer), block)
+        snr = unwrap(optimizer)
+        if snr is not None:
+            cfg["zero_allow_untested_optimizer"] = True  # a client optimizer, as DeepSpeed says
+        with deferred_steps([snr] if snr is not None else []):
+            engine, ds_optimizer = super()._setup_model_and_optimizer(
+                model, optimizer, lr_scheduler
+            )
+        if snr is not None:
+            attach_deepspeed(ds_optimizer)
+        return engine, ds_optimizer
+
+
+def _from_blocks(cfg: dict, model, adam: dict, block: dict):
+    """SNRAdamW from the config's blocks, for the model's trainable parameters."""
+    from snr_dist.optim.snr_adamw import SNRAdamW
+
+    snr = SNROptions.model_validate(block)
+    snr_ds.check_support(cfg, snr)
+    snr_ds.warn_clipping(cfg, snr)
+    kw = {k: v for k, v in adam.items() if v != "auto"}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return SNRAdamW(params, **kw, snr=snr, process_group=snr_ds.data_parallel_group(snr))
+
+
+def _check_agrees(cfg: dict, opt: SNROptimizerMixin, block: dict) -> None:
+    for gi, group in enumerate(opt.param_groups):
+        for key, value in block.items():
+            if group.get(key) != value:
+                raise snr_ds.DeepSpeedConfigError(
+                    f"snr_preconditioner.{key} = {value!r} in the DeepSpeed config, but the "
+                    f"optimizer from configure_optimizers has {key}={group.get(key)!r} (param "
+                    f"group {gi}): build it with those options, or give the config an "
+                    '"optimizer" block to build SNRAdamW from the config'
+                )
+        options = SNROptions.parse({k: group[k] for k in SNROptions.model_fields if k in group})
+        snr_ds.check_support(cfg, options)
