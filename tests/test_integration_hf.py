@@ -360,6 +360,7 @@ def _result(model, opt, losses) -> dict:
     return {
         "params": [p.detach().float().clone() for p in model.parameters()],
         "losses": losses,
+        "ran": _what_ran(opt.metrics()),
         "distributor": opt.distributor.name,
         "steps": int(max(st["step"].item() for st in state.values())),
     }
@@ -471,6 +472,8 @@ def _check_parity(ranks: list[dict], configs: dict) -> None:
         for out in ranks:
             run = out[name]
             assert run["steps"] == STEPS
+            ran = (snr.get("estimator", "temporal"), snr.get("mode", "diagonal"), True)
+            assert run["ran"][:-1] == [ran], (name, run["ran"])  # every rank, opt.metrics()
             for p, q in zip(run["params"], ref):
                 torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
             losses = run["losses"]
