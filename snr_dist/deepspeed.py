@@ -209,6 +209,35 @@ def merge_options(code: dict[str, Any], block: dict[str, Any], code_name: str) -
     return {**code, **block}
 
 
+def from_blocks(cfg: dict, params, adam: dict[str, Any], block: dict[str, Any]) -> Any:
+    """SNRAdamW for ``params`` from the blocks `take_blocks` took out of ``cfg`` (Adam
+    options still ``"auto"`` are left to SNRAdamW's defaults; a framework fills its own
+    first), checked against the rest of ``cfg`` as `build` checks it."""
+    from snr_dist.optim.snr_adamw import SNRAdamW
+
+    snr = SNROptions.model_validate(block)
+    check_support(cfg, snr)
+    warn_clipping(cfg, snr, stacklevel=4)
+    kw = {k: v for k, v in adam.items() if v != "auto"}
+    return SNRAdamW(params, **kw, snr=snr, process_group=data_parallel_group(snr))
+
+
+def check_agrees(cfg: dict, opt: Any, block: dict[str, Any], where: str, ways: str) -> None:
+    """An SNR optimizer built in code (``where`` says how) under a config whose
+    ``"snr_preconditioner"`` block names options: every param group must run them, and what it
+    runs must be supported by the config (`check_support`); else refused, naming ``ways``."""
+    for gi, group in enumerate(opt.param_groups):
+        for key, value in block.items():
+            if group.get(key) != value:
+                raise DeepSpeedConfigError(
+                    f"snr_preconditioner.{key} = {value!r} in the DeepSpeed config, but the "
+                    f"optimizer {where} has {key}={group.get(key)!r} (param group {gi}): {ways}"
+                )
+        check_support(
+            cfg, SNROptions.parse({k: group[k] for k in SNROptions.model_fields if k in group})
+        )
+
+
 def warn_clipping(cfg: dict, snr: SNROptions, stacklevel: int = 3) -> None:
     """The cross-sample estimator's statistics come from gradients before DeepSpeed clips
     them; say so when the config clips (DeepSpeed clips at 1.0 when the key is absent)."""
@@ -236,15 +265,11 @@ def data_parallel_group(snr: SNROptions) -> Any:
 
 def build(config, model_parameters) -> tuple[Any, dict[str, Any]]:
     """``(SNRAdamW, the config to hand DeepSpeed)`` without starting DeepSpeed."""
-    from snr_dist.optim.snr_adamw import SNRAdamW
-
     cfg = _load(config)
     snr = _snr_block(cfg)
     adam = _adam_options(cfg)
-    check_support(cfg, snr)
-    warn_clipping(cfg, snr, stacklevel=3)
+    opt = from_blocks(cfg, model_parameters, adam, snr.model_dump(exclude_unset=True))
     cfg["zero_allow_untested_optimizer"] = True
-    opt = SNRAdamW(model_parameters, **adam, snr=snr, process_group=data_parallel_group(snr))
     return opt, cfg
 
 

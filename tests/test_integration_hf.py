@@ -379,16 +379,21 @@ def _accelerate_train(accelerator, snr: dict, helper: bool = True) -> dict:
         pmodel, popt, ploader = snr_accelerate.prepare(accelerator, *objects)
     else:
         pmodel, popt, ploader = accelerator.prepare(*objects)
+    return _result(model, opt, _accelerate_loop(accelerator, pmodel, popt, ploader, 3))
+
+
+def _accelerate_loop(accelerator, model, opt, loader, epochs: int) -> list[float]:
+    """The script's loop: ``epochs`` over the loader, accumulation as the Accelerator says."""
     losses = []
-    for _ in range(3):
-        for batch in ploader:
-            with accelerator.accumulate(pmodel):
-                loss = pmodel(input_ids=batch, labels=batch).loss
+    for _ in range(epochs):
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(input_ids=batch, labels=batch).loss
                 accelerator.backward(loss)
-                popt.step()
-                popt.zero_grad()
+                opt.step()
+                opt.zero_grad()
             losses.append(loss.item())
-    return _result(model, opt, losses)
+    return losses
 
 
 def _ddp_worker(rank: int, world: int) -> dict:
@@ -760,17 +765,9 @@ def _accelerate_json(snr: dict, stage: int = 2, epochs: int = 3, names=("dummy",
         else:
             opt = SNRAdamW(model.parameters(), lr=1e-2)  # the default: diagonal, temporal
         loader = torch.utils.data.DataLoader(tokens(), batch_size=4)
-        losses = []
         try:
             pmodel, popt, ploader = snr_accelerate.prepare(accelerator, model, opt, loader)
-            for _ in range(epochs):
-                for batch in ploader:
-                    with accelerator.accumulate(pmodel):
-                        loss = pmodel(input_ids=batch, labels=batch).loss
-                        accelerator.backward(loss)
-                        popt.step()
-                        popt.zero_grad()
-                    losses.append(loss.item())
+            losses = _accelerate_loop(accelerator, pmodel, popt, ploader, epochs)
         except Exception as err:  # noqa: BLE001 - reported to the test
             out[name] = {"error": f"{type(err).__name__}: {err}"}
             continue

@@ -47,8 +47,6 @@ from torch import nn
 from snr_dist import deepspeed as snr_ds
 from snr_dist.integrations.wiring import adopt_fsdp2, attach_deepspeed, deferred_steps
 from snr_dist.optim.base import SNROptimizerMixin
-from snr_dist.optim.snr_adamw import SNRAdamW
-from snr_dist.options import SNROptions
 
 __all__ = ["attach", "prepare"]
 
@@ -80,10 +78,6 @@ def _check_fsdp(accelerator: Accelerator) -> None:
         )
 
 
-def _group_options(group: dict) -> SNROptions:
-    return SNROptions.parse({k: group[k] for k in SNROptions.model_fields if k in group})
-
-
 def _from_config(accelerator: Accelerator, objects: list[Any]) -> list[Any]:
     """The DeepSpeed config's ``"snr_preconditioner"`` block (and its ``"optimizer"`` block
     for a ``DummyOptim``): build SNRAdamW from them in the ``DummyOptim``'s place, or check
@@ -108,13 +102,7 @@ def _from_config(accelerator: Accelerator, objects: list[Any]) -> list[Any]:
         for key in ("lr", "weight_decay"):  # "auto": the DummyOptim's, as Accelerate fills them
             if kw.get(key) == "auto":
                 kw[key] = getattr(dummy, key)
-        kw = {k: v for k, v in kw.items() if v != "auto"}  # betas, eps: SNRAdamW's defaults
-        snr = SNROptions.model_validate(block)
-        snr_ds.check_support(cfg, snr)
-        snr_ds.warn_clipping(cfg, snr)
-        objects[i] = SNRAdamW(
-            dummy.params, **kw, snr=snr, process_group=snr_ds.data_parallel_group(snr)
-        )
+        objects[i] = snr_ds.from_blocks(cfg, dummy.params, kw, block)
     for opt in snrs:
         if had_adam:
             raise snr_ds.DeepSpeedConfigError(
@@ -123,18 +111,15 @@ def _from_config(accelerator: Accelerator, objects: list[Any]) -> list[Any]:
                 'config\'s "optimizer" and "snr_preconditioner" blocks, or remove the "optimizer" '
                 "block"
             )
-        for gi, group in enumerate(opt.param_groups):
-            for key, value in block.items():
-                if group.get(key) != value:
-                    raise snr_ds.DeepSpeedConfigError(
-                        f"snr_preconditioner.{key} = {value!r} in the DeepSpeed config, but the "
-                        f"optimizer passed to prepare has {key}={group.get(key)!r} (param group "
-                        f"{gi}): build it with those options (SNRAdamW(..., snr=block)), or pass "
-                        'accelerate.utils.DummyOptim(model.parameters()) with an "optimizer" '
-                        "block to build it from the config"
-                    )
-        for group in opt.param_groups:
-            snr_ds.check_support(cfg, _group_options(group))
+        snr_ds.check_agrees(
+            cfg,
+            opt,
+            block,
+            "passed to prepare",
+            "build it with those options (SNRAdamW(..., snr=block)), or pass "
+            'accelerate.utils.DummyOptim(model.parameters()) with an "optimizer" block to build '
+            "it from the config",
+        )
     cfg["zero_allow_untested_optimizer"] = True
     return objects
 

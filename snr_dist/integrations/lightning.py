@@ -38,7 +38,6 @@ from snr_dist.integrations import telemetry
 from snr_dist.integrations.wiring import attach_deepspeed, deferred_steps
 from snr_dist.integrations.wrappers import unwrap
 from snr_dist.optim.base import SNROptimizerMixin
-from snr_dist.options import SNROptions
 
 __all__ = ["SNRDeepSpeedStrategy", "SNRMetricsCallback", "snr_optimizers", "unwrap"]
 
@@ -143,9 +142,17 @@ class SNRDeepSpeedStrategy(DeepSpeedStrategy):
         if "snr_preconditioner" in cfg:
             adam, block = snr_ds.take_blocks(cfg)
             if optimizer is None and adam is not None:
-                optimizer = _from_blocks(cfg, model, adam, block)
+                params = [p for p in model.parameters() if p.requires_grad]
+                optimizer = snr_ds.from_blocks(cfg, params, adam, block)
             elif unwrap(optimizer) is not None:
-                _check_agrees(cfg, unwrap(optimizer), block)
+                snr_ds.check_agrees(
+                    cfg,
+                    unwrap(optimizer),
+                    block,
+                    "from configure_optimizers",
+                    'build it with those options, or give the config an "optimizer" block to '
+                    "build SNRAdamW from the config",
+                )
         snr = unwrap(optimizer)
         if snr is not None:
             cfg["zero_allow_untested_optimizer"] = True  # a client optimizer, as DeepSpeed says
@@ -156,29 +163,3 @@ class SNRDeepSpeedStrategy(DeepSpeedStrategy):
         if snr is not None:
             attach_deepspeed(ds_optimizer)
         return engine, ds_optimizer
-
-
-def _from_blocks(cfg: dict, model, adam: dict, block: dict):
-    """SNRAdamW from the config's blocks, for the model's trainable parameters."""
-    from snr_dist.optim.snr_adamw import SNRAdamW
-
-    snr = SNROptions.model_validate(block)
-    snr_ds.check_support(cfg, snr)
-    snr_ds.warn_clipping(cfg, snr)
-    kw = {k: v for k, v in adam.items() if v != "auto"}
-    params = [p for p in model.parameters() if p.requires_grad]
-    return SNRAdamW(params, **kw, snr=snr, process_group=snr_ds.data_parallel_group(snr))
-
-
-def _check_agrees(cfg: dict, opt: SNROptimizerMixin, block: dict) -> None:
-    for gi, group in enumerate(opt.param_groups):
-        for key, value in block.items():
-            if group.get(key) != value:
-                raise snr_ds.DeepSpeedConfigError(
-                    f"snr_preconditioner.{key} = {value!r} in the DeepSpeed config, but the "
-                    f"optimizer from configure_optimizers has {key}={group.get(key)!r} (param "
-                    f"group {gi}): build it with those options, or give the config an "
-                    '"optimizer" block to build SNRAdamW from the config'
-                )
-        options = SNROptions.parse({k: group[k] for k in SNROptions.model_fields if k in group})
-        snr_ds.check_support(cfg, options)
