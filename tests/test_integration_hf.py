@@ -1091,3 +1091,35 @@ def test_docs_accelerate_example_runs(tmp_path, variant):
     out = _run(cmd, tmp_path, timeout=300)
     first, last = (float(x) for x in re.search(r"loss (\S+) -> (\S+)", out).groups())
     assert last < first
+
+
+# ------------------------------------------------------------------ the validation-free stop
+def _stop_trainer(out: Path, seed: int = 0, resume_from=None, **stop) -> tuple[Trainer, object]:
+    from snr_dist.integrations.transformers import add_stop_monitor
+
+    model = tiny_gpt2(seed)
+    args = _args(out, max_steps=12, save_strategy="steps", save_steps=6, bf16=False)
+    base = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(), optimizers=(base, None))
+    cb = add_stop_monitor(trainer, check_every=1, min_steps=0, resume_from=resume_from, **stop)
+    return trainer, cb
+
+
+def test_stop_monitor_stops_a_trainer_and_resumes_its_reading(tmp_path):
+    """Any optimizer (here torch's AdamW, behind Accelerate's wrapper): the reading reaches the
+    logs, resume from a checkpoint reads what the uninterrupted run reads, and a rule that
+    fires ends the run early."""
+    full, cb = _stop_trainer(tmp_path / "full", threshold=-1.0)  # never fires
+    full.train()
+    assert full.state.global_step == 12 and cb.monitor.step == 12
+    assert any("stop/ratio" in h for h in full.state.log_history)
+    assert (tmp_path / "full" / "checkpoint-6" / "stop-monitor.rank0.pt").is_file()
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    resumed, cb2 = _stop_trainer(tmp_path / "resumed", 1, checkpoint, threshold=-1.0)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert cb2.monitor.read() == cb.monitor.read()
+    stopped, cb3 = _stop_trainer(tmp_path / "stopped", threshold=1e9, patience=2)  # fires
+    stopped.train()
+    assert cb3.monitor.stop_step == 4  # the first reading (step 2: one pair) + 2 steps
+    assert stopped.state.global_step == 4
+    assert any(h.get("stop/step") == 4 for h in stopped.state.log_history)

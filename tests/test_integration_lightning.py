@@ -687,3 +687,26 @@ def test_deepspeed_strategy_runs_snr_on_row_shards(tmp_path):
                 refs[key] = _reference(snr, parts=4)
             for p, q in zip(run["params"], refs[key]):
                 torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+
+
+def test_stop_monitor_callback_stops_a_lightning_run_and_checkpoints(tmp_path):
+    """On a plain torch optimizer behind Lightning's wrapper: the stop ends fit early, and the
+    monitor's state rides in Lightning's checkpoint."""
+    from snr_dist.integrations.lightning import StopMonitorCallback
+
+    class AdamWGPT(TinyGPT):
+        def configure_gradient_clipping(self, optimizer, *args, **kwargs):
+            pl.LightningModule.configure_gradient_clipping(self, optimizer, *args, **kwargs)
+
+    loader = torch.utils.data.DataLoader(sequences(64), batch_size=8)
+    cb = StopMonitorCallback(check_every=1, min_steps=0, threshold=1e9, patience=3)
+    t = trainer(max_steps=20, callbacks=[cb], default_root_dir=str(tmp_path))
+    t.fit(AdamWGPT(optimizer=torch.optim.AdamW), loader)
+    assert cb.monitor.stop_step == 5  # the first reading at step 2, + 3 steps
+    assert t.global_step in (5, 6)  # Lightning ends the epoch loop at its next check
+    t.save_checkpoint(tmp_path / "last.ckpt")
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved = next(v for k, v in ckpt["callbacks"].items() if "StopMonitorCallback" in k)
+    assert saved["monitor"]["step"] == cb.monitor.step
+    with pytest.raises(ValueError, match="every_n_steps"):
+        StopMonitorCallback(every_n_steps=0)

@@ -62,9 +62,14 @@ def build(optimizer: Any, dataset_size: int, batch_size: int, **options: Any) ->
     return StopMonitor(inner, dataset_size=dataset_size, batch_size=batch_size, **options)
 
 
-def _path(folder: str | Path) -> Path:
+def file_name() -> str:
+    """This rank's file name in a checkpoint folder."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Path(folder) / f"stop-monitor.rank{rank}.pt"
+    return f"stop-monitor.rank{rank}.pt"
+
+
+def _path(folder: str | Path) -> Path:
+    return Path(folder) / file_name()
 
 
 def save(monitor: StopMonitor, folder: str | Path, step: int) -> Path:

@@ -39,7 +39,13 @@ from snr_dist.integrations.wiring import attach_deepspeed, deferred_steps
 from snr_dist.integrations.wrappers import unwrap
 from snr_dist.optim.base import SNROptimizerMixin
 
-__all__ = ["SNRDeepSpeedStrategy", "SNRMetricsCallback", "snr_optimizers", "unwrap"]
+__all__ = [
+    "SNRDeepSpeedStrategy",
+    "SNRMetricsCallback",
+    "StopMonitorCallback",
+    "snr_optimizers",
+    "unwrap",
+]
 
 
 def snr_optimizers(trainer: Trainer) -> list[SNROptimizerMixin]:
@@ -115,6 +121,77 @@ class SNRMetricsCallback(Callback):
             return
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
+
+
+class StopMonitorCallback(Callback):
+    """Stop a Lightning run with the validation-free stop (`snr_dist.stopping.StopMonitor`),
+    on whatever optimizer ``configure_optimizers`` returned (AdamW too): it sets
+    ``trainer.should_stop`` once the monitor's rule fires, logs ``stop/ratio`` every
+    ``every_n_steps`` steps, and keeps the monitor's state in Lightning's checkpoints (this
+    rank's: a sharded run's partial sums differ between ranks).
+
+    ``monitor_options``: `StopMonitor`'s keyword arguments; ``dataset_size`` and
+    ``batch_size`` default to the training set's length and the global batch (loader batch x
+    accumulation x processes). ``stop=False`` only reports.
+    """
+
+    def __init__(self, stop: bool = True, every_n_steps: int = 50, **monitor_options: Any) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
+            raise TypeError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        self.stop = bool(stop)
+        self.every_n_steps = every_n_steps
+        self.options = monitor_options
+        self.monitor = None
+        self._pending: dict | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from snr_dist.integrations import early_stop
+
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                "StopMonitorCallback watches one optimizer; this Trainer has "
+                f"{len(trainer.optimizers)}"
+            )
+        options = dict(self.options)
+        loader = trainer.train_dataloader
+        if "dataset_size" not in options:
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or not hasattr(dataset, "__len__"):
+                raise ValueError(
+                    "StopMonitorCallback: the training set has no length; pass "
+                    "dataset_size=... (examples per epoch)"
+                )
+            options["dataset_size"] = len(dataset)
+        if "batch_size" not in options:
+            per_rank = getattr(loader, "batch_size", None)
+            if per_rank is None:
+                raise ValueError("StopMonitorCallback: pass batch_size=... (the global batch)")
+            options["batch_size"] = per_rank * trainer.accumulate_grad_batches * trainer.world_size
+        self.monitor = early_stop.build(trainer.optimizers[0], **options)
+        if self._pending is not None:
+            self.monitor.load_state_dict(self._pending)
+            self._pending = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.monitor is None:
+            return
+        if self.stop and self.monitor.should_stop:
+            trainer.should_stop = True
+        step = trainer.global_step
+        if step and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            ratio = self.monitor.metrics().get("ratio")
+            if ratio is not None:
+                for logger in trainer.loggers:
+                    logger.log_metrics({"stop/ratio": ratio}, step=step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.monitor is None else {"monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "monitor" in state_dict:  # restored at on_train_start, once the optimizer exists
+            self._pending = state_dict["monitor"]
 
 
 class SNRDeepSpeedStrategy(DeepSpeedStrategy):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 try:
@@ -57,7 +58,15 @@ from snr_dist.integrations.wrappers import unwrap
 from snr_dist.optim.snr_adamw import SNRAdamW
 from snr_dist.options import SNROptions
 
-__all__ = ["SNRMetricsCallback", "SNRTrainer", "add_snr_metrics", "snr_adamw", "unwrap"]
+__all__ = [
+    "SNRMetricsCallback",
+    "SNRTrainer",
+    "StopMonitorCallback",
+    "add_snr_metrics",
+    "add_stop_monitor",
+    "snr_adamw",
+    "unwrap",
+]
 
 # SNRAdamW arguments that TrainingArguments owns (and where it keeps them).
 _FROM_ARGS = {
@@ -314,6 +323,108 @@ def add_snr_metrics(trainer: Trainer, **kwargs: Any) -> SNRMetricsCallback:
     if any(isinstance(cb, SNRMetricsCallback) for cb in handler.callbacks):
         raise ValueError("this Trainer already has an SNRMetricsCallback")
     callback = SNRMetricsCallback(**kwargs)
+    callback.placed = True
+    handler.callbacks.insert(0, callback)
+    return callback
+
+
+class StopMonitorCallback(TrainerCallback):
+    """Stop a Trainer run with the validation-free stop (`snr_dist.stopping.StopMonitor`): it
+    watches the gradients the optimizer steps (any optimizer: AdamW, SNRAdamW, DeepSpeed's
+    and Accelerate's wrappers included) and sets ``control.should_training_stop`` once its
+    rule fires; its reading goes into the logs as ``stop/ratio`` (and ``stop/step`` when it
+    fires). The monitor's state is saved in every checkpoint folder (one file per rank) and
+    restored when training resumes: from ``resume_from`` if given, else from
+    ``args.resume_from_checkpoint`` or ``<output_dir>/checkpoint-<step>`` (a callback cannot
+    see the path given to ``train(resume_from_checkpoint=...)``: pass it as ``resume_from``
+    when it lies elsewhere; without its state the monitor starts afresh, with a warning).
+
+    Install it with `add_stop_monitor` (first among the callbacks, so that the ``report_to``
+    loggers see its keys). ``monitor_options``: `StopMonitor`'s keyword arguments (``rule``,
+    ``threshold``, ``patience``, ...); ``dataset_size`` and ``batch_size`` default to the
+    training set's length and the global batch (per-device batch x accumulation x processes).
+    ``stop=False`` only reports.
+    """
+
+    def __init__(
+        self, stop: bool = True, resume_from: str | Path | None = None, **monitor_options: Any
+    ) -> None:
+        self.stop = bool(stop)
+        self.resume_from = resume_from
+        self.options = monitor_options
+        self.monitor = None
+        self.placed = False
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from snr_dist.integrations import early_stop
+
+        if optimizer is None:
+            raise ValueError("StopMonitorCallback: the Trainer passed no optimizer")
+        options = dict(self.options)
+        loader = kwargs.get("train_dataloader")
+        if "dataset_size" not in options:
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or not hasattr(dataset, "__len__"):
+                raise ValueError(
+                    "StopMonitorCallback: the training set has no length (an iterable "
+                    "dataset); pass dataset_size=... (examples per epoch)"
+                )
+            options["dataset_size"] = len(dataset)
+        options.setdefault(
+            "batch_size",
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        )
+        self.monitor = early_stop.build(optimizer, **options)
+        if state.global_step > 0:  # resumed: the state saved beside that checkpoint
+            candidates = [self.resume_from, args.resume_from_checkpoint]
+            candidates.append(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            folder = next(
+                (
+                    Path(c)
+                    for c in candidates
+                    if isinstance(c, (str, Path)) and (Path(c) / early_stop.file_name()).is_file()
+                ),
+                None,
+            )
+            early_stop.load(self.monitor, folder, state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop and self.monitor is not None and self.monitor.should_stop:
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        from snr_dist.integrations import early_stop
+
+        if self.monitor is not None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            early_stop.save(self.monitor, folder, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.monitor is None:
+            return
+        m = self.monitor.metrics()
+        values = {}
+        if m.get("ratio") is not None:
+            values["stop/ratio"] = m["ratio"]
+        if m["stop_step"] is not None:
+            values["stop/step"] = m["stop_step"]
+        logs.update(values)
+        history = state.log_history
+        if history and history[-1].get("step") == state.global_step:
+            history[-1].update(values)  # Trainer.log stored a copy of logs just before
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def add_stop_monitor(trainer: Trainer, **kwargs: Any) -> StopMonitorCallback:
+    """Install a `StopMonitorCallback` (``kwargs``: its arguments) first among ``trainer``'s
+    callbacks; returns it."""
+    handler = trainer.callback_handler
+    if any(isinstance(cb, StopMonitorCallback) for cb in handler.callbacks):
+        raise ValueError("this Trainer already has a StopMonitorCallback")
+    callback = StopMonitorCallback(**kwargs)
     callback.placed = True
     handler.callbacks.insert(0, callback)
     return callback
