@@ -93,6 +93,9 @@ class BudgetConfig(_Strict):
     # After the grid, run each method's selected point (per setting, all seeds) again to this
     # many steps: one longer run per selected configuration, evaluated at every horizon.
     extend_to: int = Field(default=0, ge=0)
+    # the settings whose selected points are extended (empty: every setting with the budget's
+    # length); it only decides which longer runs exist, so it is not part of the config hash
+    extend_settings: list[Any] = Field(default_factory=list)
 
 
 # BudgetConfig fields added after runs were published: left out of the config hash at their
@@ -249,6 +252,7 @@ def config_hash(cfg: StudyConfig) -> str:
     for name in _LATER_BUDGET_FIELDS:
         if d["budget"][name] == BudgetConfig.model_fields[name].default:
             del d["budget"][name]
+    del d["budget"]["extend_settings"]  # which longer runs exist: their keys carry it
     d["snr_dist_version"] = __version__
     return _digest(d)
 
@@ -302,6 +306,8 @@ def extends(cfg: StudyConfig, setting: Any) -> bool:
 
     study = STUDIES[cfg.study]
     if not cfg.budget.extend_to:
+        return False
+    if cfg.budget.extend_settings and setting not in cfg.budget.extend_settings:
         return False
     if study.steps_for is None:
         return True
