@@ -194,7 +194,9 @@ def test_a_closed_complement_keeps_every_update_in_the_tracked_span(gate):
         d = w.detach() - before  # the basis is on the columns (30 < 40)
         outside = d - (d @ q) @ q.T
         # (fp32 rounding of w itself is the floor: a small gated step is near it)
-        assert float(outside.norm()) <= 1e-4 * float(d.norm()) + 1e-6 * float(w.norm())
+        assert float(outside.detach().norm()) <= 1e-4 * float(d.norm()) + 1e-6 * float(
+            w.detach().norm()
+        )
     m = opt.metrics()["params"]
     assert m["group0.param0"]["reservoir_gate"] == 0.0
     with pytest.raises(ValueError, match="complement"):

@@ -73,6 +73,7 @@ def test_report_to_tensorboard_writes_scalars_per_layer_and_gate_histograms(tmp_
     adamw = _events(run / "tensorboard" / "AdamW-seed0").Tags()
     assert "eval/test_acc" in adamw["scalars"]
     assert not [t for t in adamw["scalars"] if t.startswith("snr/")]
+    assert "stop/ratio" in adamw["scalars"] and "stop/ratio" in tags["scalars"]  # any optimizer
     report = (run / "report.md").read_text()
     assert "![gates per layer](gates.png)" in report and (run / "gates.png").stat().st_size > 0
 

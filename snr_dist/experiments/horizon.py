@@ -117,8 +117,9 @@ def _extended_rows(cfg: StudyConfig, setting: Any, extra: dict, h: int) -> list[
     rows = []
     for m in cfg.methods:
         for point, by_seed in extra.get((setting, m.name), {}).items():
-            hists = [by_seed.get(s) for s in cfg.seeds]
-            if any(x is None or not _reaches(x, h) for x in hists):
+            # the seeds that ran this long (budget.extend_seeds may run fewer than the grid)
+            hists = [by_seed[s] for s in cfg.seeds_for(m.name) if s in by_seed]
+            if not hists or any(not _reaches(x, h) for x in hists):
                 continue
             cut = [_cut(x, h) for x in hists]
             summ = [study.summarise(task, x, None) for x in cut]
@@ -165,11 +166,12 @@ def monitor_rows(cfg: StudyConfig, records: dict[str, dict]) -> list[dict[str, A
         for m in cfg.methods:
             mh = method_hash(m)
             for i, point in enumerate(m.grid()):
-                keys = [Job(setting, m.name, i, s, mh).key for s in cfg.seeds]
+                seeds = cfg.seeds_for(m.name)
+                keys = [Job(setting, m.name, i, s, mh).key for s in seeds]
                 if any(k not in records for k in keys):
                     continue
                 longer = extra.get((setting, m.name), {}).get(i, {})
-                hists = [longer.get(s) or records[k]["history"] for s, k in zip(cfg.seeds, keys)]
+                hists = [longer.get(s) or records[k]["history"] for s, k in zip(seeds, keys)]
                 for spec in RULES:
                     at = [h[stop_index(h, *spec)] for h in hists]
                     out.append(
@@ -225,7 +227,10 @@ def speed_rows(cfg: StudyConfig, records: dict[str, dict]) -> list[dict[str, Any
         for m in cfg.methods:
             mh = method_hash(m)
             for i, point in enumerate(m.grid()):
-                hists = [records[Job(setting, m.name, i, s, mh).key]["history"] for s in cfg.seeds]
+                hists = [
+                    records[Job(setting, m.name, i, s, mh).key]["history"]
+                    for s in cfg.seeds_for(m.name)
+                ]
                 row = {"method": m.name, "lr": point["lr"], "setting": setting}
                 for a in task.test_targets:
                     steps = [
@@ -245,7 +250,10 @@ def memorised_by_point(
     for m in cfg.methods:
         mh = method_hash(m)
         for i, point in enumerate(m.grid()):
-            hists = [records[Job(setting, m.name, i, s, mh).key]["history"] for s in cfg.seeds]
+            hists = [
+                records[Job(setting, m.name, i, s, mh).key]["history"]
+                for s in cfg.seeds_for(m.name)
+            ]
             if all(_reaches(x, h) for x in hists):
                 vals = [_cut(x, h)[-1]["memorised"] for x in hists]
                 out[(m.name, point["lr"])] = statistics.fmean(vals)
@@ -274,9 +282,11 @@ def _horizon_table(cfg: StudyConfig, per_h: dict[int, list[Row]]) -> str:
             if row is None:
                 cells.append("-")
                 continue
+            n = len(row.summaries)
+            seeds = f", {n} seed{'s' * (n > 1)}" if n < len(cfg.seeds) else ""
             cells.append(
                 f"{_cell(row, 'final_test_acc', '{:.3f}')} / "
-                f"{_cell(row, 'final_memorised', '{:.1%}')} ({row.point['lr']:g})"
+                f"{_cell(row, 'final_memorised', '{:.1%}')} ({row.point['lr']:g}{seeds})"
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -352,6 +362,19 @@ def write(
         "Each cell: test accuracy / share of flipped training labels memorised (mean ± sd over "
         f"seeds {cfg.seeds}), at the lr selected by validation accuracy at that length.\n"
     )
+    fewer = [
+        f"{m.name}: seeds {cfg.seeds_for(m.name)}"
+        for m in cfg.methods
+        if cfg.seeds_for(m.name) != list(cfg.seeds)
+    ]
+    if fewer:
+        parts.append("Methods run on fewer seeds (their cells say so): " + "; ".join(fewer) + ".\n")
+    if cfg.budget.extend_to and (cfg.budget.extend_methods or cfg.budget.extend_seeds):
+        parts.append(
+            f"Runs to {cfg.budget.extend_to} steps: methods "
+            f"{cfg.budget.extend_methods or 'all'}, seeds {cfg.budget.extend_seeds or 'all'}; "
+            "other methods' rows stop at the grid's length.\n"
+        )
     for setting, per_h in per_setting.items():
         parts.append(f"## label noise: {setting}\n")
         parts.append(_horizon_table(cfg, per_h) + "\n")

@@ -58,6 +58,10 @@ class MethodConfig(_Strict):
     # each step's batch as this many equal micro-batches, one backward pass each (gradient
     # accumulation; what the cross-sample estimator reads)
     microbatches: int = Field(default=1, ge=1)
+    # the seeds this method runs (those of the study's it lists; None: all of them). A costly
+    # method can run fewer seeds than the others; its rows then say so. Not part of the
+    # method's hash: each job's key carries its seed.
+    seeds: list[int] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> MethodConfig:
@@ -96,6 +100,10 @@ class BudgetConfig(_Strict):
     # the settings whose selected points are extended (empty: every setting with the budget's
     # length); it only decides which longer runs exist, so it is not part of the config hash
     extend_settings: list[Any] = Field(default_factory=list)
+    # the methods and seeds whose selected points are extended (empty: every method, each
+    # with its own seeds); like extend_settings, not part of the config hash
+    extend_methods: list[str] = Field(default_factory=list)
+    extend_seeds: list[int] = Field(default_factory=list)
 
 
 # BudgetConfig fields added after runs were published: left out of the config hash at their
@@ -127,6 +135,30 @@ class StudyConfig(_Strict):
     # and how narrow it is, is part of the result when grids differ between methods)
     report_grid: bool = False
     smoke: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_seeds(self) -> StudyConfig:
+        for m in self.methods:
+            if m.seeds and not set(m.seeds) & set(self.seeds):
+                raise ValueError(
+                    f"methods[{m.name!r}].seeds = {m.seeds}: none among the study's seeds "
+                    f"{self.seeds} (a method runs the seeds both list)"
+                )
+        names = {m.name for m in self.methods}
+        unknown = [n for n in self.budget.extend_methods if n not in names]
+        if unknown:
+            raise ValueError(
+                f"budget.extend_methods = {self.budget.extend_methods}: {unknown} not among "
+                f"the methods {sorted(names)}"
+            )
+        return self
+
+    def seeds_for(self, method: str) -> list[int]:
+        """The seeds ``method`` runs: the study's, those in `MethodConfig.seeds` where set."""
+        m = next((m for m in self.methods if m.name == method), None)
+        if m is None or not m.seeds:
+            return list(self.seeds)
+        return [s for s in self.seeds if s in m.seeds]
 
     @model_validator(mode="after")
     def _names(self) -> StudyConfig:
@@ -252,7 +284,8 @@ def config_hash(cfg: StudyConfig) -> str:
     for name in _LATER_BUDGET_FIELDS:
         if d["budget"][name] == BudgetConfig.model_fields[name].default:
             del d["budget"][name]
-    del d["budget"]["extend_settings"]  # which longer runs exist: their keys carry it
+    for name in ("extend_settings", "extend_methods", "extend_seeds"):
+        del d["budget"][name]  # which longer runs exist: their keys carry it
     d["snr_dist_version"] = __version__
     return _digest(d)
 
@@ -263,7 +296,7 @@ _LATER_FIELDS = ("lr_warmup", "microbatches")
 
 
 def method_hash(method: MethodConfig) -> str:
-    d = method.model_dump(mode="json")
+    d = method.model_dump(mode="json", exclude={"seeds"})
     for name in _LATER_FIELDS:
         if d[name] == MethodConfig.model_fields[name].default:
             del d[name]
@@ -465,6 +498,7 @@ def all_jobs(cfg: StudyConfig) -> list[Job]:
         for s in settings
         for seed in cfg.seeds
         for m in cfg.methods
+        if seed in cfg.seeds_for(m.name)
         for i in range(len(m.grid()))
     ]
 
@@ -615,7 +649,10 @@ def gate_matched_jobs(cfg: StudyConfig, records: dict[str, dict]) -> list[Job]:
             spec = method.model_dump_json()
             steps = cfg.budget.extend_to or cfg.budget.steps
             mh = method_hash(method)
-            out += [Job(setting, method.name, 0, s, mh, steps, spec) for s in cfg.seeds]
+            seeds = cfg.seeds_for(row.method)
+            if cfg.budget.extend_to and cfg.budget.extend_seeds:  # they run to extend_to
+                seeds = [s for s in seeds if s in cfg.budget.extend_seeds]
+            out += [Job(setting, method.name, 0, s, mh, steps, spec) for s in seeds]
     return out
 
 
@@ -631,11 +668,15 @@ def extension_jobs(cfg: StudyConfig, records: dict[str, dict]) -> list[Job]:
             method = next((m for m in cfg.methods if m.name == row.method), None)
             if method is None:  # an oracle row
                 continue
+            if cfg.budget.extend_methods and method.name not in cfg.budget.extend_methods:
+                continue
             point = method.grid().index(row.point)
             mh = method_hash(method)
+            seeds = cfg.seeds_for(method.name)
+            if cfg.budget.extend_seeds:
+                seeds = [s for s in seeds if s in cfg.budget.extend_seeds]
             out += [
-                Job(setting, method.name, point, seed, mh, cfg.budget.extend_to)
-                for seed in cfg.seeds
+                Job(setting, method.name, point, seed, mh, cfg.budget.extend_to) for seed in seeds
             ]
     return out
 
@@ -675,7 +716,7 @@ def select(cfg: StudyConfig, records: dict[str, dict]) -> dict[Any, list[Row]]:
             candidates = []
             mh = method_hash(m)
             for i, point in enumerate(m.grid()):
-                recs = [records[Job(setting, m.name, i, s, mh).key] for s in cfg.seeds]
+                recs = [records[Job(setting, m.name, i, s, mh).key] for s in cfg.seeds_for(m.name)]
                 hists = [r["history"] for r in recs]
                 stops = [r["stopped"] for r in recs]
                 sums = [study.summarise(task_cfg, h, st) for h, st in zip(hists, stops)]

@@ -3,7 +3,7 @@
 One run directory per optimizer and seed; at every evaluation: the evaluation record's numbers
 under ``eval/``, and for SNR optimizers the telemetry scalars per layer group under ``snr/``
 (`snr_dist.integrations.telemetry`) and a histogram of each layer group's gates under
-``gates/``. Written with torch's own ``SummaryWriter`` (the ``tensorboard`` extra).
+``gates/``; the stop monitor's ratio (any optimizer) under ``stop/``. Written with torch's own ``SummaryWriter`` (the ``tensorboard`` extra).
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ class TensorBoardSink:
             if number and key != "step" and math.isfinite(value):
                 self.writer.add_scalar(f"eval/{key}", value, step)
         for key, value in (scalars or {}).items():
-            self.writer.add_scalar(f"snr/{key}", value, step)
+            # the stop monitor reads any optimizer: its tag is the one the HF and Lightning
+            # callbacks log (stop/ratio), not under snr/
+            tag = key if key.startswith("stop/") else f"snr/{key}"
+            self.writer.add_scalar(tag, value, step)
         for key, values in (histograms or {}).items():
             values = values[torch.isfinite(values)]  # a diverging run's NaN must not end it here
             if values.numel():
