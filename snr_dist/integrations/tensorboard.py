@@ -3,7 +3,8 @@
 One run directory per optimizer and seed; at every evaluation: the evaluation record's numbers
 under ``eval/``, and for SNR optimizers the telemetry scalars per layer group under ``snr/``
 (`snr_dist.integrations.telemetry`) and a histogram of each layer group's gates under
-``gates/``; the stop monitor's ratio (any optimizer) under ``stop/``. Written with torch's own ``SummaryWriter`` (the ``tensorboard`` extra).
+``gates/``; the stop monitor's ratio (any optimizer) under ``stop/``. Written with torch's own
+``SummaryWriter`` (the ``tensorboard`` extra).
 """
 
 from __future__ import annotations
