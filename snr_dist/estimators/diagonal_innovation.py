@@ -20,8 +20,8 @@ from snr_dist import snr as rule
 from snr_dist.estimators.base import Estimator, Slot
 from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES, gate_foreach_
 from snr_dist.grad_mode import no_grad
+from snr_dist.kernels.scratch import Scratch
 from snr_dist.layout import Kind
-from snr_dist.optim.scratch import Scratch
 
 
 class DiagonalInnovation(Estimator):

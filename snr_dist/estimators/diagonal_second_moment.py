@@ -14,8 +14,8 @@ from torch import Tensor
 from snr_dist import snr as rule
 from snr_dist.estimators.base import Estimator, Slot
 from snr_dist.grad_mode import no_grad
+from snr_dist.kernels.scratch import Scratch
 from snr_dist.layout import Kind
-from snr_dist.optim.scratch import Scratch
 
 OWN_KEYS = ("snr_avg", "snr_sq")
 

@@ -38,11 +38,11 @@ from snr_dist.distributors.dtensor import (
 from snr_dist.estimators.base import Slot, impl
 from snr_dist.grad_mode import no_grad
 from snr_dist.kernels.compiled import AliasCache
+from snr_dist.kernels.scratch import Scratch
 from snr_dist.layout import Kind
 from snr_dist.optim.capture import MicrobatchCapture
 from snr_dist.optim.moment_sqrt import MomentSqrt
 from snr_dist.optim.nonfinite import NonfiniteCounter, finite_flags
-from snr_dist.optim.scratch import Scratch
 from snr_dist.options import LAYOUT_KEYS, SNROptions
 
 #: Options that must agree across data-parallel ranks.

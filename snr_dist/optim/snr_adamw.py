@@ -32,6 +32,7 @@ from snr_dist.kernels import step_kernels, warn_no_compile
 from snr_dist.kernels.compiled import COMPILED_RULES, compilable, compiled_snr_adamw_step
 from snr_dist.kernels.compiled import prepare as prepare_compiled
 from snr_dist.kernels.reference import FLOAT_DTYPES as TRITON_DTYPES
+from snr_dist.kernels.scratch import Scratch
 from snr_dist.layout import Kind
 from snr_dist.optim.base import (
     SNROptimizerMixin,
@@ -42,7 +43,6 @@ from snr_dist.optim.base import (
     split_tensors,
     step_tensor,
 )
-from snr_dist.optim.scratch import Scratch
 from snr_dist.options import (
     SNROptions,
     complete_saved_group,
@@ -60,7 +60,7 @@ _ADAM_KINDS = {"step": Kind.SHARED, "exp_avg": Kind.PARAM, "exp_avg_sq": Kind.PA
 #: ~8 live vectors of a chunk stay in the last-level cache; `benchmarks/step_floor.py`).
 CPU_CHUNK_ELEMENTS = 1 << 18
 #: Chunks from this size on (up to `CPU_CHUNK_ELEMENTS`) keep their temporaries in reused
-#: buffers (`snr_dist.optim.scratch`): the C library's heap faults large fresh blocks in page by
+#: buffers (`snr_dist.kernels.scratch`): the C library's heap faults large fresh blocks in page by
 #: page; below it the buffers save less than their bookkeeping costs.
 SCRATCH_MIN_ELEMENTS = 1 << 17
 
