@@ -43,6 +43,7 @@ from snr_dist.optim.base import (
     split_tensors,
     step_tensor,
 )
+from snr_dist.optim.zero_view import ZeroView, per_tensor_copies
 from snr_dist.options import (
     SNROptions,
     complete_saved_group,
@@ -294,6 +295,24 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._engine.capture.discard()
         self._engine.capture.wake()  # parameters unfrozen since: observed from this backward
+
+    # ------------------------------------------------------------------ DeepSpeed ZeRO
+    def attach_zero(self, zero_optimizer, group=None) -> None:
+        """Run on DeepSpeed ZeRO's partitions through row shards (`snr_dist.optim.zero_view`):
+        `snr_dist.deepspeed.initialize` calls it, on every rank, for subspace mode and the
+        cross-sample estimator under ZeRO 1-3 and DeepSpeed's bf16 optimizer."""
+        pairs = per_tensor_copies(zero_optimizer)
+        if pairs is not None:  # whole fp32 copies of each tensor (bf16 at stage 0)
+            self._engine.sync_groups()
+            cross = {
+                id(p)
+                for g in self.param_groups
+                if g["estimator"] == "cross_sample"
+                for p in g["params"]
+            }
+            self._engine.capture.attach_proxies([(lp, hp) for lp, hp in pairs if id(hp) in cross])
+            return
+        self._zero = ZeroView(self, zero_optimizer, group)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
