@@ -199,7 +199,6 @@ def test_a_configuration_that_does_not_compile_runs_uncompiled(monkeypatch):
     """Each configuration and dtype compiles on scratch buffers before any real tensor is
     stepped; one that fails says why once and runs the torch path, nothing half done."""
     import snr_dist.kernels as kernels
-    import snr_dist.optim.snr_adamw as snr_adamw_mod
 
     seen = []
 
@@ -207,7 +206,8 @@ def test_a_configuration_that_does_not_compile_runs_uncompiled(monkeypatch):
         seen.append((config, pdt))
         return "InductorError: unsupported"
 
-    monkeypatch.setattr(snr_adamw_mod, "prepare_compiled", refuse)
+    monkeypatch.setattr(compiled_mod, "compile_available", lambda: None)  # torch.compile runs
+    monkeypatch.setattr(compiled_mod, "prepare", refuse)  # but not this configuration
     monkeypatch.setattr(kernels, "_warned_compile", False)
     with pytest.warns(RuntimeWarning, match="InductorError: unsupported"):
         (a, _), (b, _) = _pair(DEFAULTS, steps=3)
