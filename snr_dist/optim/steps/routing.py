@@ -3,10 +3,11 @@
 Per param group and options, and per parameter where its device, dtype or layout decide:
 
 1. a diagonal temporal parameter takes the device-side kernel its group's ``kernels`` choice
-   names (`snr_dist.kernels.step_kernels`: ``"compile"``, or ``"triton"`` for CUDA tensors
-   under ``"auto"``) when that kernel can step it (its gradient's dtype and layout, the gate
-   rule; a configuration that does not compile runs where ``"auto"`` would), unless the group
-   asked for ``foreach=False``;
+   names (`snr_dist.kernels.step_kernels`: ``"compile"``; under ``"auto"``, ``"triton"`` for
+   CUDA tensors and ``"compile"`` for a CPU group of at least
+   `snr_dist.kernels.AUTO_COMPILE_ELEMENTS` such elements) when that kernel can step it (its
+   gradient's dtype and layout, the gate rule; a configuration that does not compile runs where
+   ``"auto"`` would otherwise), unless the group asked for ``foreach=False``;
 2. another parameter of an elementwise estimator (the diagonal temporal rules) on the CPU
    takes the chunked step;
 3. the rest take the torch step, split around the exchange.
@@ -17,12 +18,13 @@ parameter up once.
 
 from __future__ import annotations
 
+import math
 import os
 
 from torch import Tensor
 
 from snr_dist import kernels as dispatch
-from snr_dist.distributors.dtensor import local
+from snr_dist.distributors.dtensor import global_shape, local
 from snr_dist.estimators import DiagonalInnovation, DiagonalSecondMoment
 from snr_dist.kernels import compiled
 from snr_dist.kernels.reference import FLOAT_DTYPES as TRITON_DTYPES
@@ -31,6 +33,8 @@ from snr_dist.optim.steps.chunked_step import ChunkedStep
 from snr_dist.optim.steps.compiled_step import CompiledStep
 from snr_dist.optim.steps.torch_step import TorchStep
 from snr_dist.optim.steps.triton_step import TritonStep
+
+DIAGONAL_TEMPORAL = (DiagonalInnovation, DiagonalSecondMoment)
 
 
 class Kernels:
@@ -125,14 +129,35 @@ class Kernels:
     def _kind(self, group: dict, p: Tensor, lp: Tensor, choice: str) -> str:
         """Which device-side step ``p``'s device and estimator allow: "compile", "triton" or
         "torch" (`_path` then checks the gradient's dtype and layout)."""
+        if not isinstance(self.ctx.engine.estimator(p, group), DIAGONAL_TEMPORAL):
+            return "torch"
         kind = dispatch.step_kernels(choice, lp.device)
-        if kind == "torch" or not isinstance(
-            self.ctx.engine.estimator(p, group), (DiagonalInnovation, DiagonalSecondMoment)
-        ):
+        if kind == "torch" and lp.device.type == "cpu" and self._auto_compiles(group, choice):
+            kind = "compile"
+        if kind == "torch":
             return "torch"
         if kind == "triton" and (lp.dtype not in TRITON_DTYPES or lp.numel() == 0):
             return "torch"  # the kernel's dtypes; an empty tensor has nothing to step
         return kind
+
+    def _auto_compiles(self, group: dict, choice: str) -> bool:
+        """``kernels="auto"`` on a CPU group large enough that compiling pays back
+        (`snr_dist.kernels.auto_compiles`), decided once per group."""
+        if dispatch.effective(choice) != "auto":
+            return False
+        cache = self.ctx.engine.path_cache
+        key = ("auto-compile", id(group))
+        hit = cache.get(key)
+        if hit is None:
+            engine = self.ctx.engine
+            elements = sum(
+                math.prod(global_shape(p))
+                for p in group["params"]
+                if isinstance(engine.estimator(p, group), DIAGONAL_TEMPORAL)
+            )
+            index = next(i for i, g in enumerate(engine.opt.param_groups) if g is group)
+            hit = cache[key] = dispatch.auto_compiles(elements, index)
+        return hit
 
     def _path(self, group: dict, kind: str, device, pdt, gdt, flat: bool) -> str:
         """``kind`` (`step_kernels`' answer) for these dtypes: a configuration that cannot be
@@ -145,6 +170,8 @@ class Kernels:
             ):
                 return "compile"  # compiled (on scratch buffers) before any real step
             kind = dispatch.resolve("auto", device)
+            if kind == "triton" and pdt not in TRITON_DTYPES:
+                kind = "torch"
         return kind
 
     def _prepare(self, group: dict, device, pdt, gdt) -> bool:
