@@ -151,3 +151,14 @@ def test_device_kernels_equal_the_reference(name, kw):
     for p, q in zip(params, ref):
         torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
     assert all(float(opt.state[p]["step"]) == STEPS for p in params)  # steps on the device
+
+
+def test_chunks_pack_small_tensors_into_the_large_ones_chunks(monkeypatch):
+    """First fit, largest first: biases and norm scales join a matrix's chunk (each chunk
+    costs the same ~20 multi-tensor calls whatever its size); a chunk stays within the limit
+    unless one tensor alone exceeds it; within a chunk the tensors keep their order."""
+    monkeypatch.setattr(chunked_step, "CPU_CHUNK_ELEMENTS", 100)
+    sizes = [60, 5, 90, 5, 30, 150, 8]
+    chunks = chunked_step._chunks(list(range(len(sizes))), sizes)
+    assert chunks == [([5], 150), ([2, 6], 98), ([0, 1, 3, 4], 100)]
+    assert chunked_step._chunks([0, 1], [40, 50]) == [([0, 1], 90)]  # all in one

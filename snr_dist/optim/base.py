@@ -22,6 +22,8 @@ def advance_steps(states: list[dict]) -> list[int]:
     return the new counts."""
     counters = [st["step"] for st in states]
     torch._foreach_add_(counters, 1.0)
+    if len(counters) > 1 and all(t.is_cpu for t in counters):  # one read, not one each
+        return [int(t) for t in torch.stack(counters).tolist()]
     return [int(t.item()) for t in counters]
 
 

@@ -335,7 +335,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
                 work.append((group, kernels.torch.moments(group, params, grads)))
         engine.exchange(work)  # one all-reduce of SNR statistics for the whole step
         for group, by_est in work:  # the gated update
-            kernels.torch.update(group, [s for slots in by_est.values() for s in slots])
+            kernels.torch.update(group, by_est)
         engine.refresh(work)  # the trackers' refreshes due this step
         engine.capture.wake()
 

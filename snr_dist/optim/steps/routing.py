@@ -101,6 +101,13 @@ class Kernels:
             return {}
         out: dict[Tensor, str] = {}
         choice = group.get("kernels", "auto")
+        effective = dispatch.effective(choice)
+        if effective == "torch" or (
+            effective == "auto"
+            and all(p.is_cpu for p in group["params"])
+            and not self._auto_compiles(group, choice)
+        ):
+            return out  # the CPU default: no parameter to look at
         cache = self.ctx.engine.path_cache
         options = (choice, os.environ.get(dispatch.ENV_VAR), self.ctx.skip_nonfinite)
         options += tuple(group[k] for k in ("mode", "noise", "gate", "maximize"))

@@ -25,7 +25,13 @@ import torch
 from torch import Tensor
 
 from snr_dist.distributors.dtensor import local
-from snr_dist.estimators import DiagonalInnovation, DiagonalSecondMoment, Slot, gate_active
+from snr_dist.estimators import (
+    DiagonalInnovation,
+    DiagonalSecondMoment,
+    Estimator,
+    Slot,
+    gate_active,
+)
 from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES
 from snr_dist.kernels.scratch import Scratch
 from snr_dist.optim.base import advance_steps
@@ -52,8 +58,7 @@ class TorchStep(StepKernel):
     def step(
         self, group: dict, params: list[Tensor], grads: list[Tensor], scratch: Scratch | None = None
     ) -> None:
-        by_est = self.moments(group, params, grads, scratch)
-        self.update(group, [s for slots in by_est.values() for s in slots], scratch)
+        self.update(group, self.moments(group, params, grads, scratch), scratch)
 
     # ------------------------------------------------------------------ moments
     def moments(
@@ -88,26 +93,32 @@ class TorchStep(StepKernel):
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
 
     # ------------------------------------------------------------------ update
-    def update(self, group: dict, slots: list[Slot], scratch: Scratch | None = None) -> None:
-        """Decoupled weight decay (not gated), then the gated Adam step (its temporaries in
-        ``scratch``'s buffers when given)."""
+    def update(self, group: dict, by_est: BySlots, scratch: Scratch | None = None) -> None:
+        """Decoupled weight decay (not gated), then the gated Adam step of the slots (by
+        estimator, as `moments` returns them; its temporaries in ``scratch``'s buffers when
+        given)."""
+        slots = [s for ss in by_est.values() for s in ss]
         u = _Update.of(group, slots)
         if not foreach(group):
             self._per_tensor(group, slots, u)
             return
         engine = self.ctx.engine
-        fast: dict[tuple[int, str], list[int]] = {}  # diagonal temporal gates, by step and rule
+        fast: dict[tuple[int, Estimator], list[int]] = {}  # diagonal temporal gates, by step
         plain, directed = [], []
-        for i, s in enumerate(slots):
-            e = engine.estimator(s.param, group)
-            active = gate_active(group, s.step)
+        foreach_gate = group["gate"] in FOREACH_RULES
+        i = 0
+        for key, ss in by_est.items():
+            e = engine.estimators[key]
             diagonal_temporal = isinstance(e, (DiagonalInnovation, DiagonalSecondMoment))
-            if diagonal_temporal and active and group["gate"] in FOREACH_RULES:
-                fast.setdefault((s.step, e.name), []).append(i)
-            elif active or e.tracks:
-                directed.append(i)
-            else:
-                plain.append(i)
+            for s in ss:
+                active = gate_active(group, s.step)
+                if diagonal_temporal and active and foreach_gate:
+                    fast.setdefault((s.step, e), []).append(i)
+                elif active or e.tracks:
+                    directed.append(i)
+                else:
+                    plain.append(i)
+                i += 1
         # fp32 directions go straight into their parameters, weight decay included (trackers
         # fold it into a matmul)
         direct = all(u.params[i].dtype == torch.float32 for i in directed)
@@ -117,8 +128,7 @@ class TorchStep(StepKernel):
             torch._foreach_mul_([u.params[i] for i in decayed], 1.0 - u.lr * u.wd)
         gated = [i for idx in fast.values() for i in idx]
         denom = self._denominators(slots, u, gated, [i for i in decayed if i not in gated], scratch)
-        for (t, _), idx in fast.items():
-            e = engine.estimator(slots[idx[0]].param, group)
+        for (t, e), idx in fast.items():
             gates, scale = e.gates_foreach(group, [slots[i].state for i in idx], t, scratch)
             torch._foreach_mul_(gates, [u.exp_avgs[i] for i in idx])
             _addcdiv(
