@@ -69,6 +69,8 @@ TARGETS = {"SNRAdamW diagonal": 1.05, "SNRAdamW subspace r=32": 1.10}
 BASELINE = "AdamW (foreach)"
 #: Extra rows: reported when the optimizer can be built, otherwise listed under "skipped".
 OPTIONAL = ("SNRPreconditioner(AdamW)",)
+#: The diagonal rule with its first moment and statistics in bfloat16: AdamW's state bytes.
+BF16_STATE = "SNRAdamW diagonal, state_dtype=bfloat16"
 
 
 # ---------------------------------------------------------------------------------- models
@@ -143,6 +145,7 @@ def optimizer_factories() -> dict[str, Callable[[list[Tensor]], torch.optim.Opti
         "SNRPreconditioner(AdamW)": lambda ps: snr_dist.SNRPreconditioner(
             torch.optim.AdamW(ps, lr=3e-4, foreach=True)
         ),
+        BF16_STATE: lambda ps: snr_dist.SNRAdamW(ps, lr=3e-4, state_dtype="bfloat16"),
     }
 
 

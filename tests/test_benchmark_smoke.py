@@ -105,6 +105,8 @@ def test_benchmark_runs_the_stock_block_lm_and_the_mlp(bench):
     for r in (stock, mlp):
         ratios = {row["name"]: row["robust_ratio"] for row in r["rows"]}
         assert ratios[bench.BASELINE] == 1.0 and all(math.isfinite(v) for v in ratios.values())
+        state = {row["name"]: row["state_ratio"] for row in r["rows"]}
+        assert state[bench.BF16_STATE] == 1.0 < state["SNRAdamW diagonal"]  # AdamW's bytes
 
 
 def test_comm_benchmark_measures_what_the_design_says():

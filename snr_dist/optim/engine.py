@@ -149,7 +149,7 @@ class SNREngine:
                 f"param group {index}: its state was created with other layout options than "
                 f"{', '.join(f'{k}={v!r}' for k, v in zip(LAYOUT_KEYS, now))} (a parameter of "
                 f"shape {tuple(bad[0].shape)} has state keys {sorted(self.opt.state[bad[0]])}); "
-                "estimator, mode, rank and basis_side cannot change after the first step. "
+                f"{', '.join(LAYOUT_KEYS)} cannot change after the first step. "
                 "Build the optimizer with the options its state was created with."
             )
         if now != was:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from snr_dist.distributors.dtensor import local
-from snr_dist.estimators import Moments
+from snr_dist.estimators import Moments, stat_dtype
 from snr_dist.layout import Kind
 from snr_dist.optim.base import (
     SNROptimizerMixin,
@@ -159,7 +159,7 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         if "step" not in state:
             lp = local(p)
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(lp.shape, dtype=torch.float32, device=lp.device)
+            state["exp_avg"] = torch.zeros(lp.shape, dtype=stat_dtype(group), device=lp.device)
             state["exp_avg_sq"] = torch.zeros(lp.shape, dtype=torch.float32, device=lp.device)
             self._engine.init_state(p, group, state)
         return state

@@ -17,7 +17,7 @@ from snr_dist.estimators import Slot
 from snr_dist.estimators import estimator_key as est_key
 from snr_dist.optim.base import advance_steps
 from snr_dist.optim.steps.base import StepContext, StepKernel
-from snr_dist.optim.steps.torch_step import TorchStep, fp32_grads
+from snr_dist.optim.steps.torch_step import TorchStep, fp32_grads, low_precision, widen
 
 #: Elements per chunk of the elementwise step on the CPU (1 MB per fp32 vector: the step's
 #: ~8 live vectors of a chunk stay in the last-level cache; `benchmarks/step_floor.py`).
@@ -59,8 +59,11 @@ class ChunkedStep(StepKernel):
         (step,) = advance_steps([state])
         (g32,) = fp32_grads(group, [g])
         key = est_key(p, group)
+        low = low_precision(group)
         if not (lp.is_contiguous() and g32.is_contiguous()):  # no flat views: whole, as before
             by_est = {key: [Slot(p, state, g32, step)]}
+            if low:
+                widen(by_est[key])
             self.torch.fold(group, by_est)
             self.torch.update(group, by_est)
             return
@@ -76,6 +79,8 @@ class ChunkedStep(StepKernel):
             slot = Slot(lp.view(-1)[at:end], piece, g32.view(-1)[at:end], step, key=(p, at))
             by_est = {key: [slot]}
             scratch = self.ctx.engine.scratch if end - at >= SCRATCH_MIN_ELEMENTS else None
+            if low:
+                widen([slot], scratch)
             self.torch.fold(group, by_est, scratch)
             self.torch.update(group, by_est, scratch)
 

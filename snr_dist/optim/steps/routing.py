@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 from torch import Tensor
 
@@ -35,6 +36,7 @@ from snr_dist.optim.steps.torch_step import TorchStep
 from snr_dist.optim.steps.triton_step import TritonStep
 
 DIAGONAL_TEMPORAL = (DiagonalInnovation, DiagonalSecondMoment)
+_said_low_precision = False
 
 
 class Kernels:
@@ -108,6 +110,9 @@ class Kernels:
             and not self._auto_compiles(group, choice)
         ):
             return out  # the CPU default: no parameter to look at
+        if group.get("state_dtype") == "bfloat16":  # the device steps keep float32 state
+            self._say_torch_for_low_precision(effective)
+            return out
         cache = self.ctx.engine.path_cache
         options = (choice, os.environ.get(dispatch.ENV_VAR), self.ctx.skip_nonfinite)
         options += tuple(group[k] for k in ("mode", "noise", "gate", "maximize"))
@@ -132,6 +137,17 @@ class Kernels:
             if path != "torch":
                 out[p] = path
         return out
+
+    def _say_torch_for_low_precision(self, effective: str) -> None:
+        global _said_low_precision
+        if not _said_low_precision:
+            _said_low_precision = True
+            warnings.warn(
+                f"snr-dist: state_dtype='bfloat16' runs the torch step (kernels={effective!r} "
+                "would run the compiled or Triton step, which keeps float32 state); said once.",
+                UserWarning,
+                stacklevel=5,
+            )
 
     def _kind(self, group: dict, p: Tensor, lp: Tensor, choice: str) -> str:
         """Which device-side step ``p``'s device and estimator allow: "compile", "triton" or

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from snr_dist.distributors.dtensor import local
+from snr_dist.distributors.dtensor import (
+    global_shape,
+    is_row_sharded,
+    local,
+    row_chunk,
+    row_shard,
+)
 from snr_dist.estimators import (
     DiagonalInnovation,
     DiagonalSecondMoment,
@@ -33,11 +39,13 @@ from snr_dist.estimators import (
     gate_active,
 )
 from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES
+from snr_dist.kernels import rounding
 from snr_dist.kernels.scratch import Scratch
 from snr_dist.optim.base import advance_steps
 from snr_dist.optim.steps.base import StepKernel
 
 BySlots = dict[tuple[str, str], list[Slot]]
+BF16 = torch.bfloat16
 
 
 def fp32_grads(group: dict, grads: list[Tensor]) -> list[Tensor]:
@@ -71,6 +79,8 @@ class TorchStep(StepKernel):
         grads = fp32_grads(group, grads)
         steps = advance_steps(states)
         by_est = self.ctx.engine.slots(group, params, grads, steps)
+        if low_precision(group):  # float32 working copies until `update` rounds them back
+            widen([s for ss in by_est.values() for s in ss], scratch)
         self.fold(group, by_est, scratch)
         return by_est
 
@@ -96,8 +106,15 @@ class TorchStep(StepKernel):
     def update(self, group: dict, by_est: BySlots, scratch: Scratch | None = None) -> None:
         """Decoupled weight decay (not gated), then the gated Adam step of the slots (by
         estimator, as `moments` returns them; its temporaries in ``scratch``'s buffers when
-        given)."""
+        given); bfloat16 state is rounded back last."""
         slots = [s for ss in by_est.values() for s in ss]
+        self._update(group, by_est, slots, scratch)
+        if low_precision(group):
+            narrow(group, slots, self.ctx.engine.key)
+
+    def _update(
+        self, group: dict, by_est: BySlots, slots: list[Slot], scratch: Scratch | None
+    ) -> None:
         u = _Update.of(group, slots)
         if not foreach(group):
             self._per_tensor(group, slots, u)
@@ -266,6 +283,64 @@ class _Update:
             bc2_sqrt=[math.sqrt(1.0 - beta2**s.step) for s in slots],
             step_sizes=[-lr / (1.0 - beta1**s.step) for s in slots],
         )
+
+
+def low_precision(group: dict) -> bool:
+    return group.get("state_dtype") == "bfloat16"
+
+
+def widen(slots: list[Slot], scratch: Scratch | None = None) -> None:
+    """Put float32 working copies of the slots' bfloat16 state entries in their place (in
+    ``scratch``'s buffers when given), remembering the stored tensors in ``Slot.low``."""
+    by_key: dict[str, list[Slot]] = {}
+    for s in slots:
+        s.low = [(k, v) for k, v in s.state.items() if torch.is_tensor(v) and v.dtype == BF16]
+        for k, _ in s.low:
+            by_key.setdefault(k, []).append(s)
+    for k, ss in by_key.items():
+        stored = [s.state[k] for s in ss]
+        if scratch is None:
+            work = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in stored]
+        else:
+            work = scratch.like("wide_" + k, stored, torch.float32)
+        torch._foreach_copy_(work, stored)  # exact
+        for s, w in zip(ss, work):
+            s.state[k] = w
+
+
+def narrow(group: dict, slots: list[Slot], key_of) -> None:
+    """Round the working copies `widen` made back into the stored bfloat16 tensors,
+    stochastically: the bits of element ``i`` of a parameter are a hash of ``(seed, the
+    parameter's position in the optimizer, step, i)`` (`snr_dist.kernels.rounding`), ``i``
+    counted in the whole parameter (a row shard's rows where they are in it), so sharded and
+    unsharded runs draw the same bits."""
+    seed = group["seed"]
+    for s in slots:
+        if not s.low:
+            continue
+        p, offset = (s.param, 0) if s.key is None else s.key  # a piece: its offset
+        offset += first_element(p)
+        stored = s.low[0][1]
+        bits = rounding.random_bits(
+            stored.numel(), rounding.salt(seed, key_of(p), s.step), offset, stored.device
+        )
+        for (k, stored), r in zip(s.low, rounding.halves(bits, len(s.low))):
+            rounding.round_into_(stored, s.state[k], r)
+            s.state[k] = stored
+        s.low = None
+
+
+def first_element(p: Tensor) -> int:
+    """Where this rank's elements of ``p`` start in the whole parameter: 0, or for a row
+    shard (FSDP2's ``Shard(0)``, ZeRO's row shards) its first row's."""
+    if not is_row_sharded(p):
+        return 0
+    shape = global_shape(p)
+    marked = row_shard(p)  # ZeRO: (shape, first row)
+    if marked is not None:
+        return marked[1] * math.prod(shape[1:])
+    rows = row_chunk(torch.arange(shape[0]), p)  # FSDP2: as Shard(0) cuts them
+    return int(rows[0]) * math.prod(shape[1:]) if rows.numel() else 0
 
 
 def _addcdiv(params, numerators, denominators, scales) -> None:
