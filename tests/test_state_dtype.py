@@ -220,6 +220,22 @@ def test_device_kernels_route_bf16_state_to_the_torch_step_and_say_so(kernels, m
     assert opt.state[a[0].weight]["exp_avg"].dtype == torch.bfloat16
 
 
+def test_auto_keeps_a_large_bf16_group_on_the_torch_step_without_a_word(monkeypatch):
+    """kernels="auto" would compile a CPU group this large (threshold lowered); with bfloat16
+    state it runs the torch step, and neither message is given (nothing was asked for)."""
+    import snr_dist.kernels as kernels
+
+    monkeypatch.setattr(kernels, "AUTO_COMPILE_ELEMENTS", 10)
+    monkeypatch.setattr(kernels, "_said_auto_compile", False)
+    a, b = tiny_mlp(), tiny_mlp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(a, SNRAdamW(a.parameters(), lr=1e-2, **BF16), batches(4))
+    assert not [c for c in caught if "snr-dist" in str(c.message)]
+    run(b, SNRAdamW(b.parameters(), lr=1e-2, kernels="torch", **BF16), batches(4))
+    assert max_diff(a, b) == 0.0
+
+
 def test_bad_values_and_changes_are_refused():
     p = torch.nn.Parameter(torch.zeros(3, 2))
     with pytest.raises(ValueError) as e:

@@ -53,16 +53,21 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         eps: Adam's denominator floor.
         weight_decay: decoupled weight decay (never gated).
         snr: an `snr_dist.options.SNROptions` (or a mapping of its fields).
-        **snr_options: SNR options as keywords (``estimator``, ``mode``, ``gate``, ``tau``,
-            ``gate_a``, ``snr_beta``, ``warmup_steps``, ``rank``, ``refresh_every``,
-            ``sketch_beta``, ``basis_side``, ``seed``; see `SNROptions`), overriding ``snr``.
-            If ``snr_beta`` equals ``betas[0]`` when the state is created, the temporal
-            estimator reuses Adam's first moment and needs no extra memory.
+        **snr_options: SNR options as keywords (``estimator``, ``noise``, ``mode``, ``gate``,
+            ``tau``, ``gate_a``, ``snr_beta``, ``warmup_steps``, ``rank``, ``refresh_every``,
+            ``sketch_beta``, ``basis_side``, ``complement``, ``seed``, ``state_dtype``; see
+            `SNROptions`), overriding ``snr``. If ``snr_beta`` equals ``betas[0]`` when the
+            state is created, the temporal estimator reuses Adam's first moment and needs no
+            extra memory. ``state_dtype="bfloat16"`` keeps Adam's first moment and the SNR
+            statistics in bfloat16 (stochastically rounded): AdamW's state bytes.
         maximize: maximise the objective instead.
         foreach: use the multi-tensor path (None or True) or the per-tensor path (False).
-        kernels: "auto" (default: the Triton kernels for CUDA parameters when Triton imports,
-            unless the SNR_DIST_KERNELS environment variable says "torch" or "triton"),
-            "torch" or "triton" (forced; on the CPU only under TRITON_INTERPRET=1).
+        kernels: "auto" (default: the Triton step for CUDA parameters when Triton imports;
+            on the CPU the uncompiled step, compiled for a param group of at least
+            `snr_dist.kernels.AUTO_COMPILE_ELEMENTS` diagonal elements, where compiling pays
+            back; unless the SNR_DIST_KERNELS environment variable says otherwise), "torch",
+            "triton" (forced; on the CPU only under TRITON_INTERPRET=1) or "compile" (the
+            diagonal step compiled by torch.compile: docs/kernels.md says when it pays back).
         skip_nonfinite: skip, and count, parameters whose gradient holds NaN/Inf.
         flush_denormals: treat subnormal floats (below 1.2e-38) as zero during the step on the
             CPU (`snr_dist.denormals`): state that decays into that range otherwise slows the
@@ -233,10 +238,12 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
         return run_hooks(self._optimizer_state_dict_post_hooks, self, sd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like torch's, but keeps the fp32 statistics fp32 for low-precision parameters,
-        keeps this optimizer's ``kernels`` choice, and accepts state written by another world
-        size or parallelism, or by an earlier release (options its groups predate are filled
-        in as that release ran them: `snr_dist.options.SAVED_BEFORE`). Load hooks run as in
+        """Like torch's, but keeps every state entry's saved dtype (float32 statistics of
+        low-precision parameters, bfloat16 ones of ``state_dtype="bfloat16"``, where torch
+        casts to the parameter's dtype), keeps this optimizer's ``kernels`` choice, and
+        accepts state written by another world size or parallelism, or by an earlier release
+        (options its groups predate are filled in as that release ran them:
+        `snr_dist.options.SAVED_BEFORE`). Load hooks run as in
         torch's, the post-hooks once the state is loaded."""
         zero = getattr(self, "_zero", None)
         if zero is not None:

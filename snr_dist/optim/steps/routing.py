@@ -104,15 +104,13 @@ class Kernels:
         out: dict[Tensor, str] = {}
         choice = group.get("kernels", "auto")
         effective = dispatch.effective(choice)
-        if effective == "torch" or (
-            effective == "auto"
-            and all(p.is_cpu for p in group["params"])
-            and not self._auto_compiles(group, choice)
-        ):
-            return out  # the CPU default: no parameter to look at
+        cpu_auto = effective == "auto" and all(p.is_cpu for p in group["params"])
         if group.get("state_dtype") == "bfloat16":  # the device steps keep float32 state
-            self._say_torch_for_low_precision(effective)
+            if not (effective == "torch" or cpu_auto):  # asked for one: say where it runs
+                self._say_torch_for_low_precision(effective)
             return out
+        if effective == "torch" or (cpu_auto and not self._auto_compiles(group, choice)):
+            return out  # the CPU default: no parameter to look at
         cache = self.ctx.engine.path_cache
         options = (choice, os.environ.get(dispatch.ENV_VAR), self.ctx.skip_nonfinite)
         options += tuple(group[k] for k in ("mode", "noise", "gate", "maximize"))
