@@ -1,4 +1,4 @@
-"""Training-step overhead of the SNR optimizers versus ``torch.optim.AdamW`` on a small GPT.
+"""Training-step overhead of the SNR optimizers versus ``torch.optim.AdamW`` on small models.
 
 What is timed is the *whole* training step a user pays for (``zero_grad``, forward,
 cross-entropy, backward, ``optimizer.step()``) of a GPT-style decoder-only transformer on the
@@ -28,6 +28,16 @@ How, and why:
 The subspace tracker refreshes its basis at steps 1, 2, 4, 8, ... and then every
 ``refresh_every`` (50) steps; the median ignores those occasional slow steps, the mean (in the
 JSON output) does not.
+
+Models (``--model``): ``gpt``, the GPT-style decoder of ``snr_dist.experiments.models`` (the
+default); ``stock``, a causal LM of stock ``nn.TransformerEncoderLayer`` blocks (pre-norm,
+LayerNorms and biases included: 54 tensors, many of them small, where an optimizer's per-tensor
+costs show; d=256, 4 layers, T=128, batch 8 by default); ``mlp``, the digits studies'
+64-256-256-10 MLP (batch 128, random inputs); ``all``, the three in turn, each in its own
+interleaved rounds. Issue 35's yardstick for the per-tensor costs:
+
+    python benchmarks/step_overhead.py --model stock --threads 2
+    python benchmarks/step_overhead.py --model mlp --threads 2
 
 Run ``python benchmarks/step_overhead.py --help`` for the options.
 """
@@ -59,6 +69,68 @@ TARGETS = {"SNRAdamW diagonal": 1.05, "SNRAdamW subspace r=32": 1.10}
 BASELINE = "AdamW (foreach)"
 #: Extra rows: reported when the optimizer can be built, otherwise listed under "skipped".
 OPTIONAL = ("SNRPreconditioner(AdamW)",)
+#: The diagonal rule with its first moment and statistics in bfloat16: AdamW's state bytes.
+BF16_STATE = "SNRAdamW diagonal, state_dtype=bfloat16"
+
+
+# ---------------------------------------------------------------------------------- models
+class StockLM(nn.Module):
+    """A causal LM of stock ``nn.TransformerEncoderLayer`` blocks (pre-norm, GELU, no dropout):
+    token and position embeddings, ``layers`` blocks, a final LayerNorm and a linear head."""
+
+    def __init__(self, vocab: int, seq: int, d_model: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(seq, d_model)
+        block = nn.TransformerEncoderLayer(
+            d_model, heads, 4 * d_model, dropout=0.0, activation="gelu", batch_first=True,
+            norm_first=True,
+        )  # fmt: skip
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[1]
+        x = self.embed(idx) + self.pos.weight[:t]
+        x = self.blocks(x, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(x))
+
+
+MODELS = ("gpt", "stock", "mlp")
+DEFAULT_BATCH = {"gpt": 16, "stock": 8, "mlp": 128}
+
+
+def build_model(args: argparse.Namespace, kind: str) -> tuple[nn.Module, str, Callable]:
+    """``(model, description, batches)``; ``batches(n)`` returns ``n`` ``(inputs, targets)``
+    pairs (fixed generator: every optimizer trains on the same ones)."""
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    batch = args.batch or DEFAULT_BATCH[kind]
+    if kind == "mlp":
+        model = nn.Sequential(
+            nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+
+        def batches(n: int) -> list[tuple[Tensor, Tensor]]:
+            x = torch.randn(n, batch, 64, generator=gen)
+            return list(zip(x, torch.randint(0, 10, (n, batch), generator=gen)))
+
+        return model, f"MLP 64-256-256-10 batch={batch}", batches
+    make = GPT if kind == "gpt" else StockLM
+    model = make(args.vocab, args.seq, args.d_model, args.layers, args.heads)
+    name = "GPT" if kind == "gpt" else "stock TransformerEncoderLayer LM"
+
+    def lm_batches(n: int) -> list[tuple[Tensor, Tensor]]:
+        data = torch.randint(0, args.vocab, (n, batch, args.seq + 1), generator=gen)
+        return [(d[:, :-1], d[:, 1:]) for d in data]
+
+    desc = (
+        f"{name} {args.layers}L d={args.d_model} h={args.heads} vocab={args.vocab} "
+        f"seq={args.seq} batch={batch}"
+    )
+    return model, desc, lm_batches
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -73,6 +145,7 @@ def optimizer_factories() -> dict[str, Callable[[list[Tensor]], torch.optim.Opti
         "SNRPreconditioner(AdamW)": lambda ps: snr_dist.SNRPreconditioner(
             torch.optim.AdamW(ps, lr=3e-4, foreach=True)
         ),
+        BF16_STATE: lambda ps: snr_dist.SNRAdamW(ps, lr=3e-4, state_dtype="bfloat16"),
     }
 
 
@@ -141,11 +214,19 @@ def _loadavg() -> float | None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--model",
+        choices=[*MODELS, "all"],
+        default="gpt",
+        help="gpt (default), stock (nn.TransformerEncoderLayer blocks), mlp (digits), all",
+    )
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument(
+        "--batch", type=int, default=None, help="default: 16 (gpt), 8 (stock), 128 (mlp)"
+    )
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30, help="measured interleaved rounds")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per optimizer")
@@ -161,7 +242,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="PATH", default=None, help="also write results as JSON")
     args = ap.parse_args(argv)
     for name in ("layers", "d_model", "heads", "seq", "batch", "vocab", "steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
@@ -169,12 +250,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------- benchmark
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def run_benchmark(args: argparse.Namespace, kind: str = "gpt") -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     load_before = _loadavg()
-    torch.manual_seed(args.seed)
-    proto = GPT(args.vocab, args.seq, args.d_model, args.layers, args.heads)
+    proto, description, make_batches = build_model(args, kind)
     n_params = sum(p.numel() for p in proto.parameters())
 
     factories = optimizer_factories()
@@ -197,13 +277,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         models[name] = model
     names = list(opts)
 
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    n_batches = args.warmup + args.steps
-    data = torch.randint(0, args.vocab, (n_batches, args.batch, args.seq + 1), generator=gen)
+    data = make_batches(args.warmup + args.steps)
 
     def train_step(name: str, i: int) -> tuple[float, float]:
         model, opt = models[name], opts[name]
-        x, y = data[i, :, :-1], data[i, :, 1:]
+        x, y = data[i]
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         logits = model(x)
@@ -267,20 +345,25 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if name in by_name
     }
     config = {
-        k: getattr(args, k)
-        for k in (
-            "layers",
-            "d_model",
-            "heads",
-            "seq",
-            "batch",
-            "vocab",
-            "steps",
-            "warmup",
-            "seed",
-            "compare_rev",
-        )
+        "model": kind,
+        "description": description,
+        **{
+            k: getattr(args, k)
+            for k in (
+                "layers",
+                "d_model",
+                "heads",
+                "seq",
+                "batch",
+                "vocab",
+                "steps",
+                "warmup",
+                "seed",
+                "compare_rev",
+            )
+        },
     }
+    config["batch"] = args.batch or DEFAULT_BATCH[kind]
     env = {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -321,8 +404,7 @@ def _fmt(x: float | None) -> str:
 def format_report(res: dict[str, Any]) -> str:
     env, cfg = res["env"], res["config"]
     lines = [
-        f"GPT {cfg['layers']}L d={cfg['d_model']} h={cfg['heads']} vocab={cfg['vocab']} "
-        f"seq={cfg['seq']} batch={cfg['batch']}: {env['params'] / 1e6:.2f}M params | "
+        f"{cfg['description']}: {env['params'] / 1e6:.2f}M params | "
         f"torch {env['torch']} | {env['threads']} threads | {env['cpu']} "
         f"({env['cpu_count']} CPUs) | {cfg['steps']} interleaved rounds, "
         f"{cfg['warmup']} warm-up steps | load avg before/after {_fmt(env['loadavg_before'])}"
@@ -358,9 +440,14 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """One model's results (``--model all``: ``{"models": {kind: results}}``)."""
     args = parse_args(argv)
-    res = run_benchmark(args)
-    print(format_report(res))
+    kinds = MODELS if args.model == "all" else (args.model,)
+    results = {}
+    for kind in kinds:
+        results[kind] = run_benchmark(args, kind)
+        print(format_report(results[kind]) + "\n")
+    res = results[kinds[0]] if len(kinds) == 1 else {"models": results}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -39,8 +39,14 @@ KERNEL_CHOICES = ("auto", "torch", "triton", "compile")
 one ``torch.compile``d pass per parameter (`snr_dist.kernels.compiled`; the other loops as
 ``auto``)."""
 
+STATE_DTYPES = ("float32", "bfloat16")
+"""How SNRAdamW stores Adam's first moment and the parameter-sized SNR statistics: ``float32``
+(default) or ``bfloat16`` (stochastically rounded, reproducibly: `snr_dist.kernels.rounding`);
+Adam's second moment stays float32 either way. With ``bfloat16`` the diagonal rule's state
+takes AdamW's 8 bytes per parameter instead of 12."""
+
 #: Options that decide which state tensors a parameter has; fixed once its state exists.
-LAYOUT_KEYS = ("estimator", "noise", "mode", "rank", "basis_side")
+LAYOUT_KEYS = ("estimator", "noise", "mode", "rank", "basis_side", "state_dtype")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...], quote: bool = False) -> None:
@@ -80,6 +86,7 @@ _CHECKS = {
     "rank": lambda n, v: _int(n, v, 1),
     "refresh_every": lambda n, v: _int(n, v, 1),
     "seed": lambda n, v: _int(n, v, 0),
+    "state_dtype": lambda n, v: _choice(n, v, STATE_DTYPES, quote=True),
 }
 
 
@@ -113,7 +120,13 @@ class SNROptions(BaseModel):
         complement: subspace mode's orthogonal complement: "gated" by its own SNR, or
             "closed" (gate 0: the update stays in the tracked span; with ``gate="none"`` a
             low-rank Adam, the control for the gate's effect).
-        seed: seed of the random initial bases (identical on every rank).
+        seed: seed of the random initial bases (identical on every rank) and of the
+            stochastic rounding of bfloat16 state.
+        state_dtype: "float32" (default) or "bfloat16": the dtype of Adam's first moment and
+            of the parameter-sized SNR statistics (SNRAdamW only). bfloat16 values are
+            rounded stochastically (unbiased, reproducible from ``seed``: a hash of the step
+            and the element, not the global RNG); Adam's second moment stays float32. The
+            diagonal rule's state is then AdamW's 8 bytes per parameter (float32: 12).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -133,6 +146,7 @@ class SNROptions(BaseModel):
     basis_side: Literal[BASIS_SIDES] = "auto"
     complement: Literal[COMPLEMENTS] = "gated"
     seed: int = 0
+    state_dtype: Literal[STATE_DTYPES] = "float32"
 
     @field_validator("*", mode="before")
     @classmethod

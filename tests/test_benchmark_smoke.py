@@ -80,6 +80,35 @@ def test_benchmark_tiny_config(bench, tmp_path, capsys):
     assert json.loads(out.read_text())["rows"][0]["name"] == bench.BASELINE
 
 
+def test_benchmark_runs_the_stock_block_lm_and_the_mlp(bench):
+    """``--model all``: the GPT, the stock nn.TransformerEncoderLayer LM (LayerNorms and
+    biases: many small tensors) and the digits MLP, each against AdamW in its own rounds."""
+    argv = ["--model", "all", "--layers", "1", "--d-model", "32", "--heads", "2", "--seq", "16"]
+    argv += ["--vocab", "64", "--steps", "2", "--warmup", "1", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        res = bench.main([*argv, "--no-preconditioner"])
+    finally:
+        torch.set_num_threads(threads)
+    assert list(res["models"]) == ["gpt", "stock", "mlp"]
+    stock = res["models"]["stock"]
+    assert (
+        stock["config"]["batch"] == 8
+        and "TransformerEncoderLayer" in stock["config"]["description"]
+    )
+    model, _, _ = bench.build_model(bench.parse_args(argv), "stock")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"TransformerEncoderLayer", "LayerNorm"} <= kinds
+    assert sum(p.dim() == 1 for p in model.parameters()) > 10  # biases and norm scales
+    mlp = res["models"]["mlp"]
+    assert mlp["env"]["params"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    for r in (stock, mlp):
+        ratios = {row["name"]: row["robust_ratio"] for row in r["rows"]}
+        assert ratios[bench.BASELINE] == 1.0 and all(math.isfinite(v) for v in ratios.values())
+        state = {row["name"]: row["state_ratio"] for row in r["rows"]}
+        assert state[bench.BF16_STATE] == 1.0 < state["SNRAdamW diagonal"]  # AdamW's bytes
+
+
 def test_comm_benchmark_measures_what_the_design_says():
     """Two real ranks: diagonal and subspace temporal add no per-step bytes (every rank keeps
     complete statistics of the same reduced gradient; refreshes broadcast bases); cross-sample

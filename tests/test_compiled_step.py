@@ -199,7 +199,6 @@ def test_a_configuration_that_does_not_compile_runs_uncompiled(monkeypatch):
     """Each configuration and dtype compiles on scratch buffers before any real tensor is
     stepped; one that fails says why once and runs the torch path, nothing half done."""
     import snr_dist.kernels as kernels
-    import snr_dist.optim.snr_adamw as snr_adamw_mod
 
     seen = []
 
@@ -207,7 +206,8 @@ def test_a_configuration_that_does_not_compile_runs_uncompiled(monkeypatch):
         seen.append((config, pdt))
         return "InductorError: unsupported"
 
-    monkeypatch.setattr(snr_adamw_mod, "prepare_compiled", refuse)
+    monkeypatch.setattr(compiled_mod, "compile_available", lambda: None)  # torch.compile runs
+    monkeypatch.setattr(compiled_mod, "prepare", refuse)  # but not this configuration
     monkeypatch.setattr(kernels, "_warned_compile", False)
     with pytest.warns(RuntimeWarning, match="InductorError: unsupported"):
         (a, _), (b, _) = _pair(DEFAULTS, steps=3)
@@ -274,3 +274,37 @@ def test_a_graph_break_fails_prepare_instead_of_running_eagerly(monkeypatch):
     config = ("innovation", False, "wiener", False, True)
     why = compiled_mod.prepare(config, "cpu", torch.float32, torch.float32)
     assert why is not None  # the reason names the data-dependent expression
+
+
+def test_auto_compiles_a_large_cpu_group_and_says_so_once(monkeypatch):
+    """kernels="auto" compiles the diagonal step of a CPU param group from
+    AUTO_COMPILE_ELEMENTS elements on (lowered here to split the tiny MLP's two groups):
+    that group trains as with kernels="compile", the smaller one as with kernels="torch",
+    one warning says so; SNR_DIST_KERNELS=torch keeps both uncompiled."""
+    import snr_dist.kernels as kernels
+
+    monkeypatch.setattr(kernels, "AUTO_COMPILE_ELEMENTS", 24 * 12 + 24)  # the first layer
+    monkeypatch.setattr(kernels, "_said_auto_compile", False)
+    data = batches(8)
+
+    def train(choices):
+        model = tiny_mlp()
+        groups = [
+            {"params": list(model[0].parameters()), "kernels": choices[0]},
+            {"params": list(model[2].parameters()), "kernels": choices[1]},
+        ]
+        run(model, SNRAdamW(groups, lr=1e-2, weight_decay=0.1), data)
+        return model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = train(("auto", "auto"))
+        train(("auto", "auto"))  # a second optimizer: not said again
+    said = [str(c.message) for c in caught if "kernels='auto' compiles" in str(c.message)]
+    assert len(said) == 1 and "param group 0" in said[0]
+    mixed = train(("compile", "torch"))
+    assert max_diff(auto, mixed) == 0.0
+    eager = train(("torch", "torch"))
+    assert max_diff(auto, eager) > 0.0  # the compiled pass rounds differently: it ran
+    monkeypatch.setenv("SNR_DIST_KERNELS", "torch")
+    assert max_diff(train(("auto", "auto")), eager) == 0.0

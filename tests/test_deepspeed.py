@@ -144,7 +144,7 @@ def test_deepspeed_equals_the_plain_ddp_path(stage):
 
 
 def _compiled_workers(rank: int, world: int, stages: list[int]):
-    import snr_dist.optim.snr_adamw as mod
+    import snr_dist.kernels.compiled as mod
 
     os.environ["SNR_DIST_KERNELS"] = "compile"  # kernels="compile" for the client optimizer
     calls = []

@@ -399,7 +399,8 @@ def test_defaults_route_a_gpu_diagonal_step_to_the_device_side_triton_step():
     group = opt.param_groups[0]
     for device, want in (("cuda", "triton"), ("cpu", "torch")):
         kind = step_kernels(group["kernels"], torch.device(device))
-        assert opt._path(group, kind, device, torch.float32, torch.float32, True) == want
+        path = opt._kernels._path(group, kind, device, torch.float32, torch.float32, True)
+        assert path == want
 
 
 # ------------------------------------------------------------------ benchmark smoke

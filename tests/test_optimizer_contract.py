@@ -4,7 +4,8 @@ torch's own generic optimizer suite (``test/test_optim.py``, driven by the ``Opt
 records of ``torch/testing/_internal/common_optimizers.py``) runs the same checks over every
 optimizer torch ships. This module asks them of SNRAdamW and SNRPreconditioner in their
 configurations (diagonal and subspace modes, temporal and cross-sample estimators, the gate
-rules, both noise models, ``foreach`` and ``kernels="torch"``, bf16 parameters) and of
+rules, both noise models, ``foreach`` and ``kernels="torch"``, bf16 parameters, bf16 state:
+``state_dtype="bfloat16"``) and of
 SNRPreconditioner around every torch optimizer it supports:
 
 - ``state_dict`` round trips through ``torch.save`` / ``torch.load(weights_only=True)``: every
@@ -99,6 +100,17 @@ ADAMW_CASES = [
     Case("adamw-foreach_off-subspace", *_adamw(foreach=False, **SUB)),
     Case("adamw-torch_kernels-warmup", *_adamw(kernels="torch", warmup_steps=2)),
     Case("adamw-bf16-subspace", *_adamw(**SUB), dtype=torch.bfloat16),
+    Case("adamw-state_bf16", *_adamw(state_dtype="bfloat16")),
+    Case(
+        "adamw-state_bf16-cross-subspace",
+        *_adamw(state_dtype="bfloat16", **CROSS, **SUB),
+        micro=2,
+    ),
+    Case(
+        "adamw-state_bf16-second_moment-bf16_params",
+        *_adamw(state_dtype="bfloat16", noise="second_moment"),
+        dtype=torch.bfloat16,
+    ),
 ]
 
 PRECONDITIONER_CASES = [

@@ -12,7 +12,9 @@ from conftest import batches, max_diff, run, tiny_mlp
 
 from snr_dist import SNRAdamW
 from snr_dist import snr as rule
-from snr_dist.optim import snr_adamw
+from snr_dist.optim.steps import chunked_step
+from snr_dist.optim.steps.chunked_step import ChunkedStep
+from snr_dist.optim.steps.torch_step import TorchStep
 
 MODES = [
     dict(),
@@ -102,24 +104,25 @@ def test_cache_sized_chunks_step_bit_identically(kw, monkeypatch):
     cross-sample params mixed in), and chunk boundaries inside the model are really crossed."""
     micro = 2 if kw.get("estimator") == "cross_sample" else 1
     data = batches(30, micro=micro)
-    monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", 1 << 30)
-    monkeypatch.setattr(snr_adamw, "SCRATCH_MIN_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(chunked_step, "CPU_CHUNK_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(chunked_step, "SCRATCH_MIN_ELEMENTS", 1 << 30)
     whole = tiny_mlp()
     run(whole, SNRAdamW(whole.parameters(), lr=1e-2, **kw), data)
-    monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", 30)  # the biases: 24 and 5 elements
-    monkeypatch.setattr(snr_adamw, "SCRATCH_MIN_ELEMENTS", 0)
+    # the biases (24 and 5 elements) in chunks of their own, the weights in pieces
+    monkeypatch.setattr(chunked_step, "CPU_CHUNK_ELEMENTS", 26)
+    monkeypatch.setattr(chunked_step, "SCRATCH_MIN_ELEMENTS", 0)
     calls, pieces = [], []
-    update, step_pieces = SNRAdamW._update_moments, SNRAdamW._pieces_step
+    moments, step_pieces = TorchStep.moments, ChunkedStep.pieces
     monkeypatch.setattr(
-        SNRAdamW,
-        "_pieces_step",
+        ChunkedStep,
+        "pieces",
         lambda self, group, p, g: pieces.append(p.numel()) or step_pieces(self, group, p, g),
     )
     monkeypatch.setattr(
-        SNRAdamW,
-        "_update_moments",
+        TorchStep,
+        "moments",
         lambda self, group, params, *args: (
-            calls.append(len(params)) or update(self, group, params, *args)
+            calls.append(len(params)) or moments(self, group, params, *args)
         ),
     )
     chunked = tiny_mlp()
@@ -150,8 +153,8 @@ def test_chunked_step_allocates_no_model_sized_temporaries(monkeypatch):
                         self.biggest = max(self.biggest, t.numel())
             return out
 
-    monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", 5000)
-    monkeypatch.setattr(snr_adamw, "SCRATCH_MIN_ELEMENTS", 1000)
+    monkeypatch.setattr(chunked_step, "CPU_CHUNK_ELEMENTS", 5000)
+    monkeypatch.setattr(chunked_step, "SCRATCH_MIN_ELEMENTS", 1000)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])  # 33K elements
     opt = SNRAdamW(model.parameters(), lr=1e-3)
@@ -165,8 +168,8 @@ def test_chunked_step_allocates_no_model_sized_temporaries(monkeypatch):
     with fresh:
         opt.step()
     assert fresh.biggest < 1000
-    monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", 1 << 30)  # the old step
-    monkeypatch.setattr(snr_adamw, "SCRATCH_MIN_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(chunked_step, "CPU_CHUNK_ELEMENTS", 1 << 30)  # the old step
+    monkeypatch.setattr(chunked_step, "SCRATCH_MIN_ELEMENTS", 1 << 30)
     fresh = Fresh()
     with fresh:
         opt.step()
@@ -176,8 +179,8 @@ def test_chunked_step_allocates_no_model_sized_temporaries(monkeypatch):
 def test_scratch_buffers_stay_chunk_sized_next_to_a_large_tensor(monkeypatch):
     """A tensor larger than a chunk is stepped in chunk-sized pieces: the buffers kept
     between steps never grow past a chunk."""
-    monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", 3000)
-    monkeypatch.setattr(snr_adamw, "SCRATCH_MIN_ELEMENTS", 1000)
+    monkeypatch.setattr(chunked_step, "CPU_CHUNK_ELEMENTS", 3000)
+    monkeypatch.setattr(chunked_step, "SCRATCH_MIN_ELEMENTS", 1000)
     model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 30))
     opt = SNRAdamW(model.parameters(), lr=1e-3)
     for _ in range(3):
@@ -201,8 +204,8 @@ def test_pieces_of_large_and_non_contiguous_parameters_step_bit_identically(dtyp
         return [w, t, b]
 
     def train(params, limit, scratch_min):
-        monkeypatch.setattr(snr_adamw, "CPU_CHUNK_ELEMENTS", limit)
-        monkeypatch.setattr(snr_adamw, "SCRATCH_MIN_ELEMENTS", scratch_min)
+        monkeypatch.setattr(chunked_step, "CPU_CHUNK_ELEMENTS", limit)
+        monkeypatch.setattr(chunked_step, "SCRATCH_MIN_ELEMENTS", scratch_min)
         opt = SNRAdamW(params, lr=1e-2, weight_decay=0.1)
         gen = torch.Generator().manual_seed(3)
         for _ in range(12):

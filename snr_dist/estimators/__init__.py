@@ -14,7 +14,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from snr_dist.distributors.dtensor import global_shape
-from snr_dist.estimators.base import Estimator, Moments, Slot, complement_closed, gate_active
+from snr_dist.estimators.base import (
+    Estimator,
+    Moments,
+    Slot,
+    complement_closed,
+    gate_active,
+    stat_dtype,
+)
 from snr_dist.estimators.diagonal_cross_sample import DiagonalCrossSample
 from snr_dist.estimators.diagonal_innovation import DiagonalInnovation
 from snr_dist.estimators.diagonal_second_moment import DiagonalSecondMoment
@@ -61,4 +68,5 @@ __all__ = [
     "estimator_key",
     "complement_closed",
     "gate_active",
+    "stat_dtype",
 ]

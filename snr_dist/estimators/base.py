@@ -46,6 +46,10 @@ class Slot:
     key: Any = None
     """What per-parameter caches key on when ``param`` is a flat piece of a parameter (the
     chunked CPU step's ``(parameter, offset)``); None: ``param`` itself."""
+    low: list[tuple[str, Tensor]] | None = None
+    """``state_dtype="bfloat16"``: the state entries stored in bfloat16, as ``(key, stored
+    tensor)``; during the step ``state[key]`` holds a float32 working copy, rounded back into
+    the stored tensor at its end."""
 
     @property
     def cache_key(self) -> Any:
@@ -84,6 +88,12 @@ class Moments:
 
     def beta_v(self, group: dict) -> float:
         return group["betas"][1] if self.adam else group["snr_beta2"]
+
+
+def stat_dtype(group: dict) -> torch.dtype:
+    """The dtype of the parameter-sized statistics (and SNRAdamW's first moment) of
+    ``group``: its ``state_dtype``."""
+    return torch.bfloat16 if group.get("state_dtype") == "bfloat16" else torch.float32
 
 
 def gate_active(group: dict, step: int) -> bool:

@@ -16,7 +16,7 @@ from torch import Tensor
 from snr_dist import cross_sample
 from snr_dist.cross_sample import MicrobatchStats
 from snr_dist.distributors.dtensor import global_shape, is_row_sharded, row_chunk
-from snr_dist.estimators.base import Estimator, Slot
+from snr_dist.estimators.base import Estimator, Slot, stat_dtype
 from snr_dist.grad_mode import no_grad
 from snr_dist.layout import Kind
 
@@ -26,15 +26,15 @@ class DiagonalCrossSample(Estimator):
     pools_ranks = True
 
     def init_state(self, p, local_p, state, group, key) -> None:
-        f32 = dict(device=local_p.device, dtype=torch.float32)
-        state["raw_avg"] = torch.zeros(local_p.shape, **f32)
-        state["var_avg"] = torch.zeros(local_p.shape, **f32)
+        like = dict(device=local_p.device, dtype=stat_dtype(group))
+        state["raw_avg"] = torch.zeros(local_p.shape, **like)
+        state["var_avg"] = torch.zeros(local_p.shape, **like)
 
     def state_kinds(self, state: dict) -> dict[str, Kind]:
         return {"raw_avg": Kind.PARAM, "var_avg": Kind.PARAM}
 
     def made(self, p: Tensor, state: dict, group: dict) -> bool:
-        return "raw_avg" in state
+        return "raw_avg" in state and state["raw_avg"].dtype == stat_dtype(group)
 
     def partial_sums(self, group: dict, slots: list[Slot]) -> list[Tensor]:
         return [s.micro.to_vector(False) for s in slots]
@@ -55,7 +55,7 @@ class DiagonalCrossSample(Estimator):
 
     def moments(self, p, state, group, step, index=None):
         bc = 1.0 - group["snr_beta"] ** step
-        raw, var = state["raw_avg"], state["var_avg"]
+        raw, var = state["raw_avg"].float(), state["var_avg"].float()
         if index is not None:
             raw, var = raw.reshape(-1)[index], var.reshape(-1)[index]
         return raw / bc, var / bc, 1.0

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from snr_dist import snr as rule
-from snr_dist.estimators.base import Estimator, Slot
+from snr_dist.estimators.base import Estimator, Slot, stat_dtype
 from snr_dist.estimators.diagonal_second_moment import FOREACH_RULES, gate_foreach_
 from snr_dist.grad_mode import no_grad
+from snr_dist.kernels.scratch import Scratch
 from snr_dist.layout import Kind
-from snr_dist.optim.scratch import Scratch
 
 
 class DiagonalInnovation(Estimator):
@@ -29,16 +29,20 @@ class DiagonalInnovation(Estimator):
     elementwise = True
 
     def init_state(self, p, local_p, state, group, key) -> None:
-        f32 = dict(device=local_p.device, dtype=torch.float32)
-        state["noise_avg"] = torch.zeros(local_p.shape, **f32)
+        like = dict(device=local_p.device, dtype=stat_dtype(group))
+        state["noise_avg"] = torch.zeros(local_p.shape, **like)
         if not self.moments_of.adam:
-            state["snr_avg"] = torch.zeros(local_p.shape, **f32)
+            state["snr_avg"] = torch.zeros(local_p.shape, **like)
 
     def state_kinds(self, state: dict) -> dict[str, Kind]:
         return {k: Kind.PARAM for k in ("noise_avg", "snr_avg") if k in state}
 
     def made(self, p: Tensor, state: dict, group: dict) -> bool:
-        return "noise_avg" in state and "basis" not in state
+        return (
+            "noise_avg" in state
+            and "basis" not in state
+            and state["noise_avg"].dtype == stat_dtype(group)
+        )
 
     @no_grad
     def update(self, group: dict, slots: list[Slot], scratch: Scratch | None = None) -> None:
@@ -49,7 +53,7 @@ class DiagonalInnovation(Estimator):
         x = state["noise_avg"]
         if index is not None:
             mean, x = mean.reshape(-1)[index], x.reshape(-1)[index]
-        return rule.innovation_moments(mean.float(), x, step, beta, beta)
+        return rule.innovation_moments(mean.float(), x.float(), step, beta, beta)
 
     def gate_(self, group, slots, directions, out=None, alphas=None, foreach=True) -> None:
         if not foreach or group["gate"] not in FOREACH_RULES:

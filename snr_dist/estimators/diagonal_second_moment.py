@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from snr_dist import snr as rule
-from snr_dist.estimators.base import Estimator, Slot
+from snr_dist.estimators.base import Estimator, Slot, stat_dtype
 from snr_dist.grad_mode import no_grad
+from snr_dist.kernels.scratch import Scratch
 from snr_dist.layout import Kind
-from snr_dist.optim.scratch import Scratch
 
 OWN_KEYS = ("snr_avg", "snr_sq")
 
@@ -25,17 +25,20 @@ class DiagonalSecondMoment(Estimator):
     elementwise = True
 
     def init_state(self, p, local_p, state, group, key) -> None:
-        f32 = dict(device=local_p.device, dtype=torch.float32)
         if self.moments_of.own_mean(group):
-            state["snr_avg"] = torch.zeros(local_p.shape, **f32)
-        if not self.moments_of.adam:
+            like = dict(device=local_p.device, dtype=stat_dtype(group))
+            state["snr_avg"] = torch.zeros(local_p.shape, **like)
+        if not self.moments_of.adam:  # a second moment: float32 always
+            f32 = dict(device=local_p.device, dtype=torch.float32)
             state["snr_sq"] = torch.zeros(local_p.shape, **f32)
 
     def state_kinds(self, state: dict) -> dict[str, Kind]:
         return {k: Kind.PARAM for k in OWN_KEYS if k in state}
 
     def made(self, p: Tensor, state: dict, group: dict) -> bool:
-        return not ({"basis", "raw_avg", "noise_avg"} & set(state))
+        if {"basis", "raw_avg", "noise_avg"} & set(state):
+            return False
+        return "snr_avg" not in state or state["snr_avg"].dtype == stat_dtype(group)
 
     @no_grad
     def update(self, group: dict, slots: list[Slot], scratch: Scratch | None = None) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 from snr_dist import subspace
 from snr_dist.distributors.base import RefreshJob
 from snr_dist.distributors.dtensor import global_shape, is_row_sharded
-from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
+from snr_dist.estimators.base import Estimator, Slot, gate_values, impl, stat_dtype
 from snr_dist.estimators.tracker import (
     TRACKER_KINDS,
     gate_trackers,
@@ -56,8 +56,8 @@ class SubspaceInnovation(Estimator):
             sharded_rows=is_row_sharded(p),
         )
         if not self.moments_of.adam:
-            f32 = dict(dtype=torch.float32, device=local_p.device)
-            state["snr_avg"] = torch.zeros(local_p.shape, **f32)
+            like = dict(dtype=stat_dtype(group), device=local_p.device)
+            state["snr_avg"] = torch.zeros(local_p.shape, **like)
 
     def state_kinds(self, state: dict) -> dict[str, Kind]:
         kinds = {

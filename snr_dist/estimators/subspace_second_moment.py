@@ -17,7 +17,7 @@ from torch import Tensor
 from snr_dist import subspace
 from snr_dist.distributors.base import RefreshJob
 from snr_dist.distributors.dtensor import global_shape, is_row_sharded
-from snr_dist.estimators.base import Estimator, Slot, gate_values, impl
+from snr_dist.estimators.base import Estimator, Slot, gate_values, impl, stat_dtype
 from snr_dist.estimators.diagonal_second_moment import update_own_moments
 from snr_dist.estimators.tracker import (
     TRACKER_KINDS,
@@ -54,7 +54,7 @@ class SubspaceSecondMoment(Estimator):
         )
         if self.moments_of.own_mean(group):
             state["snr_avg"] = torch.zeros(
-                local_p.shape, dtype=torch.float32, device=local_p.device
+                local_p.shape, dtype=stat_dtype(group), device=local_p.device
             )
 
     def state_kinds(self, state: dict) -> dict[str, Kind]:

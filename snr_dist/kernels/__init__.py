@@ -34,12 +34,15 @@ _triton_error: str | None = None  # why the Triton kernels failed to import, onc
 _warned_fallback = False
 
 __all__ = [
+    "AUTO_COMPILE_ELEMENTS",
     "ENV_VAR",
     "FLOAT_DTYPES",
+    "auto_compiles",
     "check_orthonormal",
     "check_projection",
     "check_reconstruct",
     "check_step",
+    "effective",
     "fused_snr_adamw_step",
     "fused_snr_adamw_step_torch",
     "gate_reconstruct",
@@ -86,7 +89,7 @@ def resolve(choice: str, device: torch.device | str | None) -> str:
     it imports. A forced ``"triton"`` that cannot run raises instead of silently falling back,
     so a benchmark or a test never measures the wrong path.
     """
-    choice = _effective(choice)
+    choice = effective(choice)
     if choice == "compile":  # compiles the diagonal step only (`step_kernels`)
         choice = "auto"
     if choice == "torch":
@@ -113,7 +116,8 @@ def resolve(choice: str, device: torch.device | str | None) -> str:
     return "triton"
 
 
-def _effective(choice: str) -> str:
+def effective(choice: str) -> str:
+    """``choice``, or under ``"auto"`` what ``SNR_DIST_KERNELS`` says when it is set."""
     validate_choice(choice)
     if choice == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
@@ -128,7 +132,7 @@ def step_kernels(choice: str, device: torch.device | str | None) -> str:
     ``"compile"`` (the option, or ``SNR_DIST_KERNELS=compile``) runs
     `snr_dist.kernels.compiled`; where torch.compile cannot run (no C++ compiler, say), it
     says why once and the step runs as ``"auto"`` would."""
-    if _effective(choice) == "compile":
+    if effective(choice) == "compile":
         from snr_dist.kernels.compiled import compile_available
 
         why = compile_available()
@@ -138,7 +142,41 @@ def step_kernels(choice: str, device: torch.device | str | None) -> str:
     return resolve(choice, device)
 
 
+#: From this many elements (global) of diagonal temporal parameters in a param group on the
+#: CPU, ``kernels="auto"`` compiles their step: the compile (13 s with a warm Inductor cache, 48
+#: s cold, on a 2-core Xeon beside another job) then pays back within about 700 (warm) or 2,600
+#: (cold) steps at the ~2.2 ns per element per step it saves (docs/kernels.md, "The compiled
+#: step"). The digits MLP (83K) and the 3.3M GPT of the benchmarks stay uncompiled.
+AUTO_COMPILE_ELEMENTS = 1 << 23
+
 _warned_compile = False
+_said_auto_compile = False
+
+
+def auto_compiles(elements: int, group_index: int) -> bool:
+    """Whether ``kernels="auto"`` (``SNR_DIST_KERNELS`` unset) compiles the diagonal temporal
+    step of a CPU param group with ``elements`` elements of such parameters: from
+    `AUTO_COMPILE_ELEMENTS` on, where torch.compile runs. Says so once per process."""
+    global _said_auto_compile
+    if elements < AUTO_COMPILE_ELEMENTS:
+        return False
+    from snr_dist.kernels.compiled import compile_available
+
+    if compile_available() is not None:  # not asked for: no word, the uncompiled step runs
+        return False
+    if not _said_auto_compile:
+        _said_auto_compile = True
+        warnings.warn(
+            f"snr-dist: kernels='auto' compiles the diagonal step of param group {group_index} "
+            f"({elements / 1e6:.1f}M elements on the CPU, at least "
+            f"{AUTO_COMPILE_ELEMENTS / 1e6:.1f}M): its first step compiles (about 15 s, 50 s "
+            "with a cold Inductor cache) and a faster step pays that back within about a "
+            "thousand steps. kernels='torch' keeps it uncompiled (results differ in the last "
+            "bits). Said once.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return True
 
 
 def warn_no_compile(why: str) -> None:

@@ -22,6 +22,8 @@ def advance_steps(states: list[dict]) -> list[int]:
     return the new counts."""
     counters = [st["step"] for st in states]
     torch._foreach_add_(counters, 1.0)
+    if len(counters) > 1 and all(t.is_cpu for t in counters):  # one read, not one each
+        return [int(t) for t in torch.stack(counters).tolist()]
     return [int(t.item()) for t in counters]
 
 
@@ -120,25 +122,6 @@ class SNROptimizerMixin:
         ``.owner(p)`` (the rank that refreshes ``p``'s tracker), ``.comm`` byte counters."""
         zero = getattr(self, "_zero", None)
         return (zero.inner if zero is not None else self)._engine.distributor
-
-    def attach_zero(self, zero_optimizer, group=None) -> None:
-        """Run on DeepSpeed ZeRO's partitions through row shards (`snr_dist.optim.zero_view`):
-        `snr_dist.deepspeed.initialize` calls it, on every rank, for subspace mode and the
-        cross-sample estimator under ZeRO 1-3 and DeepSpeed's bf16 optimizer."""
-        from snr_dist.optim.zero_view import ZeroView, per_tensor_copies
-
-        pairs = per_tensor_copies(zero_optimizer)
-        if pairs is not None:  # whole fp32 copies of each tensor (bf16 at stage 0)
-            self._engine.sync_groups()
-            cross = {
-                id(p)
-                for g in self.param_groups
-                if g["estimator"] == "cross_sample"
-                for p in g["params"]
-            }
-            self._engine.capture.attach_proxies([(lp, hp) for lp, hp in pairs if id(hp) in cross])
-            return
-        self._zero = ZeroView(self, zero_optimizer, group)
 
     @property
     def zero_view(self):

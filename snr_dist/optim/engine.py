@@ -48,11 +48,11 @@ from snr_dist.distributors.dtensor import (
 from snr_dist.estimators.base import Slot, impl
 from snr_dist.grad_mode import no_grad
 from snr_dist.kernels.compiled import AliasCache
+from snr_dist.kernels.scratch import Scratch
 from snr_dist.layout import Kind
 from snr_dist.optim.capture import MicrobatchCapture
 from snr_dist.optim.moment_sqrt import MomentSqrt
 from snr_dist.optim.nonfinite import NonfiniteCounter, finite_flags
-from snr_dist.optim.scratch import Scratch
 from snr_dist.options import LAYOUT_KEYS, SNROptions
 
 #: Options that must agree across data-parallel ranks.
@@ -203,7 +203,7 @@ class SNREngine:
                 f"param group {index}: its state was created with other layout options than "
                 f"{', '.join(f'{k}={v!r}' for k, v in zip(LAYOUT_KEYS, now))} (a parameter of "
                 f"shape {tuple(bad[0].shape)} has state keys {sorted(self.opt.state[bad[0]])}); "
-                "estimator, mode, rank and basis_side cannot change after the first step. "
+                f"{', '.join(LAYOUT_KEYS)} cannot change after the first step. "
                 "Build the optimizer with the options its state was created with."
             )
         if now != was:

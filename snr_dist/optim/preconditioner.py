@@ -168,6 +168,12 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
     @staticmethod
     def _validate(group: dict) -> None:
         SNROptions.parse({k: group[k] for k in SNROptions.model_fields if k in group})
+        if group.get("state_dtype", "float32") != "float32":
+            raise ValueError(
+                f"Invalid state_dtype: {group['state_dtype']!r}; allowed in SNRPreconditioner: "
+                "'float32' (the base optimizer owns its state; state_dtype='bfloat16' is "
+                "SNRAdamW's: its first moment and SNR statistics in bfloat16)"
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate the group, then add it to the base optimizer (and so to this one)."""

@@ -154,8 +154,6 @@ class ZeroView:
     """Row shards of ZeRO's partitions and the inner optimizer that steps them."""
 
     def __init__(self, outer, zero_opt, group: dist.ProcessGroup | None) -> None:
-        from snr_dist.optim.snr_adamw import SNRAdamW
-
         self.group = group
         self.rank = dist.get_rank(group=group)
         self.world = dist.get_world_size(group=group)
@@ -194,7 +192,7 @@ class ZeroView:
             shards = [p.shard for bk in self.buckets if bk.group == gi for p in bk.pieces]
             groups.append({**{k: v for k, v in og.items() if k != "params"}, "params": shards})
         defaults = {k: v for k, v in outer.defaults.items() if k in ("lr", "betas", "eps")}
-        self.inner = SNRAdamW(
+        self.inner = type(outer)(  # SNRAdamW (or the user's subclass of it)
             groups,
             **defaults,
             skip_nonfinite=outer.skip_nonfinite,

@@ -27,21 +27,25 @@ class Scratch:
         self._buffers.clear()
         self._views.clear()
 
-    def like(self, name: str, tensors: list[Tensor]) -> list[Tensor]:
-        """Contiguous views shaped like ``tensors`` (all of one dtype and device), end to end
-        in the buffer ``name``; their contents are whatever the last user left. Views of one
-        name alias each other across calls: a caller is done with them before it asks again."""
+    def like(
+        self, name: str, tensors: list[Tensor], dtype: torch.dtype | None = None
+    ) -> list[Tensor]:
+        """Contiguous views shaped like ``tensors`` (all of one dtype and device; of ``dtype``
+        when given), end to end in the buffer ``name``; their contents are whatever the last
+        user left. Views of one name alias each other across calls: a caller is done with them
+        before it asks again."""
         first = tensors[0]
         shapes = tuple(t.shape for t in tensors)
-        key = (name, first.device, first.dtype, shapes)
+        dtype = first.dtype if dtype is None else dtype
+        key = (name, first.device, dtype, shapes)
         views = self._views.get(key)
         if views is not None:
             return views
         size = sum(t.numel() for t in tensors)
-        bkey = (name, first.device, first.dtype)
+        bkey = (name, first.device, dtype)
         buf = self._buffers.get(bkey)
         if buf is None or buf.numel() < size:
-            buf = self._buffers[bkey] = torch.empty(size, dtype=first.dtype, device=first.device)
+            buf = self._buffers[bkey] = torch.empty(size, dtype=dtype, device=first.device)
             self._views = {k: v for k, v in self._views.items() if k[:3] != bkey}
         views, at = [], 0
         for t, shape in zip(tensors, shapes):
