@@ -220,3 +220,43 @@ def test_horizon_config_refuses_what_cannot_run(tmp_path):
         StudyConfig.model_validate(
             {**CONFIG, "methods": [{**CONFIG["methods"][3], "microbatches": 1}]}
         )
+
+
+def test_fewer_seeds_for_a_method_and_for_the_longer_runs(tmp_path):
+    """`MethodConfig.seeds` runs a costly method on fewer seeds (same hash: adding or dropping
+    seeds keeps its finished runs); `budget.extend_methods`/`extend_seeds` pick which selected
+    points run longer, and the gate-matched control runs on the extension's seeds."""
+    methods = [dict(m) for m in CONFIG["methods"][:2]]
+    methods[1]["seeds"] = [1]
+    budget = {**CONFIG["budget"], "extend_methods": ["SNR diag"], "extend_seeds": [1]}
+    cfg = StudyConfig.model_validate(
+        {
+            **CONFIG,
+            "seeds": [0, 1],
+            "task": {**CONFIG["task"], "noise": [0.4]},
+            "methods": methods,
+            "budget": budget,
+        }
+    )
+    assert cfg.seeds_for("AdamW") == [0, 1] and cfg.seeds_for("SNR diag") == [1]
+    records = run_study(cfg, tmp_path, progress=False)
+    keys = [json.loads(k) for k in records]
+    grid = [(k[1], k[3]) for k in keys if len(k) == 5]
+    assert sorted(grid) == [("AdamW", 0), ("AdamW", 0), ("AdamW", 1), ("AdamW", 1), ("SNR diag", 1)]
+    assert [(k[1], k[3]) for k in keys if len(k) == 6] == [("SNR diag", 1)]
+    assert [k[3] for k in keys if len(k) == 7] == [1]
+    report = horizon.horizon_rows(cfg, records)
+    row = next(r for r in report[0.4][80] if r.method == "SNR diag")
+    assert len(row.summaries) == 1
+    # the seed list is not part of the method's identity: all seeds again reuses seed 1's run
+    methods[1]["seeds"] = None
+    more = StudyConfig.model_validate({**cfg.model_dump(mode="json"), "methods": methods})
+    from snr_dist.experiments.study import all_jobs
+
+    assert {j.key for j in all_jobs(cfg)} < {j.key for j in all_jobs(more)}
+    with pytest.raises(ValueError, match=r"seeds = \[7\]: none among the study's seeds"):
+        StudyConfig.model_validate({**CONFIG, "methods": [{**CONFIG["methods"][0], "seeds": [7]}]})
+    with pytest.raises(ValueError, match=r"budget.extend_methods = \['nope'\]"):
+        StudyConfig.model_validate(
+            {**CONFIG, "budget": {**CONFIG["budget"], "extend_methods": ["nope"]}}
+        )
