@@ -260,3 +260,22 @@ def test_fewer_seeds_for_a_method_and_for_the_longer_runs(tmp_path):
         StudyConfig.model_validate(
             {**CONFIG, "budget": {**CONFIG["budget"], "extend_methods": ["nope"]}}
         )
+
+
+def test_a_method_in_some_settings_and_hashes_that_outlive_new_options():
+    """`MethodConfig.settings` keeps a method out of the other settings (its jobs and rows);
+    an option added to SNROptions later (state_dtype) leaves the hashes of methods that keep
+    its default as they were, so finished runs stay reusable (this hash is the label_noise_horizon
+    runs' SNR diag, written before state_dtype existed)."""
+    from snr_dist.experiments.study import MethodConfig, all_jobs, method_hash
+
+    methods = [dict(m) for m in CONFIG["methods"][:2]]
+    methods[1]["settings"] = [0.4]
+    cfg = StudyConfig.model_validate({**CONFIG, "methods": methods})
+    assert {j.setting for j in all_jobs(cfg) if j.method == "SNR diag"} == {0.4}
+    assert cfg.runs_in("AdamW", 0.0) and not cfg.runs_in("SNR diag", 0.0)
+    snr_diag = {"name": "SNR diag", "type": "snr_adamw", "lr": [1e-3, 3e-3, 1e-2, 3e-2]}
+    snr_diag |= {"lr_warmup": 50, "snr": {"mode": "diagonal"}}
+    assert method_hash(MethodConfig.model_validate(snr_diag)) == "3d7696ae33223e17"
+    bf16 = MethodConfig.model_validate({**snr_diag, "snr": {"state_dtype": "bfloat16"}})
+    assert method_hash(bf16) != "3d7696ae33223e17"

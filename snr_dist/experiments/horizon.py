@@ -164,6 +164,8 @@ def monitor_rows(cfg: StudyConfig, records: dict[str, dict]) -> list[dict[str, A
     out = []
     for setting in chosen:
         for m in cfg.methods:
+            if not cfg.runs_in(m.name, setting):
+                continue
             mh = method_hash(m)
             for i, point in enumerate(m.grid()):
                 seeds = cfg.seeds_for(m.name)
@@ -225,6 +227,8 @@ def speed_rows(cfg: StudyConfig, records: dict[str, dict]) -> list[dict[str, Any
         if not is_clean(setting):
             continue
         for m in cfg.methods:
+            if not cfg.runs_in(m.name, setting):
+                continue
             mh = method_hash(m)
             for i, point in enumerate(m.grid()):
                 hists = [
@@ -248,6 +252,8 @@ def memorised_by_point(
     """Mean memorised share at horizon ``h`` of every grid point in ``setting``."""
     out = {}
     for m in cfg.methods:
+        if not cfg.runs_in(m.name, setting):
+            continue
         mh = method_hash(m)
         for i, point in enumerate(m.grid()):
             hists = [
@@ -364,8 +370,9 @@ def write(
     )
     fewer = [
         f"{m.name}: seeds {cfg.seeds_for(m.name)}"
+        + (f", label noise {m.settings} only" if m.settings else "")
         for m in cfg.methods
-        if cfg.seeds_for(m.name) != list(cfg.seeds)
+        if cfg.seeds_for(m.name) != list(cfg.seeds) or m.settings
     ]
     if fewer:
         parts.append("Methods run on fewer seeds (their cells say so): " + "; ".join(fewer) + ".\n")

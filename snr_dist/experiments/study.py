@@ -62,6 +62,9 @@ class MethodConfig(_Strict):
     # method can run fewer seeds than the others; its rows then say so. Not part of the
     # method's hash: each job's key carries its seed.
     seeds: list[int] | None = Field(default=None, min_length=1)
+    # the settings this method runs in (None: every setting of the study); like seeds, not part
+    # of the method's hash
+    settings: list[Any] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> MethodConfig:
@@ -152,6 +155,11 @@ class StudyConfig(_Strict):
                 f"the methods {sorted(names)}"
             )
         return self
+
+    def runs_in(self, method: str, setting: Any) -> bool:
+        """Whether ``method`` runs in ``setting`` (`MethodConfig.settings`)."""
+        m = next((m for m in self.methods if m.name == method), None)
+        return m is None or m.settings is None or any(str(s) == str(setting) for s in m.settings)
 
     def seeds_for(self, method: str) -> list[int]:
         """The seeds ``method`` runs: the study's, those in `MethodConfig.seeds` where set."""
@@ -293,13 +301,18 @@ def config_hash(cfg: StudyConfig) -> str:
 # MethodConfig fields added after runs were published: left out of a method's hash while at
 # their default, so methods that do not use them keep their hashes (and finished runs)
 _LATER_FIELDS = ("lr_warmup", "microbatches")
+# SNROptions fields added after runs were published, with their defaults: left out likewise
+_LATER_SNR_FIELDS = {"state_dtype": "float32"}
 
 
 def method_hash(method: MethodConfig) -> str:
-    d = method.model_dump(mode="json", exclude={"seeds"})
+    d = method.model_dump(mode="json", exclude={"seeds", "settings"})
     for name in _LATER_FIELDS:
         if d[name] == MethodConfig.model_fields[name].default:
             del d[name]
+    for name, default in _LATER_SNR_FIELDS.items():
+        if d.get("snr") is not None and d["snr"].get(name) == default:
+            del d["snr"][name]
     return _digest(d)
 
 
@@ -498,7 +511,7 @@ def all_jobs(cfg: StudyConfig) -> list[Job]:
         for s in settings
         for seed in cfg.seeds
         for m in cfg.methods
-        if seed in cfg.seeds_for(m.name)
+        if seed in cfg.seeds_for(m.name) and cfg.runs_in(m.name, s)
         for i in range(len(m.grid()))
     ]
 
@@ -713,6 +726,8 @@ def select(cfg: StudyConfig, records: dict[str, dict]) -> dict[Any, list[Row]]:
     out: dict[Any, list[Row]] = defaultdict(list)
     for setting in study.settings(task_cfg):
         for m in cfg.methods:
+            if not cfg.runs_in(m.name, setting):
+                continue
             candidates = []
             mh = method_hash(m)
             for i, point in enumerate(m.grid()):
