@@ -150,6 +150,36 @@ def _fsdp_state_dict(rank: int, world: int, kw: dict):
     return isinstance(exp_avg, DTensor) and tuple(exp_avg.shape) == (24, 12), plain
 
 
+def _fsdp_preconditioner_state_dict(rank: int, world: int):
+    """SNRPreconditioner around torch's AdamW on an FSDP2 model, subspace trackers: its
+    ``state_dict()`` raised there until 34.9; its SNR state's plain tensors, per rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    from snr_dist import SNRPreconditioner
+
+    model = tiny_mlp()
+    fully_shard(model)
+    opt = SNRPreconditioner(torch.optim.AdamW(model.parameters(), lr=1e-2), mode="subspace", rank=3)
+    x, y = _data(0)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[rank::2]), y[rank::2]).backward()
+    opt.step()
+    sd = opt.state_dict()
+    return {
+        (i, k): v.clone()
+        for i, st in sd["snr"]["state"].items()
+        for k, v in st.items()
+        if type(v) is torch.Tensor
+    }
+
+
+def test_fsdp2_preconditioner_state_dict_is_complete_on_every_rank():
+    plain0, plain1 = run_distributed(_fsdp_preconditioner_state_dict, 2)
+    assert (0, "sketch") in plain0 and plain0.keys() == plain1.keys()
+    for k in plain0:
+        assert torch.equal(plain0[k], plain1[k]), k
+
+
 def test_fsdp2_state_dict_is_complete_on_every_rank():
     """DTensors with the global shape, as torch's AdamW, for sharded state; a subspace
     tracker's partial sums over rows (it raised before 34.9) come back summed, the same tensor
