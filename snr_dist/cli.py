@@ -70,6 +70,9 @@ def _train(args: argparse.Namespace) -> int:
             print(f"snr-dist: {args.deepspeed}: {e}", file=sys.stderr)
             return 2
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
     world = init_world(cfg, deepspeed=ds_config is not None)  # under torchrun: join the job
     out_dir = Path(args.output_dir or cfg.output_dir) / cfg.name
     if world.main:
@@ -101,10 +104,10 @@ def _train(args: argparse.Namespace) -> int:
             print("wrote " + ", ".join(f"{out_dir}/{w}" for w in wrote))
         world.barrier()
     finally:
-        if world.size > 1:
+        # the group this job started (a DeepSpeed job of one process has one of one rank) or
+        # joined under torchrun
+        if dist.is_initialized() and (started or world.size > 1):
             import gc
-
-            import torch.distributed as dist
 
             # the job's objects (model wrappers, optimizer, gloo work handles) can sit in
             # reference cycles; left to interpreter shutdown, gloo's threads may be torn down

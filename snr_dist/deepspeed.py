@@ -36,6 +36,7 @@ What each ZeRO stage allows, and why:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import warnings
@@ -331,11 +332,24 @@ def initialize(
         opt._defer_steps = False
         for n, v in hidden.items():
             setattr(args, n, v)
-    wrapper = out[1]
+    engine, wrapper = out[0], out[1]
     if wrapper is not opt and needs_rows(_snr_block(_load(config))):
         # ZeRO 1-3 or the bf16 optimizer: it handed SNRAdamW flat partitions
         opt.attach_zero(wrapper, getattr(wrapper, "dp_process_group", None))
+    # the engine's own load_checkpoint, which also loads ZeRO checkpoints of another world size
+    engine.load_checkpoint = functools.partial(load_checkpoint, engine)
     return out
+
+
+def load_checkpoint(engine, load_dir, tag=None, **kwargs):
+    """``engine.load_checkpoint(load_dir, tag, ...)`` (the same keywords and return value) that
+    also resumes a ZeRO 1-3 checkpoint written by another number of data-parallel ranks: the
+    fp32 weights, elementwise optimizer state and snr-dist's row-shard state are resharded to
+    this world (`snr_dist.zero_reshard`). Engines from `initialize` call it as their own
+    ``load_checkpoint``; call it on an engine built another way. Every rank calls it."""
+    from snr_dist.zero_reshard import load_checkpoint as reshard_load
+
+    return reshard_load(engine, load_dir, tag, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

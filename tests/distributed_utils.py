@@ -7,6 +7,7 @@ any rank fails the test with that rank's traceback.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import queue
@@ -79,6 +80,10 @@ def _worker(rank, world, port, fn, args, results, init) -> None:
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
+            # the function's objects (wrappers, optimizers, gloo work handles) can sit in
+            # reference cycles: free them while the interpreter is whole, then the group
+            # (left to interpreter exit, gloo's threads may abort the rank)
+            gc.collect()
             dist.destroy_process_group()
 
 

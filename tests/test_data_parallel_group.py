@@ -137,22 +137,61 @@ def _fsdp_state_dict(rank: int, world: int, kw: dict):
     opt.zero_grad()
     torch.nn.functional.cross_entropy(model(x[rank::2]), y[rank::2]).backward()
     opt.step()
-    try:
-        sd = opt.state_dict()
-    except RuntimeError as e:
-        return str(e)
     from torch.distributed.tensor import DTensor
 
+    sd = opt.state_dict()  # every rank calls it, as FSDP2 save paths do
     exp_avg = sd["state"][0]["exp_avg"]
-    return isinstance(exp_avg, DTensor) and tuple(exp_avg.shape) == (24, 12)
+    plain = {  # everything but DTensors: identical on every rank
+        (i, k): v.clone()
+        for i, st in sd["state"].items()
+        for k, v in st.items()
+        if type(v) is torch.Tensor
+    }
+    return isinstance(exp_avg, DTensor) and tuple(exp_avg.shape) == (24, 12), plain
 
 
-def test_fsdp2_state_dict_is_global_or_refuses_on_every_rank():
-    diagonal = run_distributed(_fsdp_state_dict, 2, dict(mode="diagonal"))
-    assert diagonal == [True, True]  # DTensors with the global shape, as torch's AdamW
-    subspace = run_distributed(_fsdp_state_dict, 2, dict(mode="subspace", rank=3))
-    for msg in subspace:
-        assert isinstance(msg, str) and "snr_dist.checkpoint" in msg, msg
+def _fsdp_preconditioner_state_dict(rank: int, world: int):
+    """SNRPreconditioner around torch's AdamW on an FSDP2 model, subspace trackers: its
+    ``state_dict()`` raised there until 34.9; its SNR state's plain tensors, per rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    from snr_dist import SNRPreconditioner
+
+    model = tiny_mlp()
+    fully_shard(model)
+    opt = SNRPreconditioner(torch.optim.AdamW(model.parameters(), lr=1e-2), mode="subspace", rank=3)
+    x, y = _data(0)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[rank::2]), y[rank::2]).backward()
+    opt.step()
+    sd = opt.state_dict()
+    return {
+        (i, k): v.clone()
+        for i, st in sd["snr"]["state"].items()
+        for k, v in st.items()
+        if type(v) is torch.Tensor
+    }
+
+
+def test_fsdp2_preconditioner_state_dict_is_complete_on_every_rank():
+    plain0, plain1 = run_distributed(_fsdp_preconditioner_state_dict, 2)
+    assert (0, "sketch") in plain0 and plain0.keys() == plain1.keys()
+    for k in plain0:
+        assert torch.equal(plain0[k], plain1[k]), k
+
+
+def test_fsdp2_state_dict_is_complete_on_every_rank():
+    """DTensors with the global shape, as torch's AdamW, for sharded state; a subspace
+    tracker's partial sums over rows (it raised before 34.9) come back summed, the same tensor
+    on every rank."""
+    for kw in (dict(mode="diagonal"), dict(mode="subspace", rank=3)):
+        (ok0, plain0), (ok1, plain1) = run_distributed(_fsdp_state_dict, 2, kw)
+        assert ok0 and ok1  # DTensors with the global shape
+        assert plain0.keys() == plain1.keys()
+        if kw["mode"] == "subspace":
+            assert (0, "sketch") in plain0  # a tracker's sketch: a partial sum on each rank
+        for k in plain0:
+            assert torch.equal(plain0[k], plain1[k]), k
 
 
 def _mismatch(rank: int, world: int):

@@ -292,6 +292,92 @@ def test_save_load_continue_equals_uninterrupted(tmp_path, stage, snr):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
+# ZeRO checkpoints on another number of ranks (issue 34.9): the global batch of 16 stays, each
+# of W ranks takes 16 / W samples (as gas micro-batches of its share where the case needs them)
+RESHARD = [
+    (1, SUB, {}, (1, 2, 4)),
+    (2, SUB, {}, (1, 2, 4)),
+    (3, SUB, {"sub_group_size": 100}, (1, 2, 4)),  # sub-groups that differ with the world
+    (2, XSUB, {}, (1, 2)),  # cross-sample pools 2 micro-batches: not the same with 4 ranks
+    (2, dict(mode="diagonal"), {}, (1, 2, 4)),  # SNRAdamW's own state on flat partitions
+    (3, dict(mode="diagonal"), {"sub_group_size": 100}, (1, 2, 4)),
+]
+
+
+def _reshard_config(stage: int, snr: dict, zero: dict, world: int) -> tuple[dict, int]:
+    gas = 2 // world if world < 2 else 1
+    cfg = _config(stage, snr, micro=16 // world // gas, gas=gas)
+    cfg["train_batch_size"] = 16
+    cfg["zero_optimization"].update(zero)
+    return cfg, gas
+
+
+def _train_world(engine, rank: int, world: int, gas: int, start: int, stop: int) -> None:
+    share = 16 // world
+    micro = share // gas
+    for step in range(start, stop):
+        x, y = _data(step)
+        for i in range(gas):
+            part = slice(rank * share + i * micro, rank * share + (i + 1) * micro)
+            engine.backward(torch.nn.functional.cross_entropy(engine(x[part]), y[part]))
+            engine.step()
+
+
+def _reshard_worker(rank: int, world: int, path: str, phase: str):
+    """Every RESHARD case in turn. ``phase``: "save" (2 ranks: 3 steps, checkpoint "a", 2
+    more: the uninterrupted run), "to1" (load "a", 1 step, checkpoint "b", 1 step), "back"
+    (load "b", 1 step) or "grow" (load "a", 2 steps)."""
+    _ds_env(rank, world)
+    out = []
+    for i, (stage, snr, zero, worlds) in enumerate(RESHARD):
+        if world not in worlds:
+            out.append(None)
+            continue
+        cfg, gas = _reshard_config(stage, snr, zero, world)
+        model = tiny_mlp(seed=0 if phase == "save" else 7)  # a resumed run's weights: loaded
+        engine, _, _, _ = snr_ds.initialize(model=model, config=cfg)
+        folder = os.path.join(path, str(i))
+        if phase == "save":
+            _train_world(engine, rank, world, gas, 0, 3)
+            engine.save_checkpoint(folder, tag="a")
+            _train_world(engine, rank, world, gas, 3, STEPS)
+        elif phase == "to1":
+            engine.load_checkpoint(folder, tag="a")
+            _train_world(engine, rank, world, gas, 3, 4)
+            engine.save_checkpoint(folder, tag="b")
+            _train_world(engine, rank, world, gas, 4, STEPS)
+        else:
+            loaded, _ = engine.load_checkpoint(folder, tag="b" if phase == "back" else "a")
+            assert loaded is not None
+            _train_world(engine, rank, world, gas, 4 if phase == "back" else 3, STEPS)
+        out.append(_params(engine))
+        engine.destroy()
+    return out
+
+
+def test_zero_checkpoints_resume_on_another_number_of_ranks(tmp_path):
+    """A ZeRO checkpoint of 2 ranks resumes on 1, that one's on 2 again, and the first on 4:
+    engine.load_checkpoint (from snr_dist.deepspeed.initialize) reshards the fp32 weights, the
+    row-shard state of subspace and cross-sample trackers and SNRAdamW's flat state; each run
+    ends within 1e-6 of the uninterrupted one (DeepSpeed alone refuses another world size)."""
+    path = str(tmp_path)
+    whole = run_distributed(_reshard_worker, 2, path, "save", timeout=400)[0]
+    runs = [
+        ("2 -> 1", run_distributed(_reshard_worker, 1, path, "to1", timeout=400)),
+        ("1 -> 2", run_distributed(_reshard_worker, 2, path, "back", timeout=400)),
+        ("2 -> 4", run_distributed(_reshard_worker, 4, path, "grow", timeout=400)),
+    ]
+    for what, ranks in runs:
+        for out in ranks:
+            for case, want, got in zip(RESHARD, whole, out):
+                if got is None:
+                    continue
+                for p, q in zip(got, want):
+                    torch.testing.assert_close(
+                        p, q, rtol=0, atol=1e-6, msg=lambda m, c=case, w=what: f"{w} {c}: {m}"
+                    )
+
+
 @pytest.mark.parametrize(
     "patch, words",
     [

@@ -129,12 +129,17 @@ def test_real_fsdp1_is_refused_on_gpu():
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
-    if not dist.is_initialized():
+    started = not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29731", rank=0, world_size=1)
-    for use_orig in (False, True):
-        model = FSDP1(tiny_mlp().cuda(), use_orig_params=use_orig)
-        with pytest.raises(ValueError, match="does not support FSDP1"):
-            SNRAdamW(model.parameters())
+    try:
+        for use_orig in (False, True):
+            model = FSDP1(tiny_mlp().cuda(), use_orig_params=use_orig)
+            with pytest.raises(ValueError, match="does not support FSDP1"):
+                SNRAdamW(model.parameters())
+    finally:
+        if started:  # not left to interpreter exit (a process group there can abort it)
+            dist.destroy_process_group()
 
 
 def _accumulating_worker(rank: int, world: int, sync_each: bool, kw: dict):

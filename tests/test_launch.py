@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,20 +217,124 @@ def test_deepspeed_killed_rank_resumes_from_its_checkpoint(deepspeed_zero2, tmp_
         assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["epoch4"]
 
 
-def test_zero3_subspace_json_trains_and_resumes_from_a_killed_rank(tmp_path):
+@pytest.fixture(scope="module")
+def zero3_subspace(tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank job through configs/deepspeed/zero3_subspace.json."""
+    out = tmp_path_factory.mktemp("zero3_subspace")
+    log = _deepspeed(out, 3, config="zero3_subspace.json")
+    assert "mode=subspace" in log  # the JSON's block reached the experiment's SNRAdamW
+    return out / "quickstart"
+
+
+def test_zero3_subspace_json_trains_and_resumes_from_a_killed_rank(zero3_subspace, tmp_path):
     """`snr-dist train --deepspeed configs/deepspeed/zero3_subspace.json` under torchrun: its
     `snr_preconditioner` block turns the experiment's SNRAdamW into subspace trackers on ZeRO-3
     row shards; a rank killed at the start of epoch 3 resumes from DeepSpeed's checkpoint
     (row-shard state in each rank's optimizer file) and ends where an uninterrupted job does."""
-    cfg = "zero3_subspace.json"
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    log = _deepspeed(whole, 3, config=cfg)
-    assert "mode=subspace" in log  # the JSON's block reached the experiment's SNRAdamW
+    killed = tmp_path / "killed"
     log = _deepspeed(
-        killed, 3, config=cfg, MAX_RESTARTS=1, SNR_DIST_FAIL_AT_EPOCH=3, SNR_DIST_FAIL_RANK=1
+        killed,
+        3,
+        config="zero3_subspace.json",
+        MAX_RESTARTS=1,
+        SNR_DIST_FAIL_AT_EPOCH=3,
+        SNR_DIST_FAIL_RANK=1,
     )
     assert "exitcode  : 17" in log or "exitcode: 17" in log.replace("  ", " ")
-    a, b = _records(killed / "quickstart"), _records(whole / "quickstart")
+    a, b = _records(killed / "quickstart"), _records(zero3_subspace)
     _same_records(a, b, rel=1e-6)
     snr = [r for r in b if r["optimizer"] == "SNRAdamW"]
     assert snr[-1]["train_loss"] < snr[0]["train_loss"]
+
+
+def _wait_for(what, done, timeout: float, agents) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline or any(a.poll() not in (None, -9) for a in agents):
+            pytest.fail(f"waited for {what}: {_agent_logs(agents)}", pytrace=False)
+        time.sleep(0.5)
+
+
+def _agent_logs(agents) -> str:
+    return "\n".join(
+        f"agent {i} (exit {a.poll()}): {_failure(a.poll() or 0, a.log.read_text(), 3000)}"
+        for i, a in enumerate(agents)
+    )
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_a_lost_node_shrinks_the_job_and_a_new_node_grows_it(zero3_subspace, tmp_path):
+    """Elastic torchrun (launch/multinode.sh, NNODES=1:2, one process per agent) through the
+    ZeRO-3 subspace config, SNRAdamW's run first: at the start of its epoch 2 one node is lost
+    (its worker kills its torchrun agent and itself); the other agent restarts alone, resumes
+    the epoch-1 checkpoint resharded from 2 ranks to 1 (the row-shard state of the trackers,
+    the fp32 weights), trains epoch 2 and holds at epoch 3 until a new agent joins; the two
+    resume epoch 2's checkpoint resharded from 1 rank to 2 and finish. Every record equals the
+    uninterrupted 2-rank job's within 1e-6 (the global batch stays 128)."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    raw["optimizers"] = raw["optimizers"][::-1]  # SNRAdamW first: the hooks act on the first
+    config = tmp_path / "quickstart.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    port = free_port()
+    env = _env(
+        NNODES="1:2",
+        NPROC_PER_NODE=1,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+        RDZV_ID="snr-dist-elastic",
+        MAX_RESTARTS=1,
+        SNR_DIST_HOLD_AT_EPOCH=3,
+        SNR_DIST_HOLD_BELOW_WORLD=2,
+    )
+    deepspeed = str(ROOT / "configs" / "deepspeed" / "zero3_subspace.json")
+    cmd = ["bash", str(ROOT / "launch" / "multinode.sh"), "--config", str(config), *ARGS[2:]]
+    cmd += ["--deepspeed", deepspeed, "--output-dir", str(tmp_path / "out")]
+    agents = []
+
+    def start(name: str, **extra) -> subprocess.Popen:
+        log = tmp_path / f"{name}.log"
+        with open(log, "w") as f:
+            agent = subprocess.Popen(
+                cmd,
+                env={**env, **{k: str(v) for k, v in extra.items()}},
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        agent.log = log
+        agents.append(agent)
+        return agent
+
+    try:
+        first = start("first")  # hosts the rendezvous: it must outlive the lost node
+        _wait_for("the rendezvous", lambda: _listening(port), 120, agents)
+        lost = start("lost", SNR_DIST_FAIL_AT_EPOCH=2, SNR_DIST_FAIL_NODE=1)
+        _wait_for(
+            "the job to shrink to one rank and hold",
+            lambda: "holding at epoch 3 on 1 rank" in first.log.read_text(),
+            420,
+            agents,
+        )
+        joined = start("joined")
+        for agent in (first, joined):
+            agent.wait(timeout=420)
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    if first.returncode != 0 or joined.returncode != 0:
+        pytest.fail(_agent_logs(agents), pytrace=False)
+    assert lost.returncode == -9  # the node's agent was killed (by its worker)
+    log = first.log.read_text()
+    assert "resumed after epoch 1" in log and "resumed after epoch 2" in log
+    out = tmp_path / "out" / "quickstart"
+    key = lambda r: (r["optimizer"], r["epoch"])  # noqa: E731
+    _same_records(sorted(_records(out), key=key), sorted(_records(zero3_subspace), key=key), 1e-6)

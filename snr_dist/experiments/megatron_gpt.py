@@ -233,10 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg["optimizer"] = args.optimizer
     if args.steps is not None:
         cfg["train"]["steps"] = args.steps
-    out = train(cfg, tp=args.tp, save_dir=args.save)
-    if dist.get_rank() == 0:
-        print(json.dumps({"optimizer": cfg["optimizer"], "tp": args.tp, **out}))
-    dist.destroy_process_group()
+    try:
+        out = train(cfg, tp=args.tp, save_dir=args.save)
+        if dist.get_rank() == 0:
+            print(json.dumps({"optimizer": cfg["optimizer"], "tp": args.tp, **out}))
+    finally:  # a failed run too: a process group left to interpreter exit can abort the rank
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -11,9 +11,13 @@ Each (optimizer, seed) run appends its evaluations to ``metrics.jsonl`` as it go
 restarted job (e.g. ``torchrun --max-restarts``) resumes every run from its last checkpoint.
 Wall time counts training only.
 
-Testing hook: ``SNR_DIST_FAIL_AT_EPOCH=k`` (with ``SNR_DIST_FAIL_RANK``, default 1) kills that
-rank with ``os._exit`` at the start of epoch ``k`` of the first run, in the first attempt of a
-torchrun job only, to exercise elastic restarts.
+Testing hooks, to exercise elastic restarts: ``SNR_DIST_FAIL_AT_EPOCH=k`` (with
+``SNR_DIST_FAIL_RANK``, default 1) kills that rank with ``os._exit`` at the start of epoch ``k``
+of the first run, in the first attempt of a torchrun job only; with ``SNR_DIST_FAIL_NODE=1``
+(set for one torchrun agent) its worker kills that agent and itself instead, whatever its rank:
+a lost node. ``SNR_DIST_HOLD_AT_EPOCH=k`` with ``SNR_DIST_HOLD_BELOW_WORLD=n`` holds the first
+run at the start of epoch ``k`` while the job has fewer than ``n`` ranks (torchrun restarts the
+workers when a node joins; ``SNR_DIST_HOLD_S``, default 600, ends the wait).
 """
 
 from __future__ import annotations
@@ -246,15 +250,32 @@ class RunResult:
 
 
 def _maybe_fail(epoch: int, world: World, first_run: bool) -> None:
+    """The testing hooks of the module docstring: a rank (or a whole node) lost at the start
+    of an epoch, and a job held until it has grown back."""
     fail_at = os.environ.get("SNR_DIST_FAIL_AT_EPOCH")
+    node = os.environ.get("SNR_DIST_FAIL_NODE") == "1"
     if (
         fail_at is not None
         and first_run
         and epoch == int(fail_at)
         and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        and world.rank == int(os.environ.get("SNR_DIST_FAIL_RANK", "1"))
+        and (node or world.rank == int(os.environ.get("SNR_DIST_FAIL_RANK", "1")))
     ):
+        if node:  # the node goes: its torchrun agent (this worker's parent) with it
+            import signal
+
+            os.kill(os.getppid(), signal.SIGKILL)
         os._exit(17)
+    hold_at = os.environ.get("SNR_DIST_HOLD_AT_EPOCH")
+    below = int(os.environ.get("SNR_DIST_HOLD_BELOW_WORLD", "0"))
+    if hold_at is not None and first_run and epoch == int(hold_at) and world.size < below:
+        print(
+            f"  holding at epoch {epoch} on {world.size} rank(s) until the job grows",
+            flush=True,
+        )
+        deadline = time.monotonic() + float(os.environ.get("SNR_DIST_HOLD_S", "600"))
+        while time.monotonic() < deadline:  # until torchrun restarts this worker
+            time.sleep(0.5)
 
 
 def train_run(
@@ -516,7 +537,11 @@ def _resume(run: Trainable, ckpt_dir: Path) -> dict | None:
         return {"steps": steps, **extra}
     if not (ckpt_dir / "latest").is_file():
         return None
-    path, client = run.engine.load_checkpoint(str(ckpt_dir))
+    from snr_dist.deepspeed import load_checkpoint
+
+    # DeepSpeed's loader, resharding a checkpoint of another world size (an elastic restart
+    # on fewer or more ranks)
+    path, client = load_checkpoint(run.engine, str(ckpt_dir))
     if path is None or _DS_CLIENT_KEY not in (client or {}):
         raise RuntimeError(
             f"{ckpt_dir}: a DeepSpeed checkpoint without snr-dist's run state "

@@ -77,22 +77,28 @@ def save(monitor: StopMonitor, folder: str | Path, step: int) -> Path:
     path = _path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"steps": int(step), "monitor": monitor.state_dict()}, tmp)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    torch.save({"steps": int(step), "world": world, "monitor": monitor.state_dict()}, tmp)
     os.replace(tmp, path)
     return path
 
 
 def load(monitor: StopMonitor, folder: str | Path | None, step: int) -> bool:
     """Restore this rank's state saved at ``step`` from ``folder``; False (and a warning) when
-    there is none for that step, and the monitor starts afresh."""
+    there is none for that step, or it was saved by another number of ranks (each rank's
+    state covers its own share of the model), and the monitor starts afresh."""
     path = None if folder is None else _path(folder)
     saved = torch.load(path, weights_only=False) if path is not None and path.is_file() else None
-    if saved is not None and saved["steps"] == int(step):
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved is not None and saved["steps"] == int(step) and saved.get("world", world) == world:
         monitor.load_state_dict(saved["monitor"])
         return True
+    why = "no stop-monitor state for step"
+    if saved is not None and saved["steps"] == int(step):
+        why = f"stop-monitor state of {saved['world']} ranks (now {world}) for step"
     warnings.warn(
-        f"{folder}: no stop-monitor state for step {step}; the monitor starts afresh (its "
-        "readings differ from an uninterrupted run's for a few hundred steps)",
+        f"{folder}: {why} {step}; the monitor starts afresh (its readings differ from an "
+        "uninterrupted run's for a few hundred steps)",
         stacklevel=2,
     )
     return False

@@ -203,18 +203,13 @@ class SNRPreconditioner(SNROptimizerMixin, torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``{"base": base.state_dict(), "snr": {"state": {param index: SNR state}}}``,
-        complete on every rank (under FSDP2 with trackers it raises: use
-        `snr_dist.checkpoint` with SNRAdamW, or a plain base optimizer). Hooks registered
-        with ``register_state_dict_pre_hook`` / ``_post_hook`` run as in torch's."""
+        complete on every rank (under FSDP2 with trackers, whose statistics are partial sums
+        over the ranks, it sums them: every rank calls it then, as FSDP2 save paths do).
+        Hooks registered with ``register_state_dict_pre_hook`` / ``_post_hook`` run as in
+        torch's."""
         run_hooks(self._optimizer_state_dict_pre_hooks, self)
         dist = self._engine.distributor
         items = [(p, st, self._kinds(p, st)) for p, st in param_states(self.state)]
-        if any(dist.state_needs_collective(kinds) for _, _, kinds in items):
-            raise RuntimeError(
-                "SNRPreconditioner.state_dict(): under FSDP2 the subspace trackers hold partial "
-                "sums over ranks, which a plain state_dict cannot complete without a "
-                "collective. Use SNRAdamW with snr_dist.checkpoint, or mode='diagonal'."
-            )
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         values = dist.global_state(items)
         snr_state = {

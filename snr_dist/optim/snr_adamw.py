@@ -210,26 +210,18 @@ class SNRAdamW(SNROptimizerMixin, torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Like torch's, with values that do not depend on the world size (DTensors under
-        FSDP2); complete on every rank. Where that needs a collective (FSDP2 with subspace
-        trackers, whose statistics are partial sums), it raises on every rank. Hooks
+        FSDP2); complete on every rank. Under FSDP2 with subspace trackers, whose statistics
+        are partial sums over the ranks, it sums them (an all-reduce): every rank calls it
+        then, as every FSDP2 save path does (``torch.distributed.checkpoint.state_dict.
+        get_optimizer_state_dict``, `snr_dist.checkpoint`, Accelerate, Lightning). Hooks
         registered with ``register_state_dict_pre_hook`` / ``_post_hook`` run as in torch's,
         the post-hooks on the finished state dict."""
-        dist = self._engine.distributor
         zero = getattr(self, "_zero", None)
         if zero is not None:  # DeepSpeed ZeRO: this rank's row shards (saved per rank)
             sd = zero.inner.state_dict()
             sd["zero_layout"] = zero.layout()
             return sd
         run_hooks(self._optimizer_state_dict_pre_hooks, self)
-        params = [p for p, _ in param_states(self.state)]
-        if any(dist.state_needs_collective(self.state_kinds(p)) for p in params):
-            raise RuntimeError(
-                "SNRAdamW.state_dict(): under FSDP2 the subspace trackers hold partial sums "
-                "over ranks, and a plain state_dict cannot complete them without a "
-                "collective. Save with snr_dist.checkpoint.save(path, model, optimizer, step) "
-                "on every rank (DCP, reshardable), or call optimizer.global_state() on every "
-                "rank."
-            )
         with hooks_off(self, "state_dict"):  # they run once, around the whole state_dict
             sd = super().state_dict()
         index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}

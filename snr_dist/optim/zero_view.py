@@ -331,6 +331,85 @@ class ZeroView:
             "rows": [[(p.first, p.last) for p in bk.pieces] for bk in self.buckets],
         }
 
+    def resharded(self, saved: list[dict[str, Any]]) -> dict[str, Any]:
+        """This rank's state dict (as `SNRAdamW.state_dict` writes it here) from the state
+        dicts that every rank of another data-parallel world saved: each parameter's rows are
+        joined and cut where this world cuts them (a tracker's projected mean along its
+        columns, which are the rows), a tracker's partial sums over rows are summed and go
+        whole to its owner here (the other ranks start from zero: only the sum over the ranks
+        is ever used), and what every rank holds alike is taken from the first."""
+        layouts = [sd.get("zero_layout") for sd in saved]
+        if any(lay is None for lay in layouts):
+            raise ValueError(
+                "the optimizer states to reshard were not saved through snr-dist's row shards "
+                "(no 'zero_layout'): resume from a checkpoint written by the same setup"
+            )
+        world = len(saved)
+        if sorted(lay["rank"] for lay in layouts) != list(range(world)) or any(
+            lay["world"] != world for lay in layouts
+        ):
+            raise ValueError(
+                f"row-shard states of ranks {sorted(lay['rank'] for lay in layouts)} of "
+                f"{[lay['world'] for lay in layouts]}: every saved rank's state is needed"
+            )
+        saved = sorted(saved, key=lambda sd: sd["zero_layout"]["rank"])
+        # state dicts number the inner parameters group by group, and a group's shards bucket
+        # by bucket (buckets follow the groups): the same order on every world size
+        shards = [p for g in self.inner.param_groups for p in g["params"]]
+        piece_of = {id(p.shard): p for bk in self.buckets for p in bk.pieces}
+        old_rows = [[tuple(r) for bucket in lay["rows"] for r in bucket] for lay in layouts]
+        if any(len(rows) != len(shards) for rows in old_rows):
+            raise ValueError(
+                f"the saved row shards hold {len(old_rows[0])} parameters, this optimizer "
+                f"{len(shards)}: resume with the model and param groups that saved them"
+            )
+        state: dict[int, dict[str, Any]] = {}
+        for k, shard in enumerate(shards):
+            piece = piece_of[id(shard)]
+            held = [(old_rows[r][k], saved[r]["state"].get(k, {})) for r in range(world)]
+            state[k] = self._rows_state(piece, held)
+        return {
+            "state": state,
+            "param_groups": saved[0]["param_groups"],
+            "zero_layout": self.layout(),
+        }
+
+    def _rows_state(self, piece: _Piece, held: list[tuple[tuple[int, int], dict]]) -> dict:
+        """One parameter's state on this rank's rows, from ``[((first, last), state)]`` of
+        every saved rank (in rank order)."""
+        from snr_dist.layout import Kind
+
+        rows = _row_view(piece.shape)[0]
+        spans = sorted(span for span, _ in held if span[1] > span[0])
+        ends = [0] + [last for _, last in spans]
+        if [first for first, _ in spans] != ends[:-1] or ends[-1] != rows:
+            raise ValueError(
+                f"the saved row shards of a parameter of shape {list(piece.shape)} cover rows "
+                f"{spans}, not 0..{rows}: resume with the model that saved them"
+            )
+        keys = list(dict.fromkeys(k for _, st in held for k in st))
+        kinds = self.inner.state_kinds(piece.shard, keys)
+        owns = self.inner.distributor.owns(piece.shard)
+        mine = piece.last - piece.first
+        out = {}
+        for key in keys:
+            parts = [(span, st[key]) for span, st in held if key in st]
+            kind = kinds.get(key, Kind.SHARED)
+            first = parts[0][1]
+            if not torch.is_tensor(first):
+                out[key] = first
+            elif kind is Kind.SHARED:
+                out[key] = first.clone()
+            elif kind is Kind.PARTIAL:
+                total = torch.stack([v for _, v in parts]).sum(0)
+                out[key] = total if owns else torch.zeros_like(total)
+            else:  # PARAM: the rows themselves; COLUMNS: one column per row
+                dim = 0 if kind is Kind.PARAM else -1
+                ordered = sorted(parts, key=lambda part: part[0])
+                whole = torch.cat([v for span, v in ordered if span[1] > span[0]], dim)
+                out[key] = whole.narrow(dim, piece.first, mine).clone()
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("zero_layout")
         if saved is None:
@@ -342,9 +421,11 @@ class ZeroView:
         if saved != self.layout():
             raise ValueError(
                 f"the optimizer state was saved by rank {saved['rank']} of {saved['world']} "
-                f"with other row shards than rank {self.rank} of {self.world} holds now: "
-                "snr-dist's ZeRO state resumes on the same number of data-parallel ranks "
-                "and the same model and ZeRO settings"
+                f"with other row shards than rank {self.rank} of {self.world} holds now: a "
+                "state dict of one rank loads on the same number of data-parallel ranks and "
+                "the same model and ZeRO settings; on another number of ranks load the whole "
+                "checkpoint with engine.load_checkpoint (snr_dist.deepspeed.load_checkpoint), "
+                "which reshards every rank's rows"
             )
         state_dict = {k: v for k, v in state_dict.items() if k != "zero_layout"}
         self.inner.load_state_dict(state_dict)
