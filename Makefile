@@ -16,7 +16,7 @@ EXTRAS := examples,dev,deepspeed,megatron,triton,hf,lightning,tensorboard
 CONSTRAINTS ?= constraints.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: demo test lint bench docs clean experiments constraints
+.PHONY: demo test test-long lint bench docs clean experiments constraints
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 SNR_DIST_CONSTRAINTS=$(CONSTRAINTS) $(VENV)/bin/pytest -n 2 --durations=15 -q
+	OMP_NUM_THREADS=1 SNR_DIST_CONSTRAINTS=$(CONSTRAINTS) $(VENV)/bin/pytest -n 2 --durations=15 -q -m "not long"
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+# Tests of several minutes each (the elastic node-loss job), kept out of `make test`'s budget.
+test-long: $(STAMP)
+	OMP_NUM_THREADS=1 SNR_DIST_CONSTRAINTS=$(CONSTRAINTS) $(VENV)/bin/pytest -n 2 -q -m long
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

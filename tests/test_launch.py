@@ -267,7 +267,7 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~5 minutes: `make test-long`, not `make test`
 def test_a_lost_node_shrinks_the_job_and_a_new_node_grows_it(zero3_subspace, tmp_path):
     """Elastic torchrun (launch/multinode.sh, NNODES=1:2, one process per agent) through the
     ZeRO-3 subspace config, SNRAdamW's run first: at the start of its epoch 2 one node is lost
