@@ -457,13 +457,18 @@ def plot(cfg, records, per_setting, out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     noisy = [s for s in per_setting if not is_clean(s)]
-    fig, axes = plt.subplots(2, max(1, len(noisy)), figsize=(4.5 * max(1, len(noisy)), 7))
+    fig, axes = plt.subplots(2, max(1, len(noisy)), figsize=(4.5 * max(1, len(noisy)), 7.6))
     axes = axes.reshape(2, -1)
+    # one colour per method across the panels, one legend for the figure (the controls that
+    # run in some settings only are in it too)
+    every: list[str] = []
+    for per_h in per_setting.values():
+        for rows in per_h.values():
+            every += [r.method for r in rows if r.method not in every]
+    colours = {name: f"C{i % 10}" for i, name in enumerate(every)}
     for j, setting in enumerate(noisy):
         per_h = per_setting[setting]
-        names = []
-        for rows in per_h.values():
-            names += [r.method for r in rows if r.method not in names]
+        names = [n for n in every if any(r.method == n for rows in per_h.values() for r in rows)]
         for name in names:
             hs, acc, mem = [], [], []
             for h, rows in sorted(per_h.items()):
@@ -473,15 +478,23 @@ def plot(cfg, records, per_setting, out_dir: Path) -> None:
                     acc.append(row.stat("final_test_acc")[0])
                     mem.append(row.stat("final_memorised")[0])
             style = "--" if "oracle" in name or name.startswith("AdamW at") else "-"
-            axes[0, j].plot(hs, acc, style, marker="o", label=name)
-            axes[1, j].plot(hs, mem, style, marker="o", label=name)
+            kw = dict(color=colours[name], marker="o", label=name)
+            axes[0, j].plot(hs, acc, style, **kw)
+            axes[1, j].plot(hs, mem, style, **kw)
         axes[0, j].set_title(f"label noise {setting}")
+        horizons = sorted(per_h)
         for i, label in enumerate(("test accuracy", "flipped labels memorised")):
             axes[i, j].set_xscale("log")
+            axes[i, j].set_xticks(horizons, [f"{h:,}" for h in horizons], fontsize=7)
+            axes[i, j].minorticks_off()
             axes[i, j].set_xlabel("training steps")
             axes[i, j].set_ylabel(label)
-    axes[0, 0].legend(fontsize=6)
-    fig.tight_layout()
+    handles = {}
+    for ax in axes.flat:
+        for line in ax.get_lines():
+            handles.setdefault(line.get_label(), line)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out_dir / "horizon.png", dpi=110)
     plt.close(fig)
 
