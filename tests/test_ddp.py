@@ -25,11 +25,11 @@ def _data(step: int):
     return torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
 
 
-def _single_process(kw: dict) -> list[torch.Tensor]:
+def _single_process(kw: dict, steps: int = STEPS) -> list[torch.Tensor]:
     """The reference: one process, the same global batch as 2 micro-batches."""
     model = tiny_mlp()
     opt = SNRAdamW(model.parameters(), lr=1e-2, **kw)
-    for step in range(STEPS):
+    for step in range(steps):
         x, y = _data(step)
         opt.zero_grad()
         for half in (slice(0, 8), slice(8, 16)):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import batches, max_diff, run, tiny_mlp
 from distributed_utils import run_distributed
-from test_ddp import _data
+from test_ddp import _data, _single_process
 
 from snr_dist import SNRAdamW, SNRPreconditioner, checkpoint, fsdp
 from snr_dist.kernels import rounding
@@ -306,15 +306,7 @@ def _dist_worker(rank, world, path):
 
 
 def _single(kw):
-    model = tiny_mlp()
-    opt = SNRAdamW(model.parameters(), lr=1e-2, **kw, **BF16)
-    for step in range(8):
-        x, y = _data(step)
-        opt.zero_grad()
-        for half in (slice(0, 8), slice(8, 16)):
-            (torch.nn.functional.cross_entropy(model(x[half]), y[half]) / 2).backward()
-        opt.step()
-    return [p.detach().clone() for p in model.parameters()]
+    return _single_process({**kw, **BF16}, steps=8)
 
 
 def test_ddp_fsdp2_and_dcp_run_bf16_state(tmp_path):

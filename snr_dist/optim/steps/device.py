@@ -11,6 +11,7 @@ shards) they agree on the flags with one all-reduce on the device.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -49,10 +50,11 @@ class DeviceStep(StepKernel):
         )
         self.launch(tensors, step_bound=ctx.step_bound, check_finite=ctx.skip_nonfinite, **options)
 
+    @abstractmethod
     def launch(self, tensors: tuple, **options: Any) -> None:
         """Step ``tensors`` (params, grads, m, v, the third state vector, steps, skip
-        counters, agreed flags) with the keyword ``options`` of `fused_options`."""
-        raise NotImplementedError
+        counters, agreed flags) with the keyword ``options`` of `fused_options`: the Triton
+        and compiled steps each implement it."""
 
 
 def fused_options(group: dict, states: list[dict]) -> tuple[list[Tensor] | None, dict]:
